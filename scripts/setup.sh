@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up fixmatch on a fresh machine: Fashion-MNIST (Debian package, when apt is available),
+# a virtual environment in .venv, the CPU build of PyTorch, then the project with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if command -v apt-get >/dev/null 2>&1 && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+    || echo "setup: could not install dataset-fashion-mnist; fixmatch will download Fashion-MNIST instead" >&2
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# Install torch first and pinned: an unpinned resolve would pull the multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"

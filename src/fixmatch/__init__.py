@@ -1,0 +1,18 @@
+"""FixMatch semi-supervised image classification (Sohn et al., 2020).
+
+Public API::
+
+    import fixmatch
+    config = fixmatch.resolve_config(preset="fashion-mnist")
+    summary = fixmatch.train(config, out="runs/fmnist-40")
+    metrics = fixmatch.evaluate("runs/fmnist-40")
+"""
+from __future__ import annotations
+
+from fixmatch.config import Config, ConfigError, preset_names, resolve_config
+# The functions shadow their modules' names on the package, so that fixmatch.train(config) is the call.
+from fixmatch.evaluate import evaluate
+from fixmatch.train import train
+
+__all__ = ["Config", "ConfigError", "evaluate", "preset_names", "resolve_config", "train"]
+__version__ = "0.1.0"

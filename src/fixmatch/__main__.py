@@ -1,0 +1,5 @@
+import sys
+
+from fixmatch.cli import main
+
+sys.exit(main())

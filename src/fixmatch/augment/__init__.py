@@ -1,0 +1,45 @@
+"""Batched, device-agnostic image augmentation for FixMatch (weak flip+shift, strong RandAugment + Cutout)."""
+
+from .ops import (
+    auto_contrast,
+    brightness,
+    color,
+    contrast,
+    cutout,
+    cutout_mask,
+    equalize,
+    identity,
+    posterize,
+    rotate,
+    sharpness,
+    shear_x,
+    shear_y,
+    solarize,
+    to_float,
+    translate_x,
+    translate_y,
+)
+from .policies import RandAugment, RandAugmentChoices, weak_augment
+
+__all__ = [
+    "RandAugment",
+    "RandAugmentChoices",
+    "weak_augment",
+    "to_float",
+    "identity",
+    "auto_contrast",
+    "equalize",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "solarize",
+    "posterize",
+    "brightness",
+    "color",
+    "contrast",
+    "sharpness",
+    "cutout",
+    "cutout_mask",
+]

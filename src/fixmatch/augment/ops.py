@@ -1,0 +1,302 @@
+"""Batched image operations for RandAugment-style augmentation.
+
+Every op has the signature ``op(x, v) -> Tensor`` where ``x`` is a float
+tensor of shape (N, C, H, W) with values in [0, 1] (C = 1 or 3) on any device
+and ``v`` holds one parameter per sample (shape (N,), or a scalar that is
+broadcast) in the op's natural unit. Outputs are float tensors clamped to
+[0, 1]. There are no Python loops over the batch, so each sample can get its
+own parameter in one kernel launch.
+
+Each op reproduces the Pillow function named in its docstring. Pillow works
+on uint8 and truncates where these ops stay continuous. For a uint8 image
+``p``, ``op(p / 255, v) * 255`` therefore lies within about one grey level of
+Pillow's result; the tests give the exact bound for each op. Equalize and
+posterize are defined on the 256-level grid, so they quantise (round
+``x * 255``). Solarize rounds only to compare with its threshold. The other
+ops never quantise.
+
+Geometric ops use Pillow's ``Image.transform(size, AFFINE, (a, b, c, d, e, f))``
+convention: output pixel ``(x, y)`` (pixel-corner coordinates, origin at the
+top-left, pixel centres at ``i + 0.5``) samples the input at
+``(a x + b y + c, d x + e y + f)``. Sampling is nearest-neighbour by default,
+as in Pillow. Pixels that map outside the image are set to ``fill``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "to_float",
+    "identity",
+    "auto_contrast",
+    "equalize",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "solarize",
+    "posterize",
+    "brightness",
+    "color",
+    "contrast",
+    "sharpness",
+    "cutout",
+    "cutout_mask",
+]
+
+_TIE_BREAK = 1e-4  # pixels; see _pil_affine
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
+
+
+def to_float(x: Tensor) -> Tensor:
+    """Returns a float32 image in [0, 1] (uint8 input is divided by 255)."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255)
+    return x.float()
+
+
+def _param(v: Tensor | float, x: Tensor) -> Tensor:
+    """Gives each sample's parameter as an (N, 1, 1, 1) tensor that broadcasts over the image."""
+    return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[0]).view(-1, 1, 1, 1)
+
+
+def _quantise(x: Tensor) -> Tensor:
+    """Gives the nearest 0..255 grey level as int64 (used by the ops that Pillow defines on 256 levels)."""
+    return (x * 255).round_().clamp_(0, 255).long()
+
+
+def _grey(x: Tensor) -> Tensor:
+    """Gives the luma image (N, 1, H, W), which is PIL's convert("L") without its rounding."""
+    if x.shape[1] == 1:
+        return x
+    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _blend(degenerate: Tensor, x: Tensor, factor: Tensor | float) -> Tensor:
+    """Computes PIL ImageEnhance's ``Image.blend(degenerate, x, factor)``: 0 gives the degenerate image, 1 gives x."""
+    return (degenerate + _param(factor, x) * (x - degenerate)).clamp_(0, 1)
+
+
+# ----------------------------------------------------------------------------- point / colour ops
+
+
+def identity(x: Tensor, v: Tensor | None = None) -> Tensor:
+    """Returns x unchanged; v is ignored."""
+    return x
+
+
+def auto_contrast(x: Tensor, v: Tensor | None = None) -> Tensor:
+    """Does ``PIL.ImageOps.autocontrast(img, cutoff=0)``.
+
+    Each channel is stretched linearly so that its min becomes 0 and its max
+    becomes 1. A constant channel is left unchanged. PIL truncates the
+    stretched value to an integer; this op does not.
+    """
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    span = hi - lo
+    stretched = (x - lo) / span.clamp_min(1e-12)
+    return torch.where(span > 0, stretched, x).clamp_(0, 1)
+
+
+def equalize(x: Tensor, v: Tensor | None = None) -> Tensor:
+    """Does ``PIL.ImageOps.equalize``: per-channel histogram equalisation of the uint8-quantised image.
+
+    This uses PIL's lookup table exactly: ``step = (n_pixels - count of last
+    nonzero bin) // 255`` and ``lut[i] = (step // 2 + sum(hist[:i])) // step``.
+    Where ``step == 0`` the channel is left unchanged.
+    """
+    n, c, h, w = x.shape
+    q = _quantise(x).reshape(n, c, h * w)
+    hist = torch.zeros(n, c, 256, dtype=torch.long, device=x.device).scatter_add_(2, q, torch.ones_like(q))
+    levels = torch.arange(256, device=x.device)
+    last_bin = torch.where(hist > 0, levels, 0).amax(dim=2, keepdim=True)
+    step = (h * w - hist.gather(2, last_bin)) // 255  # (N, C, 1)
+    below = hist.cumsum(2) - hist  # number of pixels strictly below each level
+    lut = ((step // 2 + below) // step.clamp_min(1)).clamp_(max=255)  # PIL clips the LUT to 8 bits
+    out = lut.gather(2, q).view(n, c, h, w).to(x.dtype) / 255
+    return torch.where(step.view(n, c, 1, 1) > 0, out, x)
+
+
+def solarize(x: Tensor, v: Tensor) -> Tensor:
+    """Does ``PIL.ImageOps.solarize(img, threshold=v * 256)``: inverts pixels whose 0..255 level is >= v * 256.
+
+    With v in [0, 1], v = 0 inverts every pixel and v = 1 inverts none. The
+    comparison uses the nearest grey level, so uint8 inputs get exactly
+    Pillow's result.
+    """
+    invert = _quantise(x) >= _param(v, x) * 256
+    return torch.where(invert, 1 - x, x).clamp_(0, 1)
+
+
+def posterize(x: Tensor, v: Tensor) -> Tensor:
+    """Does ``PIL.ImageOps.posterize(img, bits=v)``: keeps the top ``v`` bits (1..8) of each 0..255 level."""
+    drop = 2 ** (8 - _param(v, x).round().clamp(1, 8))  # 2 ** (number of low bits cleared)
+    return (torch.div(_quantise(x), drop, rounding_mode="floor") * drop / 255).to(x.dtype)
+
+
+def brightness(x: Tensor, v: Tensor) -> Tensor:
+    """Does ``PIL.ImageEnhance.Brightness(img).enhance(v)``, a blend with black."""
+    return _blend(torch.zeros_like(x), x, v)
+
+
+def color(x: Tensor, v: Tensor) -> Tensor:
+    """Does ``PIL.ImageEnhance.Color(img).enhance(v)``, a blend with the greyscale image.
+
+    It is the identity when C = 1.
+    """
+    if x.shape[1] == 1:
+        return x
+    return _blend(_grey(x).expand_as(x), x, v)
+
+
+def contrast(x: Tensor, v: Tensor) -> Tensor:
+    """Does ``PIL.ImageEnhance.Contrast(img).enhance(v)``, a blend with the image's mean grey level.
+
+    Like PIL (``int(mean + 0.5)``), the mean is rounded to a whole 0..255
+    level.
+    """
+    mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+    mean = (mean * 255).round_() / 255
+    return _blend(mean.expand_as(x), x, v)
+
+
+def sharpness(x: Tensor, v: Tensor) -> Tensor:
+    """Does ``PIL.ImageEnhance.Sharpness(img).enhance(v)``, a blend with ``img.filter(ImageFilter.SMOOTH)``.
+
+    SMOOTH is the 3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13. Like
+    PIL, it leaves the 1-pixel border as it was.
+    """
+    n, c, h, w = x.shape
+    if h < 3 or w < 3:
+        return x
+    kernel = torch.ones(3, 3, dtype=x.dtype, device=x.device)
+    kernel[1, 1] = 5
+    kernel = (kernel / 13).expand(c, 1, 3, 3)
+    degenerate = x.clone()
+    degenerate[:, :, 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
+    return _blend(degenerate, x, v)
+
+
+# ----------------------------------------------------------------------------- geometric ops
+
+
+def _pil_affine(x: Tensor, coeffs: Tensor, fill: float, mode: str) -> Tensor:
+    """Does ``Image.transform(size, AFFINE, coeffs[i])`` for each sample i with one grid_sample call.
+
+    coeffs (N, 6) = (a, b, c, d, e, f) in PIL's convention: output pixel
+    (x, y) samples the input at (a x + b y + c, d x + e y + f), in pixel
+    coordinates with the origin at the image corner. With align_corners=False,
+    normalised coordinates map linearly onto the same corner-based pixel
+    coordinates, so the PIL matrix M becomes ``theta = T M T^-1``.
+    """
+    n, _, h, w = x.shape
+    m = torch.zeros(n, 3, 3, dtype=x.dtype, device=x.device)
+    m[:, :2, :] = coeffs.view(n, 2, 3)
+    m[:, 2, 2] = 1
+    if mode == "nearest":
+        # PIL floors the corner-based coordinate, which rounds half up. grid_sample rounds half to even.
+        # A tiny offset resolves exact ties (e.g. a 3.5 px shift) the way PIL does.
+        m[:, :2, 2] += _TIE_BREAK
+    t = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=x.dtype, device=x.device)
+    t_inv = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=x.dtype, device=x.device)
+    theta = (t @ m @ t_inv)[:, :2, :]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Zero padding of (x - fill), with fill added back afterwards, pads with fill.
+    # With bilinear sampling the border also blends into fill.
+    out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
+    return out.clamp_(0, 1)
+
+
+def _coeffs(x: Tensor, *rows: Tensor | float) -> Tensor:
+    """Stacks six per-sample scalars or (N,) tensors into an (N, 6) coefficient tensor."""
+    n = x.shape[0]
+    return torch.stack([torch.as_tensor(r, dtype=x.dtype, device=x.device).expand(n) for r in rows], dim=1)
+
+
+def rotate(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
+    """Does ``img.rotate(v, resample=NEAREST, fillcolor=fill)``: v degrees counter-clockwise about the image centre.
+
+    The centre is (W/2, H/2) in corner coordinates, as in PIL.
+    """
+    _, _, h, w = x.shape
+    theta = torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[0]) * (math.pi / 180)
+    cos, sin = theta.cos(), theta.sin()
+    cx, cy = w / 2, h / 2
+    # This is PIL's inverse map: input = R(theta) (output - centre) + centre, with y pointing down.
+    return _pil_affine(
+        x, _coeffs(x, cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy), fill, mode
+    )
+
+
+def shear_x(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
+    """Does ``img.transform(img.size, AFFINE, (1, v, 0, 0, 1, 0), fillcolor=fill)``.
+
+    Output (x, y) samples input (x + v y, y), so the top row stays fixed.
+    """
+    return _pil_affine(x, _coeffs(x, 1, v, 0, 0, 1, 0), fill, mode)
+
+
+def shear_y(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
+    """Does ``img.transform(img.size, AFFINE, (1, 0, 0, v, 1, 0), fillcolor=fill)``.
+
+    Output (x, y) samples input (x, v x + y), so the left column stays fixed.
+    """
+    return _pil_affine(x, _coeffs(x, 1, 0, 0, v, 1, 0), fill, mode)
+
+
+def translate_x(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
+    """Does ``img.transform(img.size, AFFINE, (1, 0, -v * W, 0, 1, 0), fillcolor=fill)``.
+
+    The content moves right by v * W pixels (v > 0 means right).
+    """
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    return _pil_affine(x, _coeffs(x, 1, 0, -v * x.shape[3], 0, 1, 0), fill, mode)
+
+
+def translate_y(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
+    """Does ``img.transform(img.size, AFFINE, (1, 0, 0, 0, 1, -v * H), fillcolor=fill)``.
+
+    The content moves down by v * H pixels (v > 0 means down).
+    """
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    return _pil_affine(x, _coeffs(x, 1, 0, 0, 0, 1, -v * x.shape[2]), fill, mode)
+
+
+# ----------------------------------------------------------------------------- cutout
+
+
+def cutout_mask(cy: Tensor, cx: Tensor, size: int, height: int, width: int) -> Tensor:
+    """Gives a boolean mask (N, 1, H, W) of squares with side ``size``, clipped to the image.
+
+    The squares are centred at the integer pixels (cy, cx): each one covers
+    rows ``[cy - size // 2, cy - size // 2 + size)`` and the matching columns.
+    """
+    top = (cy - size // 2).view(-1, 1)
+    left = (cx - size // 2).view(-1, 1)
+    rows = torch.arange(height, device=cy.device).view(1, -1)
+    cols = torch.arange(width, device=cx.device).view(1, -1)
+    in_rows = (rows >= top) & (rows < top + size)  # (N, H)
+    in_cols = (cols >= left) & (cols < left + size)  # (N, W)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
+
+
+def cutout(x: Tensor, size: int, generator: torch.Generator, fill: float = 0.5) -> Tensor:
+    """Sets a square of side ``size`` pixels to ``fill`` in each sample.
+
+    The square's centre is drawn uniformly over the pixels, and the square is
+    clipped at the border.
+    """
+    n, _, h, w = x.shape
+    if size <= 0:
+        return x
+    cy = torch.randint(0, h, (n,), generator=generator, device=x.device)
+    cx = torch.randint(0, w, (n,), generator=generator, device=x.device)
+    return x.masked_fill(cutout_mask(cy, cx, size, h, w), fill)

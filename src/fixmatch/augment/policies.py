@@ -1,0 +1,192 @@
+"""FixMatch's weak and strong augmentation policies, computed on whole batches.
+
+Weak augmentation, from the official FixMatch code for CIFAR, is a random
+horizontal flip (p = 0.5) followed by a random integer translation of up to
+12.5% of each side. The translation pads with reflection and crops back to
+the original size.
+
+Strong augmentation is the paper's RandAugment variant. For each of
+``num_ops`` layers, every sample draws an op uniformly from the pool, an
+integer magnitude level ``m`` uniformly in 1..9 (out of 10), and applies the
+op with probability ``prob``. Cutout with grey fill is then always applied.
+A level maps linearly onto the op's range from the paper's appendix,
+``v = lo + (hi - lo) * m / 10``:
+
+============  ==============  ===================  ==========================
+op            unit            range [lo, hi]       value for level m
+============  ==============  ===================  ==========================
+Identity      --              --                   --
+AutoContrast  --              --                   --
+Equalize      --              --                   --
+Rotate        degrees (CCW)   [-30, 30]            (2m/10 - 1) * 30
+Solarize      threshold       [0, 1]               m / 10
+Color         factor          [0.05, 0.95]         0.05 + 0.9 m / 10
+Contrast      factor          [0.05, 0.95]         0.05 + 0.9 m / 10
+Brightness    factor          [0.05, 0.95]         0.05 + 0.9 m / 10
+Sharpness     factor          [0.05, 0.95]         0.05 + 0.9 m / 10
+ShearX        coefficient     [-0.3, 0.3]          (2m/10 - 1) * 0.3
+ShearY        coefficient     [-0.3, 0.3]          (2m/10 - 1) * 0.3
+TranslateX    fraction of W   [-0.3, 0.3]          (2m/10 - 1) * 0.3
+TranslateY    fraction of H   [-0.3, 0.3]          (2m/10 - 1) * 0.3
+Posterize     bits            [4, 8]               round(4 + 4 m / 10)
+============  ==============  ===================  ==========================
+
+For a symmetric range, m < 5 gives negative values and m > 5 positive ones,
+so both directions occur. Cutout covers a square of side
+``round(cutout * min(H, W))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["weak_augment", "RandAugment", "RandAugmentChoices"]
+
+
+def weak_augment(
+    x: Tensor, generator: torch.Generator, flip: bool = True, translate: float = 0.125
+) -> Tensor:
+    """Applies a random horizontal flip (p = 0.5) and a random integer shift with reflect padding.
+
+    Each axis is shifted by at most ``round(translate * side)`` pixels,
+    uniformly, independently for each sample. The image is reflect-padded by
+    that many pixels and a random window of the original size is cropped. x
+    is uint8 or float in [0, 1] with shape (N, C, H, W). The result is
+    float32 in [0, 1].
+    """
+    x = ops.to_float(x)
+    n, c, h, w = x.shape
+    if flip:
+        flipped = torch.rand(n, generator=generator, device=x.device) < 0.5
+        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
+    ph, pw = round(translate * h), round(translate * w)
+    if ph == 0 and pw == 0:
+        return x
+    padded = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+    oy = torch.randint(0, 2 * ph + 1, (n, 1), generator=generator, device=x.device)
+    ox = torch.randint(0, 2 * pw + 1, (n, 1), generator=generator, device=x.device)
+    # The crop is two gathers: rows first, then columns, with each sample using its own offsets.
+    rows = (oy + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pw)
+    cols = (ox + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
+
+
+class _Op(NamedTuple):
+    name: str
+    fn: Callable[[Tensor, Tensor], Tensor]
+    lo: float
+    hi: float
+    fmt: str | None  # how describe() prints the value; None means the op takes no parameter
+
+
+@dataclass
+class RandAugmentChoices:
+    """Per-sample draws of RandAugment. Every tensor has shape (N, num_ops), one column per layer."""
+
+    ops: Tensor  # int64 index into RandAugment.ops
+    levels: Tensor  # int64 magnitude level in 1..9
+    applied: Tensor  # bool: whether the layer's op is applied (probability prob)
+
+
+class RandAugment:
+    """The RandAugment variant used by FixMatch as its strong augmentation (see the module docstring).
+
+    ``RandAugment()(x, generator)`` augments a whole batch. The batch is
+    grouped by op: for each layer and each op, the samples that drew that op
+    are transformed together, each with its own magnitude.
+    """
+
+    def __init__(self, num_ops: int = 2, prob: float = 0.5, cutout: float = 0.5, fill: float = 0.5) -> None:
+        self.num_ops = num_ops
+        self.prob = prob
+        self.cutout = cutout
+        self.fill = fill
+        geo = dict(fill=fill)
+        self.ops: list[_Op] = [
+            _Op("Identity", ops.identity, 0, 0, None),
+            _Op("AutoContrast", ops.auto_contrast, 0, 0, None),
+            _Op("Equalize", ops.equalize, 0, 0, None),
+            _Op("Rotate", partial(ops.rotate, **geo), -30, 30, "{:+.1f}"),
+            _Op("Solarize", ops.solarize, 0, 1, "{:.2f}"),
+            _Op("Color", ops.color, 0.05, 0.95, "{:.2f}"),
+            _Op("Contrast", ops.contrast, 0.05, 0.95, "{:.2f}"),
+            _Op("Brightness", ops.brightness, 0.05, 0.95, "{:.2f}"),
+            _Op("Sharpness", ops.sharpness, 0.05, 0.95, "{:.2f}"),
+            _Op("ShearX", partial(ops.shear_x, **geo), -0.3, 0.3, "{:+.2f}"),
+            _Op("ShearY", partial(ops.shear_y, **geo), -0.3, 0.3, "{:+.2f}"),
+            _Op("TranslateX", partial(ops.translate_x, **geo), -0.3, 0.3, "{:+.2f}"),
+            _Op("TranslateY", partial(ops.translate_y, **geo), -0.3, 0.3, "{:+.2f}"),
+            _Op("Posterize", ops.posterize, 4, 8, "{:.0f}"),
+        ]
+
+    def value(self, op: int, level: Tensor) -> Tensor:
+        """Maps magnitude levels (any shape) to the parameter of op number ``op``."""
+        spec = self.ops[op]
+        v = spec.lo + (spec.hi - spec.lo) * level.float() / 10
+        return v.round() if spec.name == "Posterize" else v
+
+    def sample(
+        self, n: int, generator: torch.Generator, device: torch.device | str | None = None
+    ) -> RandAugmentChoices:
+        """Draws the op, the magnitude level and the apply flag for each of n samples and each layer."""
+        shape = (n, self.num_ops)
+        return RandAugmentChoices(
+            ops=torch.randint(0, len(self.ops), shape, generator=generator, device=device),
+            levels=torch.randint(1, 10, shape, generator=generator, device=device),
+            applied=torch.rand(shape, generator=generator, device=device) < self.prob,
+        )
+
+    def apply(self, x: Tensor, choices: RandAugmentChoices, generator: torch.Generator) -> Tensor:
+        """Applies the drawn ops to x (uint8 or float in [0, 1]), then cutout. Returns float32 in [0, 1].
+
+        The generator is used only for the positions of the cutout squares.
+        """
+        x = ops.to_float(x)
+        for layer in range(self.num_ops):
+            op_idx, levels = choices.ops[:, layer], choices.levels[:, layer]
+            active = choices.applied[:, layer]
+            for k, spec in enumerate(self.ops):
+                if spec.fn is ops.identity:
+                    continue
+                idx = torch.nonzero(active & (op_idx == k)).squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                out = spec.fn(x[idx], self.value(k, levels[idx]))
+                x = x.index_copy(0, idx, out)  # out of place, so a float input is never modified
+        size = round(self.cutout * min(x.shape[2:]))
+        return ops.cutout(x, size, generator, fill=self.fill)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Augments a batch: sample() followed by apply()."""
+        return self.apply(x, self.sample(x.shape[0], generator, x.device), generator)
+
+    def describe(self, choices: RandAugmentChoices, i: int) -> str:
+        """Gives a caption for sample i listing the ops that were applied.
+
+        For example: ``"Rotate(+18.0) Posterize(6) Cutout(0.5)"``.
+        """
+        parts = []
+        for layer in range(self.num_ops):
+            if not bool(choices.applied[i, layer]):
+                continue
+            k = int(choices.ops[i, layer])
+            spec = self.ops[k]
+            if spec.fmt is None:
+                parts.append(spec.name)
+            else:
+                v = float(self.value(k, choices.levels[i, layer]))
+                parts.append(f"{spec.name}({spec.fmt.format(v)})")
+        if self.cutout > 0:
+            parts.append(f"Cutout({self.cutout:g})")
+        return " ".join(parts) if parts else "Identity"
+
+    def __repr__(self) -> str:
+        return f"RandAugment(num_ops={self.num_ops}, prob={self.prob}, cutout={self.cutout}, fill={self.fill})"

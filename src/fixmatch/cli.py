@@ -1,0 +1,146 @@
+"""The `fixmatch` command: parse, build a Config, call the API. No training logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fixmatch.config import PRESETS, Config, ConfigError, describe_keys, resolve_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        self.exit(2, f"fixmatch: error: {message} (see {self.prog} --help)\n")
+
+
+def _converter(type_name: str, flag: str) -> Callable[[str], Any]:
+    base = type_name.split("|")[0].strip()
+
+    def convert(text: str) -> Any:
+        if "None" in type_name and text.lower() in ("none", "null"):
+            return None
+        try:
+            return {"int": int, "float": float}.get(base, str)(text)
+        except ValueError:
+            kind = "an integer" if base == "int" else "a number"
+            raise argparse.ArgumentTypeError(f"{flag} expects {kind}, got {text!r}") from None
+    return convert
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config key (--num-labels for num_labels); absent flags override nothing."""
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if str(f.type).startswith("bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_converter(str(f.type), flag), default=None,
+                                metavar=f.name.upper(), help=help_text)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fixmatch.train import load_run_config, train
+
+    keys = {f.name for f in fields(Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    base = None
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
+        base = load_run_config(Path(args.out))
+    config = resolve_config(args.preset, args.config, overrides, base=base)
+    train(config, out=args.out, resume=args.resume)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fixmatch.evaluate import evaluate
+
+    metrics = evaluate(args.path, data_dir=args.data_dir, device=args.device, weights=args.weights)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{metrics['checkpoint']} (step {metrics['step']}, {metrics['weights']} weights) on "
+              f"{metrics['dataset']} test set ({metrics['num_test']} images): "
+              f"top-1 {metrics['test_acc']:.2f}%  top-5 {metrics['test_top5']:.2f}%")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    defaults = {name: default for name, default, _ in describe_keys()}
+    for name, values in PRESETS.items():
+        print(f"{name}:")
+        for key, value in values.items():
+            note = "" if defaults[key] == value else f"  (default {defaults[key]})"
+            print(f"  {key}: {value}{note}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from fixmatch.models import count_parameters, create_model, list_models
+
+    print(f"{'model':<16}{'parameters (10 classes, 3 channels)':>38}")
+    for name in list_models():
+        print(f"{name:<16}{count_parameters(create_model(name, 10, 3)):>38,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fixmatch", description="FixMatch semi-supervised image classification.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model (or resume a run)",
+                       description="Train with FixMatch or the supervised baseline. Precedence: "
+                                   "defaults < --preset < --config file < flags.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named setting (see: fixmatch presets)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<dataset>-<method>-...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_config_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint on the test set")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--data-dir", default=None, help="where the data set lives (default: the run's data_dir)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("presets", help="list the presets and their values")
+    p.set_defaults(func=_cmd_presets)
+    p = sub.add_parser("models", help="list the models with their parameter counts")
+    p.set_defaults(func=_cmd_models)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """User-facing errors: reported in one line, without a traceback."""
+    from fixmatch.checkpoint import CheckpointError
+    from fixmatch.data.datasets import DatasetError
+    from fixmatch.data.split import SplitError
+    from fixmatch.models import ModelError
+    return ConfigError, CheckpointError, DatasetError, SplitError, ModelError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fixmatch.train import TrainingInterrupted
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"fixmatch: {e}", file=sys.stderr)
+        return 130
+    except _expected_errors() as e:
+        print(f"fixmatch: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""One typed configuration for a run, resolved as defaults < preset < config file < command line.
+
+The defaults are the paper's CIFAR-10 setting (Sohn et al., 2020, and the official code). Keys are
+flat and named as the command-line flags (``num_labels`` <-> ``--num-labels``) so that a YAML file,
+a sweep grid and the command line all speak the same language. Unknown keys and bad values raise
+``ConfigError`` with one line naming the key and what is accepted, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid (message: one line, with the fix)."""
+
+
+def _key(help: str, check: Callable[[Any], bool] | None = None, accepted: str = "", **kw: Any) -> Any:
+    return field(metadata={"help": help, "check": check, "accepted": accepted}, **kw)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _nonneg_float(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _unit_interval(v: Any) -> bool:
+    return _nonneg_float(v) and v <= 1
+
+
+def _positive_float(v: Any) -> bool:
+    return _nonneg_float(v) and v > 0
+
+
+@dataclass
+class Config:
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = _key("data set name (cifar10, fashion-mnist, synthetic)", default="cifar10")
+    data_dir: str = _key("folder searched for (and receiving downloads of) the data set files", default="data")
+    num_labels: int = _key("labeled training images, split equally over the classes", _positive_int,
+                           "a positive integer divisible by the number of classes", default=250)
+    split_file: str | None = _key("a saved split.json to reuse instead of drawing a new one", default=None)
+    # --- model ------------------------------------------------------------------------------
+    model: str = _key("backbone from the model registry (fixmatch models)", default="wrn28_2")
+    # --- algorithm --------------------------------------------------------------------------
+    method: str = _key("fixmatch, or supervised: the same pipeline with the unlabeled loss off",
+                       lambda v: v in ("fixmatch", "supervised"), "fixmatch or supervised", default="fixmatch")
+    batch_size: int = _key("B: labeled images per step (the paper's 64)", _positive_int, "a positive integer",
+                           default=64)
+    mu: int = _key("unlabeled images per step = mu * B (the paper's 7)", _positive_int, "a positive integer",
+                   default=7)
+    tau: float = _key("confidence threshold for pseudo-labels (the paper's 0.95)",
+                      lambda v: _unit_interval(v), "a number in [0, 1]", default=0.95)
+    lambda_u: float = _key("weight of the unlabeled loss (the paper's 1)", _nonneg_float, "a number >= 0",
+                           default=1.0)
+    # --- augmentation -----------------------------------------------------------------------
+    weak_flip: bool | None = _key("random horizontal flip in the weak view; null = the data set's default",
+                                  lambda v: v is None or isinstance(v, bool), "true, false or null", default=None)
+    weak_translate: float = _key("max random translation of the weak view, as a fraction of the side (4 px at 32)",
+                                 lambda v: _unit_interval(v) and v < 0.5, "a number in [0, 0.5)", default=0.125)
+    strong: str = _key("strong augmentation policy", lambda v: v in ("randaugment",), "randaugment",
+                       default="randaugment")
+    cutout: float = _key("Cutout square side as a fraction of the image side after RandAugment; 0 = off",
+                         _unit_interval, "a number in [0, 1]", default=0.5)
+    # --- optimisation -----------------------------------------------------------------------
+    steps: int = _key("K: total optimiser steps, also the K of the cosine schedule (the paper's 2^20)",
+                      _positive_int, "a positive integer", default=2**20)
+    lr: float = _key("SGD step size at step 0; decays as lr * cos(7*pi*k / (16*K))", _positive_float,
+                     "a number > 0", default=0.03)
+    momentum: float = _key("SGD momentum (Nesterov)", lambda v: _unit_interval(v) and v < 1, "a number in [0, 1)",
+                           default=0.9)
+    nesterov: bool = _key("use Nesterov momentum, as the paper does", lambda v: isinstance(v, bool),
+                          "true or false", default=True)
+    wd: float = _key("L2 weight decay on convolution and linear weights only (the paper's 5e-4)",
+                     _nonneg_float, "a number >= 0", default=5e-4)
+    ema: float = _key("decay of the exponential moving average of the weights used for evaluation; 0 = off",
+                      lambda v: _unit_interval(v) and v < 1, "a number in [0, 1)", default=0.999)
+    # --- evaluation and logging -------------------------------------------------------------
+    eval_every: int = _key("steps between evaluations and checkpoints (1024 = the paper's 64k-image epoch)",
+                           _positive_int, "a positive integer", default=1024)
+    eval_batch_size: int = _key("images per forward pass at evaluation", _positive_int, "a positive integer",
+                                default=1024)
+    # --- run --------------------------------------------------------------------------------
+    seed: int = _key("seed of the split, the initial weights, the data order and the augmentations",
+                     lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                     "an integer >= 0", default=0)
+    device: str = _key("auto (cuda when available), cpu or cuda", lambda v: v in ("auto", "cpu", "cuda")
+                       or (isinstance(v, str) and v.startswith("cuda:")), "auto, cpu, cuda or cuda:N", default="auto")
+    channels_last: bool = _key("channels-last memory format (faster convolutions on most CPUs and GPUs)",
+                               lambda v: isinstance(v, bool), "true or false", default=True)
+    progress: bool = _key("show a progress bar", lambda v: isinstance(v, bool), "true or false", default=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Keys that may differ when a run is resumed: they change where and how it runs, not what it computes.
+RESUME_MUTABLE_KEYS = frozenset({"data_dir", "device", "progress"})
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's CIFAR-10 setting: WRN-28-2, B=64, mu=7, 2^20 steps, evaluation every 1024 steps.
+    "cifar10": dict(dataset="cifar10", model="wrn28_2", num_labels=250, steps=2**20, eval_every=1024,
+                    batch_size=64, mu=7, tau=0.95, lambda_u=1.0, lr=0.03, wd=5e-4, ema=0.999),
+    # A real FixMatch run that finishes in about 10 minutes on a 2-core CPU (see benchmarks/RESULTS.md):
+    # a small CNN, the paper's B, mu and tau, a shorter schedule with a higher lr and a faster EMA.
+    "fashion-mnist": dict(dataset="fashion-mnist", model="cnn_small", num_labels=40, steps=3000, eval_every=250,
+                          batch_size=64, mu=7, tau=0.95, lambda_u=1.0, lr=0.03, wd=5e-4, ema=0.99),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def _field_map() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
+    """Accept ints for float keys (``lr: 1`` in YAML), reject everything else that has the wrong type."""
+    if f.type in ("float",) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def validate_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check that every key exists and every value passes its key's check; return coerced values."""
+    known = _field_map()
+    out: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in known:
+            raise ConfigError(f"unknown config key '{name}' in {source}; known keys: {', '.join(sorted(known))}")
+        f = known[name]
+        value = _coerce(name, value, f)
+        check, accepted = f.metadata["check"], f.metadata["accepted"]
+        type_ok = _type_ok(value, f)
+        if not type_ok or (check is not None and not check(value)):
+            want = accepted or f"a value of type {f.type}"
+            raise ConfigError(f"invalid value for '{name}' in {source}: {value!r}; expected {want}")
+        out[name] = value
+    return out
+
+
+def _type_ok(value: Any, f: dataclasses.Field) -> bool:
+    t = str(f.type)
+    if value is None:
+        return "None" in t
+    if t.startswith("str"):
+        return isinstance(value, str)
+    if t.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t.startswith("float"):
+        return isinstance(value, float)
+    if t.startswith("bool"):
+        return isinstance(value, bool)
+    return True
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML override file (flat mapping of config keys) and validate it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}; check the path given to --config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, not {type(data).__name__}")
+    return validate_overrides(data, f"config file {path}")
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None, base: Config | None = None) -> Config:
+    """defaults (or ``base``, a resumed run's saved config) < preset < config file < overrides (command line)."""
+    values: dict[str, Any] = base.to_dict() if base is not None else {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'; known presets: {', '.join(preset_names())}")
+        values.update(PRESETS[preset])
+    if config_file is not None:
+        values.update(load_config(config_file))
+    if overrides:
+        values.update(validate_overrides(overrides, "the command line"))
+    return Config(**values)
+
+
+def check_config(config: Config) -> Config:
+    """Validate a Config built in Python (the API path), with the same messages as the command line."""
+    if not isinstance(config, Config):
+        raise ConfigError(f"train() expects a fixmatch.Config, got {type(config).__name__}")
+    validate_overrides(config.to_dict(), "the config")
+    return config
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    return Config(**validate_overrides(data, source))
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every key: used by ``fixmatch presets`` and the docs."""
+    return [(f.name, f.default, f.metadata["help"]) for f in fields(Config)]

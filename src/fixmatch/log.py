@@ -1,0 +1,78 @@
+"""What a run reports: a progress bar, one line per evaluation, metrics.jsonl and TensorBoard."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """On resume, drop evaluations logged after the checkpoint we continue from (they will be redone)."""
+    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Writes metrics.jsonl (one JSON object per evaluation) and TensorBoard scalars; drives the bar."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool,
+                 tensorboard: bool = True) -> None:
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step",
+                        dynamic_ncols=True, smoothing=0.05)
+
+    def step(self, n: int, loss_s: float, loss_u: float, mask_rate: float, lr: float, step: int) -> None:
+        self.bar.update(n)
+        self.bar.set_postfix_str(f"Ls={loss_s:.3f} Lu={loss_u:.3f} mask={mask_rate:.2f} lr={lr:.4f}",
+                                 refresh=False)
+        if self.writer is not None:
+            for key, value in (("train/loss_s", loss_s), ("train/loss_u", loss_u),
+                               ("train/mask_rate", mask_rate), ("train/lr", lr)):
+                self.writer.add_scalar(key, value, step)
+
+    def evaluation(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"eval/{key}", value, row["step"])
+            self.writer.flush()
+        self.write(
+            f"step {row['step']:>7d} | test acc {row['test_acc']:6.2f}% (raw {row['raw_test_acc']:6.2f}%, "
+            f"top-5 {row['test_top5']:6.2f}%) | Ls {row['loss_s']:.3f} Lu {row['loss_u']:.3f} | "
+            f"mask {row['mask_rate']:.3f} pl-acc {row['pseudo_label_acc']:6.2f}% | lr {row['lr']:.5f}")
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,263 @@
+"""train(config): the FixMatch loop, in the order the data flows.
+
+dataset -> split -> index streams -> weak/strong augmentation on the device -> one forward pass
+-> fixmatch_loss -> SGD + cosine schedule -> EMA -> evaluation -> metrics, checkpoint, summary.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from fixmatch.augment import RandAugment, weak_augment
+from fixmatch.checkpoint import load_checkpoint, save_checkpoint
+from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, config_from_dict
+from fixmatch.data.batches import IndexStream
+from fixmatch.data.datasets import load_dataset
+from fixmatch.data.split import Split, load_split, make_split, save_split
+from fixmatch.ema import EMA
+from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
+from fixmatch.fixmatch import fixmatch_loss
+from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
+from fixmatch.models import create_model
+from fixmatch.optim import cosine_lr, make_optimizer, set_lr
+
+# Data sets whose weak view has no horizontal flip (digits and text are not mirror-symmetric).
+NO_FLIP_DATASETS = frozenset({"svhn", "mnist"})
+LOG_EVERY = 10  # steps between progress-bar refreshes: reading losses forces a device sync
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: the step finished, a checkpoint was written, the run can be resumed."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved. "
+                         f"Resume with: fixmatch train --out {run_dir} --resume")
+        self.run_dir, self.step = run_dir, step
+
+
+def default_run_dir(config: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.dataset}-{config.method}-{config.num_labels}-seed{config.seed}-{stamp}"
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} not found; is {run_dir} a fixmatch run directory?")
+    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
+
+
+def _resume_config(run_dir: Path, config: Config | None) -> Config:
+    saved = load_run_config(run_dir)
+    if config is None:
+        return saved
+    changed = [k for k, v in config.to_dict().items() if k not in RESUME_MUTABLE_KEYS and v != getattr(saved, k)]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"cannot change '{k}' when resuming ({getattr(saved, k)!r} -> {getattr(config, k)!r}); "
+                          f"start a new run with another --out instead")
+    return config
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise ConfigError(f"cannot resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it "
+                          f"or choose another --out")
+
+
+def _split_for(config: Config, run_dir: Path, resume: bool, labels: torch.Tensor, num_classes: int) -> Split:
+    if resume:
+        split = load_split(run_dir / "split.json", num_train=labels.numel())
+    elif config.split_file:
+        split = load_split(config.split_file, num_train=labels.numel())
+    else:
+        return make_split(labels, config.num_labels, num_classes, config.seed)
+    if len(split.labeled) != config.num_labels:
+        raise ConfigError(f"the split has {len(split.labeled)} labeled images but num_labels is "
+                          f"{config.num_labels}; make them agree")
+    return split
+
+
+@contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps, so a step is never cut in half."""
+    received: list[int] = []
+    handler = lambda signum, frame: received.append(signum)  # noqa: E731
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals stay with their owner
+        pass
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def train(config: Config | None = None, out: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) one run and return its summary (also written to RUN_DIR/summary.json).
+
+    ``config=None`` with ``resume=True`` continues with the run's saved configuration.
+    """
+    if config is None and not resume:
+        raise ConfigError("train() needs a Config unless it resumes a run")
+    run_dir = Path(out) if out is not None else default_run_dir(config)  # type: ignore[arg-type]
+    _prepare_run_dir(run_dir, resume)
+    config = _resume_config(run_dir, config) if resume else config
+    config = check_config(config)
+    device = resolve_device(config.device)
+
+    # --- data and split: everything that can fail on bad input happens before anything is written
+    data = load_dataset(config.dataset, config.data_dir)
+    split = _split_for(config, run_dir, resume, data.train_labels, data.num_classes)
+    stream_lb = IndexStream(split.labeled, config.batch_size, config.seed, stream_id=0)
+    stream_ulb = IndexStream(split.unlabeled, config.batch_size * config.mu, config.seed, stream_id=1)
+    train_images = data.train_images.pin_memory() if device.type == "cuda" else data.train_images
+    mean, std = channel_stats(data.mean, data.std, device)
+    flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
+    strong = RandAugment(cutout=config.cutout)
+    fixmatch = config.method == "fixmatch"
+
+    # --- model, optimiser, EMA
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, data.num_classes, data.in_channels).to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config.lr, config.momentum, config.nesterov, config.wd)
+    ema = EMA(model, config.ema)
+    aug_gen = torch.Generator(device=device)
+
+    start_step, best_acc, wall_before = 0, -math.inf, 0.0
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss_s, loss_u, mask, pl_correct, steps
+    if resume:
+        state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_step, best_acc, wall_before = state["step"], state["best_acc"], state["wall_s"]
+        sums.copy_(state["sums"])
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        save_split(split, run_dir / "split.json")
+
+    def checkpoint_state(step: int) -> dict[str, Any]:
+        return {"format": "fixmatch-checkpoint", "step": step, "model": model.state_dict(),
+                "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+                "split": split.to_json(), "class_names": list(data.class_names), "best_acc": best_acc,
+                "wall_s": wall_before + time.perf_counter() - t0, "sums": sums.cpu(),
+                "rng": {"torch": torch.get_rng_state()}}
+
+    logger = RunLogger(run_dir, config.steps, start_step, config.progress)
+    logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, {config.model}, "
+                 f"{config.steps} steps on {device}; run directory {run_dir}")
+    t0 = time.perf_counter()
+    model.train()
+    step = start_step
+    try:
+        with _stop_requests() as stop:
+            while step < config.steps:
+                lr = cosine_lr(step, config.steps, config.lr)
+                set_lr(optimizer, lr)
+                # The augmentation stream is reseeded from (seed, step): a resumed run draws the same views.
+                aug_gen.manual_seed(config.seed * 2**32 + step)
+
+                idx_lb = stream_lb.batch(step)
+                x_lb = weak_augment(train_images[idx_lb].to(device, non_blocking=True), aug_gen, flip,
+                                    config.weak_translate)
+                y_lb = data.train_labels[idx_lb].to(device, non_blocking=True)
+                batches = [x_lb]
+                if fixmatch:
+                    idx_ulb = stream_ulb.batch(step)
+                    u = train_images[idx_ulb].to(device, non_blocking=True)
+                    batches += [weak_augment(u, aug_gen, flip, config.weak_translate), strong(u, aug_gen)]
+                # One forward pass over labeled, weak and strong images: BatchNorm sees all of them.
+                logits = model(normalize(torch.cat(batches), mean, std, config.channels_last))
+                n_lb, n_ulb = x_lb.shape[0], config.batch_size * config.mu
+                logits_w = logits[n_lb:n_lb + n_ulb] if fixmatch else None
+                logits_s = logits[n_lb + n_ulb:] if fixmatch else None
+                loss, stats = fixmatch_loss(logits[:n_lb], y_lb, logits_w, logits_s, config.tau, config.lambda_u)
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                ema.update(model)
+                step += 1
+
+                # Pseudo-label accuracy on the masked samples, measured with the true labels (monitoring only).
+                pl_correct = torch.zeros((), device=device)
+                if fixmatch:
+                    y_ulb = data.train_labels[idx_ulb].to(device, non_blocking=True)
+                    pl_correct = ((stats.pseudo_label == y_ulb) & stats.mask).sum()
+                sums += torch.stack([stats.loss_s.double(), stats.loss_u.double(), stats.mask_rate.double(),
+                                     pl_correct.double(), torch.ones((), dtype=torch.float64, device=device)])
+                if step % LOG_EVERY == 0 or step == config.steps:
+                    logger.step(step - logger.bar.n, stats.loss_s.item(), stats.loss_u.item(),
+                                stats.mask_rate.item(), lr, step)
+
+                if step % config.eval_every == 0 or step == config.steps:
+                    row = _evaluate_step(model, ema, data, mean, std, config, sums, step, lr,
+                                         wall_before + time.perf_counter() - t0)
+                    sums.zero_()
+                    logger.evaluation(row)
+                    improved = row["test_acc"] > best_acc
+                    best_acc = max(best_acc, row["test_acc"])
+                    state = checkpoint_state(step)
+                    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+                    if improved:
+                        save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
+                if stop:
+                    save_checkpoint(checkpoint_state(step), run_dir / "checkpoints" / "last.pt")
+                    raise TrainingInterrupted(run_dir, step)
+    finally:
+        logger.close()
+
+    wall_s = wall_before + time.perf_counter() - t0
+    summary = summarize(run_dir, config, wall_s)
+    write_json_atomic(run_dir / "summary.json", summary)
+    print(f"done: test accuracy {summary['test_acc_last']:.2f}% (best {summary['test_acc_best']:.2f}%, "
+          f"median of last 20 evaluations {summary['test_acc_median_last20']:.2f}%) in {wall_s:.0f} s; "
+          f"results in {run_dir}")
+    return summary
+
+
+def _evaluate_step(model, ema, data, mean, std, config: Config, sums: torch.Tensor, step: int, lr: float,
+                   wall_s: float) -> dict[str, Any]:
+    ema_logits = predict_logits(ema.module, data.test_images, mean, std, config.eval_batch_size,
+                                config.channels_last)
+    raw_logits = predict_logits(model, data.test_images, mean, std, config.eval_batch_size, config.channels_last)
+    ema_m, raw_m = accuracy_metrics(ema_logits, data.test_labels), accuracy_metrics(raw_logits, data.test_labels)
+    loss_s, loss_u, mask_sum, pl_correct, n = sums.tolist()
+    n = max(n, 1.0)
+    masked = mask_sum * config.batch_size * config.mu  # mask_sum is a sum of per-step rates
+    return {"step": step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "raw_test_acc": raw_m["top1"],
+            "loss_s": loss_s / n, "loss_u": loss_u / n, "mask_rate": mask_sum / n,
+            "pseudo_label_acc": 100.0 * pl_correct / masked if masked > 0 else 0.0, "lr": lr, "wall_s": wall_s}
+
+
+def summarize(run_dir: Path, config: Config, wall_s: float) -> dict[str, Any]:
+    """The summary is computed from metrics.jsonl, so it is the same whether or not the run was resumed."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    accs = [r["test_acc"] for r in rows]
+    return {"dataset": config.dataset, "method": config.method, "model": config.model,
+            "num_labels": config.num_labels, "seed": config.seed, "steps": rows[-1]["step"],
+            "test_acc_last": accs[-1], "test_acc_best": max(accs),
+            "test_acc_median_last20": statistics.median(accs[-20:]), "raw_test_acc_last": rows[-1]["raw_test_acc"],
+            "test_top5_last": rows[-1]["test_top5"], "wall_s": wall_s, "steps_per_s": rows[-1]["step"] / wall_s,
+            "images_per_s": rows[-1]["step"] * config.batch_size * (1 + 2 * config.mu * (config.method == "fixmatch"))
+            / wall_s}

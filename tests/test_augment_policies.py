@@ -1,0 +1,169 @@
+"""Tests for fixmatch.augment.policies: weak_augment and RandAugment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fixmatch.augment import RandAugment, RandAugmentChoices, weak_augment
+
+SHAPES = [(4, 1, 28, 28), (4, 3, 32, 32), (3, 3, 24, 40), (3, 1, 17, 9)]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Gives random uint8 images. They are smooth-ish so that the ops do visible things."""
+    x = torch.rand(shape[0], shape[1], shape[2] // 4 + 1, shape[3] // 4 + 1, generator=_gen(seed))
+    x = F.interpolate(x, size=shape[2:], mode="bilinear", align_corners=False)
+    return (x * 255).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- weak_augment
+
+
+def test_weak_translation_is_a_reflect_padded_crop_within_bound() -> None:
+    n, h, w = 128, 28, 28
+    x = torch.arange(n * h * w, dtype=torch.float32).view(n, 1, h, w) / (n * h * w)  # all values distinct
+    out = weak_augment(x, _gen(0), flip=False)
+    p = round(0.125 * h)  # = 4
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    shifts = []
+    for i in range(n):
+        matches = [
+            (oy - p, ox - p)
+            for oy in range(2 * p + 1)
+            for ox in range(2 * p + 1)
+            if torch.equal(out[i], padded[i, :, oy : oy + h, ox : ox + w])
+        ]
+        assert len(matches) == 1
+        shifts.append(matches[0])
+    dy, dx = torch.tensor(shifts).T
+    assert dy.abs().max() == p and dx.abs().max() == p  # the extremes occur
+    assert {-p, p} <= set(dy.tolist()) and {-p, p} <= set(dx.tolist())
+    assert len(set(shifts)) > 40  # the two axes are drawn independently
+
+
+def test_weak_flip_about_half() -> None:
+    x = torch.rand(2000, 1, 6, 5, generator=_gen(1))
+    out = weak_augment(x, _gen(2), translate=0.0)
+    same = (out == x).flatten(1).all(1)
+    flipped = (out == x.flip(-1)).flatten(1).all(1)
+    assert (same ^ flipped).all()
+    assert 0.45 < flipped.float().mean() < 0.55
+
+
+def test_weak_identity_when_disabled() -> None:
+    x = _images((4, 3, 32, 32))
+    assert torch.equal(weak_augment(x, _gen(0), flip=False, translate=0.0), x.float() / 255)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_weak_shapes_dtype_determinism(shape: tuple[int, ...]) -> None:
+    x = _images(shape)
+    out = weak_augment(x, _gen(3))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, weak_augment(x.float() / 255, _gen(3)))  # uint8 and float input agree
+    assert torch.equal(out, weak_augment(x, _gen(3)))  # the same seed gives the same batch
+
+
+# ----------------------------------------------------------------------------- RandAugment
+
+
+def test_value_mapping_table() -> None:
+    ra = RandAugment()
+    names = [op.name for op in ra.ops]
+    assert names == [
+        "Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color", "Contrast",
+        "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Posterize",
+    ]  # fmt: skip
+    levels = torch.tensor([1, 5, 9])
+
+    def values(name: str) -> list[float]:
+        return [round(v, 6) for v in ra.value(names.index(name), levels).tolist()]
+
+    assert values("Rotate") == [-24.0, 0.0, 24.0]
+    assert values("ShearX") == values("TranslateY") == [-0.24, 0.0, 0.24]
+    assert values("Solarize") == [0.1, 0.5, 0.9]
+    assert values("Brightness") == values("Sharpness") == [0.14, 0.5, 0.86]
+    assert ra.value(names.index("Posterize"), torch.arange(1, 10)).tolist() == [4, 5, 5, 6, 6, 6, 7, 7, 8]
+
+
+def test_sample_distribution() -> None:
+    ra = RandAugment(num_ops=2, prob=0.5)
+    ch = ra.sample(20000, _gen(0))
+    assert ch.ops.shape == ch.levels.shape == ch.applied.shape == (20000, 2)
+    freq = torch.bincount(ch.ops.flatten(), minlength=14).float() / ch.ops.numel()
+    assert freq.numel() == 14 and (freq - 1 / 14).abs().max() < 0.01
+    assert ch.levels.min() == 1 and ch.levels.max() == 9 and ch.levels.unique().numel() == 9
+    assert abs(ch.applied.float().mean().item() - 0.5) < 0.01
+
+
+def test_batch_gets_different_ops_and_matches_per_sample_application() -> None:
+    """Checks that grouping samples by op gives the same result as applying each sample's ops one at a time."""
+    ra = RandAugment(num_ops=2, prob=0.8, cutout=0.0)
+    x = _images((48, 3, 32, 32)).float() / 255
+    ch = ra.sample(48, _gen(5))
+    out = ra.apply(x, ch, _gen(6))
+    assert ch.ops[ch.applied].unique().numel() >= 10 and ch.levels.unique().numel() == 9
+    for i in range(48):
+        y = x[i : i + 1]
+        for layer in range(2):
+            if ch.applied[i, layer]:
+                k = int(ch.ops[i, layer])
+                y = ra.ops[k].fn(y, ra.value(k, ch.levels[i, layer : layer + 1]))
+        assert torch.allclose(out[i : i + 1], y, atol=1e-6), ra.describe(ch, i)
+    assert len({ra.describe(ch, i) for i in range(48)}) > 30
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_randaugment_shapes_range_determinism(shape: tuple[int, ...]) -> None:
+    ra = RandAugment()
+    x = _images(shape)
+    x_float = x.float() / 255
+    x_copy = x_float.clone()
+    out = ra(x, _gen(7))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, ra(x, _gen(7)))  # the same seed gives the same batch
+    assert torch.equal(out, ra(x_float, _gen(7)))  # uint8 and float input agree
+    assert torch.equal(x_float, x_copy)  # the input is left untouched
+    assert not torch.equal(out, ra(x, _gen(8)))
+
+
+def test_randaugment_cutout() -> None:
+    """Checks that with no ops applied, the only change is one grey square of side round(0.5 * min(H, W)) per sample."""
+    ra = RandAugment(prob=0.0, cutout=0.5, fill=0.5)
+    x = torch.zeros(64, 3, 24, 40)
+    out = ra(x, _gen(9))
+    size = 12
+    mask = out[:, 0] != 0
+    assert torch.equal(out, mask[:, None].expand_as(out).float() * 0.5)
+    areas = mask.sum(dim=(1, 2))
+    assert areas.max() == size * size and (areas < size * size).any()
+    assert torch.equal(areas, mask.any(2).sum(1) * mask.any(1).sum(1))  # each one is a rectangle
+    assert torch.equal(RandAugment(prob=0.0, cutout=0.0)(x, _gen(9)), x)
+
+
+def test_describe() -> None:
+    ra = RandAugment()
+    ch = RandAugmentChoices(
+        ops=torch.tensor([[3, 13], [1, 9], [0, 5]]),
+        levels=torch.tensor([[8, 5], [2, 1], [3, 3]]),
+        applied=torch.tensor([[True, True], [True, False], [False, False]]),
+    )
+    assert ra.describe(ch, 0) == "Rotate(+18.0) Posterize(6) Cutout(0.5)"
+    assert ra.describe(ch, 1) == "AutoContrast Cutout(0.5)"
+    assert RandAugment(cutout=0).describe(ch, 2) == "Identity"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda() -> None:
+    x = _images((16, 3, 32, 32)).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for out in (RandAugment()(x, g), weak_augment(x, g)):
+        assert out.is_cuda and out.shape == x.shape and 0 <= out.min() and out.max() <= 1

@@ -1,0 +1,134 @@
+"""End-to-end training on the synthetic data set: it learns, it resumes exactly, it reports."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import fixmatch
+from fixmatch.checkpoint import CheckpointError, load_checkpoint
+from fixmatch.config import Config
+
+QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05,
+             ema=0.9, eval_every=20, eval_batch_size=512, progress=False, device="cpu")
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("wall_s")
+    return rows
+
+
+def test_fixmatch_learns_and_writes_the_run_directory(tmp_path):
+    run = tmp_path / "run"
+    summary = fixmatch.train(Config(**QUICK, steps=120), out=run)
+    assert summary["test_acc_last"] > 60.0  # chance is 10%
+    assert summary["steps"] == 120
+    for key in ("steps", "test_acc_last", "test_acc_best", "test_acc_median_last20", "wall_s", "steps_per_s"):
+        assert key in summary
+    assert json.loads((run / "summary.json").read_text()) == summary
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [20, 40, 60, 80, 100, 120]
+    for key in ("test_acc", "test_top5", "raw_test_acc", "loss_s", "loss_u", "mask_rate", "pseudo_label_acc", "lr"):
+        assert key in rows[0]
+    assert rows[-1]["mask_rate"] > 0.3 and rows[-1]["pseudo_label_acc"] > 80
+    assert yaml.safe_load((run / "config.yaml").read_text())["num_labels"] == 40
+    assert len(json.loads((run / "split.json").read_text())["labeled"]) == 40
+    assert list((run / "tensorboard").iterdir())
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 120 and state["split"]["labeled"] == json.loads((run / "split.json").read_text())["labeled"]
+    assert (run / "checkpoints" / "best.pt").is_file()
+    # re-evaluation from the run directory reproduces the logged EMA accuracy
+    assert fixmatch.evaluate(run, device="cpu")["test_acc"] == pytest.approx(rows[-1]["test_acc"])
+
+
+def test_same_seed_same_metrics_and_supervised_baseline_runs(tmp_path):
+    a = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "a")
+    b = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "b")
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert a["test_acc_last"] == b["test_acc_last"]
+    s = fixmatch.train(Config(**{**QUICK, "method": "supervised"}, steps=40), out=tmp_path / "s")
+    rows = _metrics(tmp_path / "s")
+    assert all(r["loss_u"] == 0 and r["mask_rate"] == 0 for r in rows)
+    assert s["steps"] == 40
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "fixmatch", "train", *args]
+
+
+def _flags(steps):
+    flags = []
+    for k, v in {**QUICK, "steps": steps}.items():
+        if k == "progress":
+            flags.append("--no-progress")
+        else:
+            flags += ["--" + k.replace("_", "-"), str(v)]
+    return flags
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path):
+    steps = 400
+    fixmatch.train(Config(**{**QUICK, "steps": steps}), out=tmp_path / "straight")
+
+    run = tmp_path / "resumed"
+    proc = subprocess.Popen(_cli(*_flags(steps), "--out", str(run)), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    interrupted_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 0 < interrupted_at < steps
+
+    done = subprocess.run(_cli("--out", str(run), "--resume", "--no-progress"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _metrics(run) == _metrics(tmp_path / "straight")
+    a = load_checkpoint(run / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+def test_resume_refuses_changed_hyperparameters(tmp_path, capsys):
+    from fixmatch.cli import main
+    run = tmp_path / "run"
+    fixmatch.train(Config(**QUICK, steps=20), out=run)
+    assert main(["train", "--out", str(run), "--resume", "--lr", "0.5"]) == 2
+    assert "cannot change 'lr'" in capsys.readouterr().err
+
+
+def test_split_file_reuses_the_labels(tmp_path):
+    fixmatch.train(Config(**QUICK, steps=20), out=tmp_path / "a")
+    fixmatch.train(Config(**{**QUICK, "seed": 5, "split_file": str(tmp_path / "a" / "split.json")}, steps=20),
+                   out=tmp_path / "b")
+    la = json.loads((tmp_path / "a" / "split.json").read_text())["labeled"]
+    lb = json.loads((tmp_path / "b" / "split.json").read_text())["labeled"]
+    assert la == lb
+
+
+def test_bad_num_labels_fails_before_writing(tmp_path):
+    with pytest.raises(Exception, match="divisible"):
+        fixmatch.train(Config(**{**QUICK, "num_labels": 45}, steps=20), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_crafted_checkpoint_is_rejected(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "fixmatch-checkpoint", "x": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()

@@ -185,7 +185,9 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                 if fixmatch:
                     idx_ulb = stream_ulb.batch(step)
                     u = train_images[idx_ulb].to(device, non_blocking=True)
-                    batches += [weak_augment(u, aug_gen, flip, config.weak_translate), strong(u, aug_gen)]
+                    # Strong view = its own flip/translate, then RandAugment and Cutout (as the PyTorch ports do).
+                    batches += [weak_augment(u, aug_gen, flip, config.weak_translate),
+                                strong(weak_augment(u, aug_gen, flip, config.weak_translate), aug_gen)]
                 # One forward pass over labeled, weak and strong images: BatchNorm sees all of them.
                 logits = model(normalize(torch.cat(batches), mean, std, config.channels_last))
                 n_lb, n_ulb = x_lb.shape[0], config.batch_size * config.mu

@@ -112,6 +112,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
 
     ``config=None`` with ``resume=True`` continues with the run's saved configuration.
     """
+    if resume and out is None:
+        raise ConfigError("resuming needs the run directory (--out RUN_DIR)")
     if config is None and not resume:
         raise ConfigError("train() needs a Config unless it resumes a run")
     run_dir = Path(out) if out is not None else default_run_dir(config)  # type: ignore[arg-type]

@@ -132,3 +132,8 @@ def test_crafted_checkpoint_is_rejected(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_needs_a_run_directory():
+    with pytest.raises(fixmatch.ConfigError, match="run directory"):
+        fixmatch.train(None, resume=True)

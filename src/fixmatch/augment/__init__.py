@@ -1,30 +1,62 @@
-"""Batched, device-agnostic image augmentation for FixMatch (weak flip+shift, strong RandAugment + Cutout)."""
+"""Batched, device-agnostic image augmentation for FixMatch.
 
+Weak: flip + shift. Strong: RandAugment + Cutout by default; other strong
+policies (RandAugment variants, CTAugment) by name via make_strong_augment.
+"""
+
+from .ctaugment import CTAChoices, CTAugment
 from .ops import (
+    RESCALE_METHODS,
     auto_contrast,
+    blend,
+    blur,
     brightness,
     color,
     contrast,
     cutout,
     cutout_mask,
+    cutout_per_sample,
     equalize,
     identity,
+    invert,
     posterize,
+    rescale,
     rotate,
     sharpness,
     shear_x,
     shear_y,
+    smooth,
     solarize,
     to_float,
     translate_x,
     translate_y,
 )
 from .policies import RandAugment, RandAugmentChoices, weak_augment
+from .randaugment_variants import (
+    STRONG_AUGMENTS,
+    RandAugmentVariant,
+    StrongAugment,
+    VariantChoices,
+    make_strong_augment,
+    randaugment_3op,
+    randaugment_fixed,
+    randaugment_tf,
+)
 
 __all__ = [
     "RandAugment",
     "RandAugmentChoices",
     "weak_augment",
+    "CTAugment",
+    "CTAChoices",
+    "STRONG_AUGMENTS",
+    "StrongAugment",
+    "make_strong_augment",
+    "RandAugmentVariant",
+    "VariantChoices",
+    "randaugment_tf",
+    "randaugment_fixed",
+    "randaugment_3op",
     "to_float",
     "identity",
     "auto_contrast",
@@ -42,4 +74,11 @@ __all__ = [
     "sharpness",
     "cutout",
     "cutout_mask",
+    "blend",
+    "invert",
+    "smooth",
+    "blur",
+    "rescale",
+    "RESCALE_METHODS",
+    "cutout_per_sample",
 ]

@@ -25,6 +25,7 @@ as in Pillow. Pixels that map outside the image are set to ``fill``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,14 @@ __all__ = [
     "sharpness",
     "cutout",
     "cutout_mask",
+    # added for CTAugment
+    "blend",
+    "invert",
+    "smooth",
+    "blur",
+    "rescale",
+    "RESCALE_METHODS",
+    "cutout_per_sample",
 ]
 
 _TIE_BREAK = 1e-4  # pixels; see _pil_affine
@@ -300,3 +309,168 @@ def cutout(x: Tensor, size: int, generator: torch.Generator, fill: float = 0.5) 
     cy = torch.randint(0, h, (n,), generator=generator, device=x.device)
     cx = torch.randint(0, w, (n,), generator=generator, device=x.device)
     return x.masked_fill(cutout_mask(cy, cx, size, h, w), fill)
+
+
+# ----------------------------------------------------------------------------- ops added for CTAugment
+
+
+def blend(x: Tensor, y: Tensor, v: Tensor | float) -> Tensor:
+    """Does ``Image.blend(x, y, v)``: ``x + v * (y - x)``, so v = 0 gives x and v = 1 gives y.
+
+    CTAugment uses it to apply AutoContrast, Equalize, Invert, Smooth and Blur
+    with a strength v in [0, 1]. Pillow truncates the result; this op does not.
+    """
+    return _blend(x, y, v)
+
+
+def invert(x: Tensor, v: Tensor | None = None) -> Tensor:
+    """Does ``PIL.ImageOps.invert``: ``1 - x`` (255 - p on the 0..255 scale); v is ignored."""
+    return 1 - x
+
+
+def _pil_filter(x: Tensor, kernel: tuple[tuple[int, ...], ...], divisor: int) -> Tensor:
+    """Does ``img.filter(kernel)`` for a symmetric k x k Pillow kernel, without Pillow's rounding.
+
+    Like Pillow's Filter.c, the outer k // 2 rows and columns keep their
+    values, and an image smaller than the kernel is returned unchanged.
+    """
+    _, c, h, w = x.shape
+    k = len(kernel)
+    r = k // 2
+    if h < k or w < k:
+        return x
+    weight = (torch.tensor(kernel, dtype=x.dtype, device=x.device) / divisor).expand(c, 1, k, k)
+    out = x.clone()
+    out[:, :, r:-r, r:-r] = F.conv2d(x, weight, groups=c)
+    return out
+
+
+_SMOOTH = (((1, 1, 1), (1, 5, 1), (1, 1, 1)), 13)  # ImageFilter.SMOOTH
+_BLUR = (((1, 1, 1, 1, 1), (1, 0, 0, 0, 1), (1, 0, 0, 0, 1), (1, 0, 0, 0, 1), (1, 1, 1, 1, 1)), 16)  # ImageFilter.BLUR
+
+
+def smooth(x: Tensor, v: Tensor | float) -> Tensor:
+    """Does ``Image.blend(img, img.filter(ImageFilter.SMOOTH), v)``, CTAugment's Smooth.
+
+    SMOOTH is the 3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 with the
+    1-pixel border left as it was (the degenerate image of sharpness()). v = 0
+    gives x and v = 1 the smoothed image.
+    """
+    return blend(x, _pil_filter(x, *_SMOOTH), v)
+
+
+def blur(x: Tensor, v: Tensor | float) -> Tensor:
+    """Does ``Image.blend(img, img.filter(ImageFilter.BLUR), v)``, the official CTAugment's Blur.
+
+    BLUR is Pillow's 5x5 kernel: ones on the outer ring, zeros inside, divided
+    by 16. The 2-pixel border is left as it was.
+    """
+    return blend(x, _pil_filter(x, *_BLUR), v)
+
+
+# Pillow's resampling filters in the order of the official CTAugment's Rescale (ANTIALIAS is LANCZOS).
+RESCALE_METHODS = ("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest")
+
+
+def _sinc(t: Tensor) -> Tensor:
+    pt = math.pi * t
+    return torch.where(t == 0, torch.ones_like(t), torch.sin(pt) / torch.where(t == 0, torch.ones_like(t), pt))
+
+
+# The kernels and their supports as in Pillow's Resample.c. BOX is (-0.5, 0.5], and "nearest" uses it too: when
+# enlarging, Pillow's NEAREST takes input pixel floor((j + 0.5) * scale), which is the pixel the box kernel selects.
+_RESAMPLE_KERNELS: dict[str, Callable[[Tensor], Tensor]] = {
+    "lanczos": lambda t: torch.where((t >= -3) & (t < 3), _sinc(t) * _sinc(t / 3), torch.zeros_like(t)),
+    "bicubic": lambda t: torch.where(
+        t.abs() < 1,
+        (1.5 * t.abs() - 2.5) * t * t + 1,  # a = -0.5
+        torch.where(t.abs() < 2, (((t.abs() - 5) * t.abs() + 8) * t.abs() - 4) * -0.5, torch.zeros_like(t)),
+    ),
+    "bilinear": lambda t: (1 - t.abs()).clamp_min(0),
+    "box": lambda t: ((t > -0.5) & (t <= 0.5)).to(t.dtype),
+    "hamming": lambda t: torch.where(
+        t.abs() < 1, _sinc(t) * (0.54 + 0.46 * torch.cos(math.pi * t)), torch.zeros_like(t)
+    ),
+    "nearest": lambda t: ((t > -0.5) & (t <= 0.5)).to(t.dtype),
+}
+
+
+def _resample_matrix(size: int, lo: Tensor, hi: Tensor, method: Tensor) -> Tensor:
+    """Gives Pillow's weights (N, size_out, size_in) for resizing the pixel range [lo, hi) of each sample to ``size``.
+
+    This is Resample.c's precompute_coeffs for enlarging (filterscale 1):
+    output pixel j is centred at c = (j + 0.5) * (hi - lo) / size in crop
+    coordinates, crop pixel i gets kernel((i - c) + 0.5), and the weights of
+    the pixels inside the crop are divided by their sum (the edge handling).
+    """
+    n = lo.shape[0]
+    f64 = dict(dtype=torch.float64, device=lo.device)
+    scale = ((hi - lo).to(torch.float64) / size).view(n, 1, 1)
+    centre = (torch.arange(size, **f64).view(1, -1, 1) + 0.5) * scale  # (N, out, 1)
+    i = torch.arange(size, **f64).view(1, 1, -1) - lo.view(n, 1, 1)  # input pixels in crop coordinates (N, 1, in)
+    t = (i - centre + 0.5).expand(n, size, size)
+    weights = torch.zeros(n, size, size, **f64)
+    for k, name in enumerate(RESCALE_METHODS):
+        sel = method == k
+        if bool(sel.any()):
+            weights[sel] = _RESAMPLE_KERNELS[name](t[sel])
+    weights = weights * ((i >= 0) & (i < (hi - lo).view(n, 1, 1)))
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def rescale(x: Tensor, v: Tensor | float, method: Tensor | int | str = "bilinear") -> Tensor:
+    """Does ``img.crop((v W, v H, W (1 - v), H (1 - v))).resize((W, H), method)``: zooms in on the centre.
+
+    v is the fraction cut from each side (the official CTAugment's Rescale uses
+    0.25 * level, so v <= 0.25). Like Pillow's crop, the box is rounded to
+    whole pixels with Python's round (half to even). ``method`` indexes
+    RESCALE_METHODS, per sample or for all, or names one.
+
+    Each method uses Pillow's own kernel, support and edge renormalisation
+    (Lanczos a = 3, bicubic a = -0.5, bilinear, box, Hamming), as one
+    resampling matrix per sample and axis; the horizontal pass runs first and
+    is clamped to [0, 1] as Pillow's uint8 intermediate is. NEAREST, which
+    Pillow computes with an affine transform, uses the box kernel: both take
+    input pixel floor((j + 0.5) * scale) when enlarging. Not copied: Pillow
+    rounds the intermediate and the final image to uint8 and uses 22-bit
+    fixed-point weights (so results differ by about one grey level), and its
+    NEAREST accumulates the coordinate in floating point, so an exact tie
+    (an integer (j + 0.5) * scale, impossible for 32-pixel sides) can go
+    the other way.
+    """
+    n, _, h, w = x.shape
+    if isinstance(method, str):
+        method = RESCALE_METHODS.index(method)
+    method = torch.as_tensor(method, device=x.device).long().expand(n)
+    v = torch.as_tensor(v, dtype=torch.float64, device=x.device).expand(n)
+
+    def bounds(side: int) -> tuple[Tensor, Tensor]:
+        lo = (v * side).round().long()
+        hi = (side * (1 - v)).round().long()
+        return lo, torch.maximum(hi, lo + 1)  # at least one pixel, where Pillow would fail
+
+    (top, bottom), (left, right) = bounds(h), bounds(w)
+    wx = _resample_matrix(w, left, right, method).to(x.dtype)
+    wy = _resample_matrix(h, top, bottom, method).to(x.dtype)
+    out = torch.einsum("nchw,nxw->nchx", x, wx).clamp_(0, 1)
+    return torch.einsum("nyh,nchx->ncyx", wy, out).clamp_(0, 1)
+
+
+def cutout_per_sample(
+    x: Tensor, size: Tensor | int, generator: torch.Generator, fill: float = 0.5
+) -> Tensor:
+    """Like cutout(), with one side length ``size[i]`` (whole pixels) per sample; 0 leaves a sample unchanged.
+
+    The centres are drawn exactly as cutout() draws them, so for a constant
+    size > 0 it gives cutout()'s result from the same generator state.
+    """
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1), generator=generator, device=x.device)
+    cx = torch.randint(0, w, (n, 1), generator=generator, device=x.device)
+    size = torch.as_tensor(size, device=x.device).long().expand(n).view(n, 1)
+    top, left = cy - size // 2, cx - size // 2
+    rows = torch.arange(h, device=x.device).view(1, -1)
+    cols = torch.arange(w, device=x.device).view(1, -1)
+    in_rows = (rows >= top) & (rows < top + size)  # (N, H)
+    in_cols = (cols >= left) & (cols < left + size)  # (N, W)
+    return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1), fill)

@@ -110,10 +110,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": dict(dataset="cifar10", model="wrn28_2", num_labels=250, steps=2**20, eval_every=1024,
                     batch_size=64, mu=7, tau=0.95, lambda_u=1.0, lr=0.03, wd=5e-4, ema=0.999),
     # A real FixMatch run that finishes in under 10 minutes on a 2-core CPU (benchmarks/RESULTS.md): a small
-    # CNN, the paper's mu, tau and lambda_u; B=32 (per image, the fastest batch on such a CPU), a short
-    # schedule and a faster EMA (0.999 averages over ~1000 steps: half of this run); small evaluation batches
-    # (faster on a CPU). No Cutout: on 28x28
-    # garments a 14-pixel square hides what separates shirt, pullover and coat (measured in RESULTS.md).
+    # CNN and the paper's mu, tau and lambda_u; B=32 (per image, the fastest batch on such a CPU); a short
+    # schedule with a faster EMA (0.999 averages over ~1000 steps, half of this run); evaluation batches of
+    # 256 (faster on a CPU than 1024). No Cutout: on 28x28 garments a 14-pixel grey square hides what tells
+    # shirt, pullover and coat apart, and it cost 9 points of accuracy (benchmarks/RESULTS.md).
     "fashion-mnist": dict(dataset="fashion-mnist", model="cnn_small", num_labels=40, steps=2000, eval_every=200,
                           batch_size=32, mu=7, tau=0.95, lambda_u=1.0, lr=0.03, wd=5e-4, ema=0.99, cutout=0.0,
                           eval_batch_size=256),

@@ -377,8 +377,7 @@ def _sinc(t: Tensor) -> Tensor:
     return torch.where(t == 0, torch.ones_like(t), torch.sin(pt) / torch.where(t == 0, torch.ones_like(t), pt))
 
 
-# The kernels and their supports as in Pillow's Resample.c. BOX is (-0.5, 0.5], and "nearest" uses it too: when
-# enlarging, Pillow's NEAREST takes input pixel floor((j + 0.5) * scale), which is the pixel the box kernel selects.
+# The kernels as in Pillow's Resample.c (their supports need no window: each is 0 outside it). NEAREST is not a kernel.
 _RESAMPLE_KERNELS: dict[str, Callable[[Tensor], Tensor]] = {
     "lanczos": lambda t: torch.where((t >= -3) & (t < 3), _sinc(t) * _sinc(t / 3), torch.zeros_like(t)),
     "bicubic": lambda t: torch.where(
@@ -391,8 +390,22 @@ _RESAMPLE_KERNELS: dict[str, Callable[[Tensor], Tensor]] = {
     "hamming": lambda t: torch.where(
         t.abs() < 1, _sinc(t) * (0.54 + 0.46 * torch.cos(math.pi * t)), torch.zeros_like(t)
     ),
-    "nearest": lambda t: ((t > -0.5) & (t <= 0.5)).to(t.dtype),
 }
+
+
+def _pil_nearest(width: int, size: int) -> list[int]:
+    """Gives the input pixel of each output pixel for Pillow's NEAREST resize of ``width`` pixels to ``size``.
+
+    Pillow (ImagingScaleAffine) starts at scale / 2 and adds scale = width /
+    size in double precision for each pixel, then truncates; accumulating the
+    same way breaks exact ties (an integer (j + 0.5) * scale) as Pillow does.
+    """
+    scale = width / size
+    pos, out = scale * 0.5, []
+    for _ in range(size):
+        out.append(int(pos))
+        pos += scale
+    return out
 
 
 def _resample_matrix(size: int, lo: Tensor, hi: Tensor, method: Tensor) -> Tensor:
@@ -402,6 +415,7 @@ def _resample_matrix(size: int, lo: Tensor, hi: Tensor, method: Tensor) -> Tenso
     output pixel j is centred at c = (j + 0.5) * (hi - lo) / size in crop
     coordinates, crop pixel i gets kernel((i - c) + 0.5), and the weights of
     the pixels inside the crop are divided by their sum (the edge handling).
+    NEAREST (method 5) puts weight 1 on the pixel _pil_nearest gives.
     """
     n = lo.shape[0]
     f64 = dict(dtype=torch.float64, device=lo.device)
@@ -412,7 +426,14 @@ def _resample_matrix(size: int, lo: Tensor, hi: Tensor, method: Tensor) -> Tenso
     weights = torch.zeros(n, size, size, **f64)
     for k, name in enumerate(RESCALE_METHODS):
         sel = method == k
-        if bool(sel.any()):
+        if not bool(sel.any()):
+            continue
+        if name == "nearest":
+            widths = (hi - lo)[sel].tolist()
+            table = {wd: _pil_nearest(wd, size) for wd in set(widths)}
+            pick = torch.tensor([table[wd] for wd in widths], device=lo.device)  # (n_sel, out)
+            weights[sel] = (i[sel] == pick[..., None]).to(torch.float64)
+        else:
             weights[sel] = _RESAMPLE_KERNELS[name](t[sel])
     weights = weights * ((i >= 0) & (i < (hi - lo).view(n, 1, 1)))
     return weights / weights.sum(-1, keepdim=True)
@@ -429,14 +450,11 @@ def rescale(x: Tensor, v: Tensor | float, method: Tensor | int | str = "bilinear
     Each method uses Pillow's own kernel, support and edge renormalisation
     (Lanczos a = 3, bicubic a = -0.5, bilinear, box, Hamming), as one
     resampling matrix per sample and axis; the horizontal pass runs first and
-    is clamped to [0, 1] as Pillow's uint8 intermediate is. NEAREST, which
-    Pillow computes with an affine transform, uses the box kernel: both take
-    input pixel floor((j + 0.5) * scale) when enlarging. Not copied: Pillow
-    rounds the intermediate and the final image to uint8 and uses 22-bit
-    fixed-point weights (so results differ by about one grey level), and its
-    NEAREST accumulates the coordinate in floating point, so an exact tie
-    (an integer (j + 0.5) * scale, impossible for 32-pixel sides) can go
-    the other way.
+    is clamped to [0, 1] as Pillow's uint8 intermediate is. NEAREST copies
+    Pillow's scaling transform, including how it breaks exact ties, so it and
+    BOX give Pillow's pixels exactly. Not copied: Pillow rounds the
+    intermediate and the final image to uint8 and uses 22-bit fixed-point
+    weights, so the other methods differ from it by about one grey level.
     """
     n, _, h, w = x.shape
     if isinstance(method, str):

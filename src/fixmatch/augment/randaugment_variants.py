@@ -168,7 +168,10 @@ class RandAugmentVariant:
             mags = torch.randint(self.magnitude[0], self.magnitude[1] + 1, shape, **kw).float()
         signs = torch.where(torch.rand(shape, **kw) < 0.5, -1.0, 1.0)
         applied = torch.rand(shape, **kw) < self.prob
-        cutout = torch.rand(n, **kw) * self.cutout if self.random_cutout else torch.full((n,), self.cutout, device=device)
+        if self.random_cutout:  # a side uniform in [0, cutout], as TorchSSL draws it
+            cutout = torch.rand(n, **kw) * self.cutout
+        else:
+            cutout = torch.full((n,), self.cutout, device=device)
         return VariantChoices(op_idx, mags, signs, applied, cutout)
 
     def apply(self, x: Tensor, choices: VariantChoices, generator: torch.Generator) -> Tensor:

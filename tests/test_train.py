@@ -63,9 +63,9 @@ def _cli(*args):
     return [sys.executable, "-m", "fixmatch", "train", *args]
 
 
-def _flags(steps):
+def _flags(steps, **extra):
     flags = []
-    for k, v in {**QUICK, "steps": steps}.items():
+    for k, v in {**QUICK, "steps": steps, **extra}.items():
         if k == "progress":
             flags.append("--no-progress")
         else:
@@ -73,12 +73,14 @@ def _flags(steps):
     return flags
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path):
-    steps = 400
-    fixmatch.train(Config(**{**QUICK, "steps": steps}), out=tmp_path / "straight")
+@pytest.mark.parametrize("strong", ["randaugment", "ctaugment"])
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, strong):
+    steps = 300
+    fixmatch.train(Config(**{**QUICK, "steps": steps, "strong": strong}), out=tmp_path / "straight")
 
     run = tmp_path / "resumed"
-    proc = subprocess.Popen(_cli(*_flags(steps), "--out", str(run)), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(*_flags(steps, strong=strong), "--out", str(run)), stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert time.time() < deadline and proc.poll() is None, "training did not start"
@@ -98,6 +100,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path):
     b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    if strong == "ctaugment":  # the learned bin weights are restored and continue identically
+        assert torch.equal(a["ctaugment"]["rates"], b["ctaugment"]["rates"])
+        assert not torch.all(a["ctaugment"]["rates"] == 1)
 
 
 def test_resume_refuses_changed_hyperparameters(tmp_path, capsys):
@@ -137,3 +142,15 @@ def test_crafted_checkpoint_is_rejected(tmp_path):
 def test_resume_needs_a_run_directory():
     with pytest.raises(fixmatch.ConfigError, match="run directory"):
         fixmatch.train(None, resume=True)
+
+
+@pytest.mark.parametrize("strong", ["randaugment-tf", "randaugment-fixed", "randaugment-3op", "ctaugment"])
+def test_every_strong_policy_trains(tmp_path, strong):
+    summary = fixmatch.train(Config(**{**QUICK, "strong": strong}, steps=60), out=tmp_path / "run")
+    assert summary["test_acc_last"] > 30.0  # chance is 10%
+
+
+def test_config_names_the_same_strong_policies_as_the_augment_package():
+    from fixmatch.augment import STRONG_AUGMENTS
+    from fixmatch.config import STRONG_AUGMENTS as CONFIG_NAMES
+    assert CONFIG_NAMES == STRONG_AUGMENTS

@@ -16,6 +16,11 @@ from typing import Any, Callable
 import yaml
 
 
+# The names of fixmatch.augment.STRONG_AUGMENTS, kept here so that reading a config does not import torch
+# (a test checks that the two agree).
+STRONG_AUGMENTS = ("randaugment", "randaugment-tf", "randaugment-fixed", "randaugment-3op", "ctaugment")
+
+
 class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid (message: one line, with the fix)."""
 
@@ -66,8 +71,8 @@ class Config:
                                   lambda v: v is None or isinstance(v, bool), "true, false or null", default=None)
     weak_translate: float = _key("max random translation of the weak view, as a fraction of the side (4 px at 32)",
                                  lambda v: _unit_interval(v) and v < 0.5, "a number in [0, 0.5)", default=0.125)
-    strong: str = _key("strong augmentation policy", lambda v: v in ("randaugment",), "randaugment",
-                       default="randaugment")
+    strong: str = _key("strong augmentation policy (augment/randaugment_variants.py says where each comes from)",
+                       lambda v: v in STRONG_AUGMENTS, ", ".join(STRONG_AUGMENTS), default="randaugment")
     cutout: float = _key("Cutout square side as a fraction of the image side after RandAugment; 0 = off",
                          _unit_interval, "a number in [0, 1]", default=0.5)
     # --- optimisation -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 
-from fixmatch.augment import RandAugment, weak_augment
+from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.checkpoint import load_checkpoint, save_checkpoint
 from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, config_from_dict
 from fixmatch.data.batches import IndexStream
@@ -130,7 +130,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
     train_images = data.train_images.pin_memory() if device.type == "cuda" else data.train_images
     mean, std = channel_stats(data.mean, data.std, device)
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
-    strong = RandAugment(cutout=config.cutout)
+    strong = make_strong_augment(config.strong, cutout=config.cutout)
+    cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
 
     # --- model, optimiser, EMA
@@ -152,6 +153,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
         torch.set_rng_state(state["rng"]["torch"])
         start_step, best_acc, wall_before = state["step"], state["best_acc"], state["wall_s"]
         sums.copy_(state["sums"])
+        if cta is not None:
+            cta.load_state_dict(state["ctaugment"])
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
                 "split": split.to_json(), "class_names": list(data.class_names), "best_acc": best_acc,
                 "wall_s": wall_before + time.perf_counter() - t0, "sums": sums.cpu(),
-                "rng": {"torch": torch.get_rng_state()}}
+                "rng": {"torch": torch.get_rng_state()},
+                "ctaugment": cta.state_dict() if cta is not None else None}
 
     logger = RunLogger(run_dir, config.steps, start_step, config.progress)
     logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, {config.model}, "
@@ -201,6 +205,13 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                 loss.backward()
                 optimizer.step()
                 ema.update(model)
+                if cta is not None:
+                    # CTAugment's bin weights follow how well the EMA model classifies labeled images under
+                    # uniformly drawn policies (the official code's probe step).
+                    x_probe, probe_choices = cta.probe(x_lb, aug_gen)
+                    with torch.no_grad():
+                        probs = torch.softmax(ema.module(normalize(x_probe, mean, std, config.channels_last)), 1)
+                    cta.update(probe_choices, probs, y_lb)
                 step += 1
 
                 # Pseudo-label accuracy on the masked samples, measured with the true labels (monitoring only).

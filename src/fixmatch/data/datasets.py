@@ -1,0 +1,354 @@
+"""In-memory image classification data sets read from their official file formats.
+
+Every data set is decoded once into uint8 (N, C, H, W) CPU tensors; augmentation
+and batching happen elsewhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable
+
+import numpy as np
+import torch
+
+from .download import DatasetError, download_file
+from .safe_pickle import safe_load_pickle
+
+__all__ = ["Dataset", "DatasetError", "load_dataset", "list_datasets", "default_data_dir"]
+
+
+@dataclass(eq=False, repr=False)
+class Dataset:
+    name: str
+    train_images: torch.Tensor  # uint8 (N, C, H, W), CPU
+    train_labels: torch.Tensor  # int64 (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+    mean: tuple[float, ...] = field(default=())  # per-channel mean of the train images on the [0, 1] scale
+    std: tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if x.dtype != torch.uint8 or x.ndim != 4 or y.dtype != torch.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"{self.name}: {split} images must be uint8 (N,C,H,W) with int64 (N,) labels")
+        if not self.mean or not self.std:
+            self.mean, self.std = _channel_stats(self.train_images.numpy())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train_images.shape[2]), int(self.train_images.shape[3])
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, train={len(self.train_labels)}, test={len(self.test_labels)}, "
+            f"image=({self.in_channels}, {self.image_size[0]}, {self.image_size[1]}), classes={self.num_classes})"
+        )
+
+
+def default_data_dir() -> Path:
+    """``$FIXMATCH_DATA_DIR`` if set, else ``~/.cache/fixmatch/data``."""
+    return Path(os.environ.get("FIXMATCH_DATA_DIR") or "~/.cache/fixmatch/data").expanduser()
+
+
+def list_datasets() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
+    """Load data set ``name`` from ``data_dir`` (see ``default_data_dir``), downloading if allowed."""
+    loader = _LOADERS.get(name.strip().lower())
+    if loader is None:
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
+    root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    return loader(root, download)
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean/std of uint8 (N, C, H, W) images on the [0, 1] scale.
+
+    Integer sums (squares fit in uint16) in chunks: exact, fast, and no float
+    copy of the whole data set.
+    """
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    if n == 0:
+        return (0.0,) * images.shape[1], (1.0,) * images.shape[1]
+    s = images.sum(axis=(0, 2, 3), dtype=np.int64)
+    sq = np.zeros(images.shape[1], dtype=np.int64)
+    for i in range(0, images.shape[0], 4096):
+        chunk = images[i : i + 4096].astype(np.uint16)
+        np.multiply(chunk, chunk, out=chunk)
+        sq += chunk.sum(axis=(0, 2, 3), dtype=np.int64)
+    mean = tuple(int(a) / n / 255 for a in s)
+    # n*sum(x^2) - sum(x)^2 in Python ints: exact, never negative.
+    std = tuple(((n * int(q) - int(a) ** 2) ** 0.5) / n / 255 for a, q in zip(s, sq))
+    return mean, std
+
+
+_Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels)
+
+
+def _make(name: str, train: _Arrays, test: _Arrays, classes: list[str]) -> Dataset:
+    def t(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        # np.require copies only read-only (np.frombuffer) or non-contiguous arrays.
+        return torch.from_numpy(np.require(x, requirements=("C", "W"))).to(dtype)
+
+    return Dataset(
+        name=name,
+        train_images=t(train[0], torch.uint8),
+        train_labels=t(train[1], torch.int64),
+        test_images=t(test[0], torch.uint8),
+        test_labels=t(test[1], torch.int64),
+        class_names=classes,
+    )
+
+
+# --------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+_CIFAR10_DIR = "cifar-10-batches-py"
+_CIFAR10_TAR = "cifar-10-python.tar.gz"
+_CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+_CIFAR10_MEMBERS = [*_CIFAR10_TRAIN, "test_batch", "batches.meta"]
+
+
+def _load_cifar10(data_dir: Path, download: bool) -> Dataset:
+    folder, archive = data_dir / _CIFAR10_DIR, data_dir / _CIFAR10_TAR
+    if all((folder / m).is_file() for m in _CIFAR10_MEMBERS):
+        raw = _read_cifar_folder(folder)
+    else:
+        if not archive.is_file():
+            if not download:
+                raise DatasetError(
+                    f"CIFAR-10 not found: expected the folder {folder} or the archive {archive}; "
+                    f"download {CIFAR10_URL} into {data_dir} or pass download=True"
+                )
+            download_file(CIFAR10_URL, archive, CIFAR10_MD5)
+        raw = _read_cifar_tar(archive)
+    train = [_cifar_batch(*raw[m]) for m in _CIFAR10_TRAIN]
+    test = _cifar_batch(*raw["test_batch"])
+    meta, meta_src = raw["batches.meta"]
+    names = meta.get(b"label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != 10:
+        raise _bad_cifar(meta_src, "no list of 10 b'label_names'")
+    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    images = np.concatenate([x for x, _ in train]).reshape(-1, 3, 32, 32)  # rows are CHW-ordered
+    labels = np.concatenate([y for _, y in train])
+    return _make("cifar10", (images, labels), (test[0].reshape(-1, 3, 32, 32), test[1]), classes)
+
+
+def _read_cifar_folder(folder: Path) -> dict[str, tuple[object, str]]:
+    """member name -> (unpickled object, source shown in errors)"""
+    raw = {}
+    for m in _CIFAR10_MEMBERS:
+        with open(folder / m, "rb") as f:
+            raw[m] = (_unpickle(f, str(folder / m)), str(folder / m))
+    return raw
+
+
+def _read_cifar_tar(archive: Path) -> dict[str, tuple[object, str]]:
+    # One forward pass over the gzip stream (no seeking back), reading only the
+    # expected member names: nothing is extracted to disk.
+    wanted = {f"{_CIFAR10_DIR}/{m}": m for m in _CIFAR10_MEMBERS}
+    raw = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for info in tar:
+                m = wanted.get(info.name)
+                if m is None or not info.isfile():
+                    continue
+                src = f"{archive}:{info.name}"
+                raw[m] = (_unpickle(tar.extractfile(info), src), src)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{archive} is corrupt ({e}); delete it and re-download {CIFAR10_URL}") from None
+    missing = [n for n, m in wanted.items() if m not in raw]
+    if missing:
+        raise DatasetError(f"{archive} lacks {', '.join(missing)}; delete it and re-download {CIFAR10_URL}")
+    return raw
+
+
+def _unpickle(f: IO[bytes] | None, src: str) -> object:
+    try:
+        return safe_load_pickle(f)  # type: ignore[arg-type]
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise _bad_cifar(src, str(e)) from None
+
+
+def _cifar_batch(batch: object, src: str) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(batch, dict):
+        raise _bad_cifar(src, "not a dict")
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise _bad_cifar(src, "b'data' is not a uint8 (N, 3072) array")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        y = np.zeros(0, dtype=np.int64)  # reported just below
+    if y.shape != (data.shape[0],) or (y.size and (y.min() < 0 or y.max() > 9)):
+        raise _bad_cifar(src, f"b'labels' must be {data.shape[0]} ints in [0, 9]")
+    return data, y
+
+
+def _bad_cifar(src: str, why: str) -> DatasetError:
+    return DatasetError(f"{src} is not a valid CIFAR-10 file ({why}); delete it and re-download {CIFAR10_URL}")
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+_FASHION_FILES = {  # file name -> MD5
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12e480ee83cd310",
+}
+# Debian's dataset-fashion-mnist package; module-level so tests can override it.
+_FASHION_SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
+_FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+]
+
+
+def _load_fashion_mnist(data_dir: Path, download: bool) -> Dataset:
+    # data_dir itself, our download folder, torchvision's layout, then system copies.
+    dirs = [data_dir, data_dir / "fashion-mnist", data_dir / "FashionMNIST" / "raw", *_FASHION_SYSTEM_DIRS]
+    files = next((f for d in dirs if (f := _find_idx_files(d)) is not None), None)
+    if files is None:
+        target = data_dir / "fashion-mnist"
+        if not download:
+            raise DatasetError(
+                f"Fashion-MNIST not found: expected {', '.join(_FASHION_FILES)} in one of "
+                f"{', '.join(map(str, dirs))}; download them from {FASHION_MNIST_URL} into {target} "
+                "or pass download=True"
+            )
+        files = {n: download_file(FASHION_MNIST_URL + n, target / n, md5) for n, md5 in _FASHION_FILES.items()}
+    arrays = []
+    for prefix in ("train", "t10k"):
+        images, labels = files[f"{prefix}-images-idx3-ubyte.gz"], files[f"{prefix}-labels-idx1-ubyte.gz"]
+        x, y = _read_idx(images), _read_idx(labels)
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise _bad_idx(images, f"expected 28x28 images, got dimensions {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise _bad_idx(labels, f"has dimensions {y.shape} but {images.name} has {len(x)} images")
+        if y.size and y.max() > 9:
+            raise _bad_idx(labels, "has labels above 9")
+        arrays.append((x[:, None], y))
+    return _make("fashion-mnist", arrays[0], arrays[1], list(_FASHION_CLASSES))
+
+
+def _find_idx_files(d: Path) -> dict[str, Path] | None:
+    """The four files in ``d`` (gzipped, or already decompressed as torchvision leaves them)."""
+    found = {}
+    for name in _FASHION_FILES:
+        path = next((p for p in (d / name, d / name.removesuffix(".gz")) if p.is_file()), None)
+        if path is None:
+            return None
+        found[name] = path
+    return found
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Decode an idx file (uint8 data only), validating magic, dimensions and length."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise _bad_idx(path, f"cannot be read or decompressed: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 3:
+        raise _bad_idx(path, f"bad magic number {data[:4].hex() or 'none'} (expected 00000801/00000803 uint8 idx)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise _bad_idx(path, "truncated header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        raise _bad_idx(path, f"dimensions {dims} need {expected} bytes but it has {len(data)} (truncated or corrupt)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _bad_idx(path: Path, why: str) -> DatasetError:
+    return DatasetError(
+        f"{path} is not a valid Fashion-MNIST idx file ({why}); delete it and re-download from {FASHION_MNIST_URL}"
+    )
+
+
+# -------------------------------------------------------------------- synthetic
+
+_SYNTHETIC_CLASSES = [
+    "h-stripes", "v-stripes", "h-stripes-fine", "v-stripes-fine", "checker", "rings", "blob", "two-blobs", "plus", "cross"
+]
+
+
+def _load_synthetic(data_dir: Path, download: bool) -> Dataset:
+    """A small deterministic 10-class 3x16x16 set for tests (data_dir is ignored).
+
+    Each class is a distinct shape (stripes, checkerboard, rings, blobs, bars)
+    with a random phase/position, colour, contrast and noise per image. Every
+    class is mirror-symmetric, so horizontal flips keep labels valid.
+    """
+    rng = np.random.default_rng(0)
+    train = _synthetic_images(rng, 2000)
+    test = _synthetic_images(rng, 500)
+    return _make("synthetic", train, test, list(_SYNTHETIC_CLASSES))
+
+
+def _synthetic_images(rng: np.random.Generator, n: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.permutation(np.arange(n) % 10)
+    g = (np.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
+    y, x = g[None, :, None], g[None, None, :]
+
+    def jitter(k: float) -> np.ndarray:  # one random value per image
+        return rng.uniform(-k, k, (n, 1, 1))
+
+    def bump(d2: np.ndarray, s: float) -> np.ndarray:  # in [-1, 1] from a squared distance
+        return 2 * np.exp(-d2 / (2 * s * s)) - 1
+
+    phase, phase2 = jitter(np.pi), jitter(np.pi)
+    dy, dx = y - jitter(0.3), x - jitter(0.3)  # coordinates relative to a jittered centre
+    r2 = dx**2 + dy**2
+    patterns = np.stack(
+        [
+            np.broadcast_to(np.cos(k * np.pi * c + phase), (n, size, size))
+            for k in (2, 4)
+            for c in (y, x)  # coarse, then fine, horizontal/vertical stripes
+        ]
+        + [
+            np.cos(2 * np.pi * x + phase) * np.cos(2 * np.pi * y + phase2),  # checkerboard
+            np.cos(3 * np.pi * np.sqrt(r2) + phase),  # rings
+            bump(r2, 0.3),  # blob
+            np.maximum(bump((dx - 0.5) ** 2 + dy**2, 0.2), bump((dx + 0.5) ** 2 + dy**2, 0.2)),  # two blobs
+            np.maximum(bump(dx**2, 0.12), bump(dy**2, 0.12)),  # plus
+            np.maximum(bump((dx + dy) ** 2 / 2, 0.12), bump((dx - dy) ** 2 / 2, 0.12)),  # diagonal cross
+        ]
+    )  # (10, n, H, W) in [-1, 1]
+    shape = patterns[labels, np.arange(n)]  # (n, H, W)
+    colour = rng.uniform(0.5, 1.0, (n, 3, 1, 1))  # class-independent, so the shape carries the label
+    contrast = rng.uniform(50, 90, (n, 1, 1, 1))
+    background = rng.uniform(100, 155, (n, 1, 1, 1))
+    images = background + contrast * colour * shape[:, None] + rng.normal(0, 12, (n, 3, size, size))
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+_LOADERS: dict[str, Callable[[Path, bool], Dataset]] = {
+    "cifar10": _load_cifar10,
+    "fashion-mnist": _load_fashion_mnist,
+    "synthetic": _load_synthetic,
+}

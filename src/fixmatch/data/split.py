@@ -1,0 +1,138 @@
+"""Class-balanced labeled/unlabeled splits of a training set, saved as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Split", "SplitError", "make_split", "save_split", "load_split"]
+
+_FORMAT = "fixmatch-split"
+_VERSION = 1
+
+
+class SplitError(ValueError):
+    """Invalid split request or split file; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Split:
+    labeled: list[int]  # indices into the training set, sorted
+    unlabeled: list[int]  # all training indices: labeled ones stay in the pool, as in the official FixMatch code
+    seed: int
+    num_labels: int
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "seed": self.seed, "num_labels": self.num_labels}
+        # The pool is normally every training index: store just its size, else the list itself.
+        if list(self.unlabeled) == list(range(len(self.unlabeled))):
+            d["num_train"] = len(self.unlabeled)
+        else:
+            d["unlabeled"] = list(self.unlabeled)
+        d["labeled"] = list(self.labeled)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, num_train: int | None = None) -> Split:
+        """Build and validate a Split from ``to_json`` output (``num_train``: size of the training set)."""
+        if not isinstance(d, dict) or d.get("format") != _FORMAT:
+            raise SplitError(f"not a {_FORMAT} JSON object; create the split with make_split/save_split")
+        if d.get("version") != _VERSION:
+            raise SplitError(f"unsupported split version {d.get('version')!r} (expected {_VERSION}); recreate the split")
+        for key in ("seed", "num_labels", *(("num_train",) if "unlabeled" not in d else ())):
+            if not _is_int(d.get(key)):
+                raise SplitError(f"split field '{key}' must be an integer, got {d.get(key)!r}; recreate the split")
+        if "unlabeled" in d:
+            unlabeled = _index_list(d["unlabeled"], "unlabeled", num_train)
+        else:
+            if num_train is not None and d["num_train"] != num_train:
+                raise SplitError(
+                    f"split was made for a training set of {d['num_train']} images but this one has {num_train}; "
+                    "use the split made for this data set or create a new one"
+                )
+            unlabeled = list(range(d["num_train"]))
+        labeled = _index_list(d.get("labeled"), "labeled", num_train if "unlabeled" in d else d["num_train"])
+        if len(labeled) != d["num_labels"]:
+            raise SplitError(
+                f"split lists {len(labeled)} labeled indices but num_labels is {d['num_labels']}; recreate the split"
+            )
+        if not set(labeled) <= set(unlabeled):
+            raise SplitError("split has labeled indices missing from the unlabeled pool; recreate the split")
+        return cls(labeled=labeled, unlabeled=unlabeled, seed=d["seed"], num_labels=d["num_labels"])
+
+
+def make_split(labels: torch.Tensor | np.ndarray, num_labels: int, num_classes: int, seed: int) -> Split:
+    """Draw ``num_labels // num_classes`` labeled examples per class, uniformly at random.
+
+    Uses its own ``numpy`` Generator seeded by ``seed``, so the split is the same
+    whatever torch's global RNG state is.
+    """
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise SplitError(f"labels must be a 1-D integer array, got shape {tuple(y.shape)} dtype {y.dtype}")
+    if num_classes <= 0:
+        raise SplitError(f"num_classes must be positive, got {num_classes}")
+    if num_labels <= 0:
+        raise SplitError(f"num_labels must be positive, got {num_labels}; pass e.g. {num_classes * 4}")
+    if num_labels % num_classes:
+        raise SplitError(
+            f"num_labels={num_labels} is not divisible by num_classes={num_classes}; "
+            f"use a multiple of {num_classes} (e.g. {max(1, num_labels // num_classes) * num_classes})"
+        )
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise SplitError(f"labels must lie in [0, {num_classes}), found values in [{y.min()}, {y.max()}]")
+    per_class = num_labels // num_classes
+    counts = np.bincount(y, minlength=num_classes)
+    if counts.min() < per_class:
+        c = int(counts.argmin())
+        raise SplitError(
+            f"num_labels={num_labels} needs {per_class} labels per class but class {c} has only {counts[c]} "
+            f"examples; use num_labels <= {int(counts.min()) * num_classes}"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(y == c), size=per_class, replace=False) for c in range(num_classes)]
+    labeled = sorted(int(i) for i in np.concatenate(chosen))
+    return Split(labeled=labeled, unlabeled=list(range(len(y))), seed=seed, num_labels=num_labels)
+
+
+def save_split(split: Split, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(split.to_json()) + "\n")
+    return path
+
+
+def load_split(path: str | Path, num_train: int | None = None) -> Split:
+    """Load a split saved by ``save_split``; ``num_train`` checks it fits the training set."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SplitError(f"split file {path} not found; create it with save_split or check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SplitError(f"cannot read split file {path} ({e}); delete it and recreate the split") from None
+    try:
+        return Split.from_json(d, num_train=num_train)
+    except SplitError as e:
+        raise SplitError(f"{path}: {e}") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _index_list(x: Any, name: str, num_train: int | None) -> list[int]:
+    if not isinstance(x, list) or not all(_is_int(i) for i in x):
+        raise SplitError(f"split field '{name}' must be a list of integers; recreate the split")
+    bad = [i for i in x if i < 0 or (num_train is not None and i >= num_train)]
+    if bad:
+        bound = f"[0, {num_train})" if num_train is not None else "[0, inf)"
+        raise SplitError(f"split field '{name}' has indices outside {bound}, e.g. {bad[0]}; recreate the split")
+    if len(set(x)) != len(x):
+        raise SplitError(f"split field '{name}' has duplicate indices; recreate the split")
+    return sorted(x)

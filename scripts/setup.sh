@@ -14,5 +14,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # Install torch first and pinned: an unpinned resolve would pull the multi-GB CUDA build.
-python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+# A local folder of wheels (PIP_FIND_LINKS, or /opt/wheels where it exists) is searched first.
+FIND_LINKS=()
+[ -z "${PIP_FIND_LINKS:-}" ] && [ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
+python -c "import torch" 2>/dev/null || python -m pip install -q "${FIND_LINKS[@]}" torch==2.13.0
 python -m pip install -q -e ".[test]"

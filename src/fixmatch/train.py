@@ -5,6 +5,7 @@ dataset -> split -> index streams -> weak/strong augmentation on the device -> o
 """
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import statistics
@@ -130,6 +131,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
     train_images = data.train_images.pin_memory() if device.type == "cuda" else data.train_images
     mean, std = channel_stats(data.mean, data.std, device)
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
+    weak = functools.partial(weak_augment, flip=flip, translate=config.weak_translate)
     strong = make_strong_augment(config.strong, cutout=config.cutout)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
@@ -184,16 +186,14 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                 aug_gen.manual_seed(config.seed * 2**32 + step)
 
                 idx_lb = stream_lb.batch(step)
-                x_lb = weak_augment(train_images[idx_lb].to(device, non_blocking=True), aug_gen, flip,
-                                    config.weak_translate)
+                x_lb = weak(train_images[idx_lb].to(device, non_blocking=True), aug_gen)
                 y_lb = data.train_labels[idx_lb].to(device, non_blocking=True)
                 batches = [x_lb]
                 if fixmatch:
                     idx_ulb = stream_ulb.batch(step)
                     u = train_images[idx_ulb].to(device, non_blocking=True)
                     # Strong view = its own flip/translate, then RandAugment and Cutout (as the PyTorch ports do).
-                    batches += [weak_augment(u, aug_gen, flip, config.weak_translate),
-                                strong(weak_augment(u, aug_gen, flip, config.weak_translate), aug_gen)]
+                    batches += [weak(u, aug_gen), strong(weak(u, aug_gen), aug_gen)]
                 # One forward pass over labeled, weak and strong images: BatchNorm sees all of them.
                 logits = model(normalize(torch.cat(batches), mean, std, config.channels_last))
                 n_lb, n_ulb = x_lb.shape[0], config.batch_size * config.mu

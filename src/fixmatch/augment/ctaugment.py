@@ -245,15 +245,11 @@ class CTAugment:
         """
         x = ops.to_float(x)
         op_idx, values = choices.ops.to(x.device), choices.values.to(x.device, x.dtype)
+        parametric = [k for k, spec in enumerate(self.ops) if spec.bins]  # all but Identity
         for layer in range(choices.ops.shape[1]):
-            for k, spec in enumerate(self.ops):
-                if not spec.bins:  # Identity
-                    continue
-                idx = torch.nonzero(op_idx[:, layer] == k).squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                out = spec.fn(x[idx], spec.params(values[idx, layer]), generator)
-                x = x.index_copy(0, idx, out)
+            v = values[:, layer]
+            x = ops.apply_grouped(x, op_idx[:, layer], parametric,
+                                  lambda k, xs, idx, v=v: self.ops[k].fn(xs, self.ops[k].params(v[idx]), generator))
         if cutout and self.cutout > 0:
             x = ops.cutout(x, round(self.cutout * min(x.shape[2:])), generator, fill=self.fill)
         return x

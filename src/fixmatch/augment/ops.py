@@ -25,7 +25,7 @@ as in Pillow. Pixels that map outside the image are set to ``fill``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -492,3 +492,17 @@ def cutout_per_sample(
     in_rows = (rows >= top) & (rows < top + size)  # (N, H)
     in_cols = (cols >= left) & (cols < left + size)  # (N, W)
     return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1), fill)
+
+
+def apply_grouped(x: Tensor, op_idx: Tensor, ops_to_run: Iterable[int],
+                  transform: Callable[[int, Tensor, Tensor], Tensor]) -> Tensor:
+    """Per-sample op choices, batched: the samples that drew op k (op_idx == k) are transformed together.
+
+    ``transform(k, x[idx], idx)`` returns their new images; samples whose op_idx is not in ``ops_to_run``
+    (e.g. -1 for "not applied", or Identity) are left as they are. Out of place: x is never modified.
+    """
+    for k in ops_to_run:
+        idx = torch.nonzero(op_idx == k).squeeze(1)
+        if idx.numel():
+            x = x.index_copy(0, idx, transform(k, x[idx], idx))
+    return x

@@ -126,6 +126,7 @@ class RandAugment:
             _Op("TranslateY", partial(ops.translate_y, **geo), -0.3, 0.3, "{:+.2f}"),
             _Op("Posterize", ops.posterize, 4, 8, "{:.0f}"),
         ]
+        self._parametric = [k for k, spec in enumerate(self.ops) if spec.fn is not ops.identity]
 
     def value(self, op: int, level: Tensor) -> Tensor:
         """Maps magnitude levels (any shape) to the parameter of op number ``op``."""
@@ -151,16 +152,10 @@ class RandAugment:
         """
         x = ops.to_float(x)
         for layer in range(self.num_ops):
-            op_idx, levels = choices.ops[:, layer], choices.levels[:, layer]
-            active = choices.applied[:, layer]
-            for k, spec in enumerate(self.ops):
-                if spec.fn is ops.identity:
-                    continue
-                idx = torch.nonzero(active & (op_idx == k)).squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                out = spec.fn(x[idx], self.value(k, levels[idx]))
-                x = x.index_copy(0, idx, out)  # out of place, so a float input is never modified
+            chosen = torch.where(choices.applied[:, layer], choices.ops[:, layer], -1)
+            levels = choices.levels[:, layer]
+            x = ops.apply_grouped(x, chosen, self._parametric,
+                                  lambda k, xs, idx, levels=levels: self.ops[k].fn(xs, self.value(k, levels[idx])))
         size = round(self.cutout * min(x.shape[2:]))
         return ops.cutout(x, size, generator, fill=self.fill)
 

@@ -180,16 +180,13 @@ class RandAugmentVariant:
         The generator is used only for the positions of the Cutout squares.
         """
         x = ops.to_float(x)
+        parametric = [k for k, spec in enumerate(self.ops) if spec.fn is not ops.identity]
         for layer in range(self.num_ops):
-            op_idx, active = choices.ops[:, layer], choices.applied[:, layer]
-            for k, spec in enumerate(self.ops):
-                if spec.fn is ops.identity:
-                    continue
-                idx = torch.nonzero(active & (op_idx == k)).squeeze(1)
-                if idx.numel() == 0:
-                    continue
-                v = self.value(k, choices.magnitudes[idx, layer], choices.signs[idx, layer])
-                x = x.index_copy(0, idx, spec.fn(x[idx], v))
+            chosen = torch.where(choices.applied[:, layer], choices.ops[:, layer], -1)
+            mags, signs = choices.magnitudes[:, layer], choices.signs[:, layer]
+            x = ops.apply_grouped(
+                x, chosen, parametric,
+                lambda k, xs, idx, mags=mags, signs=signs: self.ops[k].fn(xs, self.value(k, mags[idx], signs[idx])))
         if self.cutout > 0:
             sizes = (choices.cutout * min(x.shape[2:])).round()
             x = ops.cutout_per_sample(x, sizes, generator, fill=self.fill)

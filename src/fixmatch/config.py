@@ -66,6 +66,11 @@ class Config:
                       lambda v: _unit_interval(v), "a number in [0, 1]", default=0.95)
     lambda_u: float = _key("weight of the unlabeled loss (the paper's 1)", _nonneg_float, "a number >= 0",
                            default=1.0)
+    T: float = _key("pseudo-label temperature: 1 (or 0) = hard argmax labels, as the paper and official code; "
+                    "any other T > 0 = soft targets softmax(weak logits / T)", _nonneg_float, "a number >= 0",
+                    default=1.0)
+    lu_norm: str = _key("Lu's denominator: all = the mu*B unlabeled samples (the paper), masked = the samples "
+                        "over tau only", lambda v: v in ("all", "masked"), "all or masked", default="all")
     # --- augmentation -----------------------------------------------------------------------
     weak_flip: bool | None = _key("random horizontal flip in the weak view; null = the data set's default",
                                   lambda v: v is None or isinstance(v, bool), "true, false or null", default=None)
@@ -86,7 +91,23 @@ class Config:
                           "true or false", default=True)
     wd: float = _key("L2 weight decay on convolution and linear weights only (the paper's 5e-4)",
                      _nonneg_float, "a number >= 0", default=5e-4)
-    ema: float = _key("decay of the exponential moving average of the weights used for evaluation; 0 = off",
+    optimizer: str = _key("sgd (the paper: momentum, Nesterov), adam (L2 decay) or adamw (decoupled decay); "
+                          "decay on kernels only in all three", lambda v: v in ("sgd", "adam", "adamw"),
+                          "sgd, adam or adamw", default="sgd")
+    schedule: str = _key("learning-rate schedule: cosine (lr * cos(7*pi*k/16K)), plateau (times plateau_factor "
+                         "after plateau_patience evaluations without a better test_acc) or constant",
+                         lambda v: v in ("cosine", "plateau", "constant"), "cosine, plateau or constant",
+                         default="cosine")
+    warmup: int = _key("steps of linear warm-up from lr/warmup to lr before the schedule; 0 = none (the paper)",
+                       lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0",
+                       default=0)
+    plateau_factor: float = _key("plateau schedule: the lr is multiplied by this when accuracy stalls",
+                                 lambda v: _unit_interval(v) and 0 < v < 1, "a number in (0, 1)", default=0.5)
+    plateau_patience: int = _key("plateau schedule: evaluations without improvement before the lr drops",
+                                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                                 "an integer >= 0", default=3)
+    ema: float = _key("decay of the exponential moving average of the weights used for evaluation; "
+                      "0 = no EMA (evaluate the raw weights)",
                       lambda v: _unit_interval(v) and v < 1, "a number in [0, 1)", default=0.999)
     # --- evaluation and logging -------------------------------------------------------------
     eval_every: int = _key("steps between evaluations and checkpoints (1024 = the paper's 64k-image epoch)",

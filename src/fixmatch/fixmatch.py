@@ -19,25 +19,34 @@ class LossStats:
 
 
 def fixmatch_loss(logits_lb: Tensor, y_lb: Tensor, logits_ulb_w: Tensor | None, logits_ulb_s: Tensor | None,
-                  tau: float = 0.95, lambda_u: float = 1.0) -> tuple[Tensor, LossStats]:
+                  tau: float = 0.95, lambda_u: float = 1.0, T: float = 1.0, lu_norm: str = "all"
+                  ) -> tuple[Tensor, LossStats]:
     """Ls + lambda_u * Lu.
 
     Ls: cross-entropy of the (weakly augmented) labeled batch.
-    Lu: cross-entropy of the strong view towards the hard pseudo-label argmax(softmax(weak view)),
-        counted only where max softmax >= tau, and averaged over ALL mu*B unlabeled samples
-        (masked-out samples contribute 0 to the numerator), as in the paper and the official code.
-    The weak view gives no gradient: the pseudo-label is a fixed target.
+    Lu: cross-entropy of the strong view towards a target from the weak view, counted only where the weak
+        view's max softmax >= tau (always the unsharpened softmax, so tau means the same for every T).
+        Target: T == 1 or T == 0 (the paper and the official code): the hard pseudo-label argmax of the weak
+        view; any other T > 0: the soft label softmax(weak logits / T) (T < 1 sharpens), as in the soft
+        variant of the PyTorch SSL libraries.
+        lu_norm "all": averaged over ALL mu*B unlabeled samples (masked-out ones count 0), as in the paper and
+        the official code; "masked": averaged over the masked samples only (0 when none is).
+    The weak view gives no gradient: the target is fixed.
     With logits_ulb_w None (the supervised baseline), Lu = 0.
     """
+    if lu_norm not in ("all", "masked"):
+        raise ValueError(f"lu_norm must be 'all' or 'masked', not {lu_norm!r}")
     loss_s = F.cross_entropy(logits_lb, y_lb)
     if logits_ulb_w is None or logits_ulb_s is None:
         zero = loss_s.new_zeros(())
         empty = torch.empty(0, dtype=torch.long, device=logits_lb.device)
         return loss_s, LossStats(loss_s.detach(), zero, zero, empty, empty.bool())
     with torch.no_grad():
-        probs = torch.softmax(logits_ulb_w.detach().float(), dim=1)
-        confidence, pseudo_label = probs.max(dim=1)
+        weak = logits_ulb_w.detach().float()
+        confidence, pseudo_label = torch.softmax(weak, dim=1).max(dim=1)
         mask = confidence >= tau
-    loss_u = (F.cross_entropy(logits_ulb_s, pseudo_label, reduction="none") * mask).mean()
+        target = pseudo_label if T in (0, 1) else torch.softmax(weak / T, dim=1).to(logits_ulb_s.dtype)
+    per_sample = F.cross_entropy(logits_ulb_s, target, reduction="none") * mask
+    loss_u = per_sample.mean() if lu_norm == "all" else per_sample.sum() / mask.sum().clamp(min=1)
     loss = loss_s + lambda_u * loss_u
     return loss, LossStats(loss_s.detach(), loss_u.detach(), mask.float().mean(), pseudo_label, mask)

@@ -28,7 +28,7 @@ from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predic
 from fixmatch.fixmatch import fixmatch_loss
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.models import create_model
-from fixmatch.optim import cosine_lr, make_optimizer, set_lr
+from fixmatch.optim import LRSchedule, make_optimizer, set_lr
 
 # Data sets whose weak view has no horizontal flip (digits and text are not mirror-symmetric).
 NO_FLIP_DATASETS = frozenset({"svhn", "mnist"})
@@ -141,7 +141,9 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
     model = create_model(config.model, data.num_classes, data.in_channels).to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config.lr, config.momentum, config.nesterov, config.wd)
+    optimizer = make_optimizer(model, config.lr, config.momentum, config.nesterov, config.wd, config.optimizer)
+    schedule = LRSchedule(config.schedule, config.lr, config.steps, config.warmup, config.plateau_factor,
+                          config.plateau_patience)
     ema = EMA(model, config.ema)
     aug_gen = torch.Generator(device=device)
 
@@ -157,6 +159,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
         sums.copy_(state["sums"])
         if cta is not None:
             cta.load_state_dict(state["ctaugment"])
+        if state.get("schedule") is not None:
+            schedule.load_state_dict(state["schedule"])
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +173,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                 "split": split.to_json(), "class_names": list(data.class_names), "best_acc": best_acc,
                 "wall_s": wall_before + time.perf_counter() - t0, "sums": sums.cpu(),
                 "rng": {"torch": torch.get_rng_state()},
-                "ctaugment": cta.state_dict() if cta is not None else None}
+                "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict()}
 
     logger = RunLogger(run_dir, config.steps, start_step, config.progress)
     logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, {config.model}, "
@@ -180,7 +184,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
     try:
         with _stop_requests() as stop:
             while step < config.steps:
-                lr = cosine_lr(step, config.steps, config.lr)
+                lr = schedule.lr(step)
                 set_lr(optimizer, lr)
                 # The augmentation stream is reseeded from (seed, step): a resumed run draws the same views.
                 aug_gen.manual_seed(config.seed * 2**32 + step)
@@ -199,7 +203,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                 n_lb, n_ulb = x_lb.shape[0], config.batch_size * config.mu
                 logits_w = logits[n_lb:n_lb + n_ulb] if fixmatch else None
                 logits_s = logits[n_lb + n_ulb:] if fixmatch else None
-                loss, stats = fixmatch_loss(logits[:n_lb], y_lb, logits_w, logits_s, config.tau, config.lambda_u)
+                loss, stats = fixmatch_loss(logits[:n_lb], y_lb, logits_w, logits_s, config.tau, config.lambda_u,
+                                            config.T, config.lu_norm)
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -232,6 +237,7 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                     logger.evaluation(row)
                     improved = row["test_acc"] > best_acc
                     best_acc = max(best_acc, row["test_acc"])
+                    schedule.observe(row["test_acc"])  # plateau: before the checkpoint, which saves its state
                     state = checkpoint_state(step)
                     save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
                     if improved:
@@ -255,7 +261,9 @@ def _evaluate_step(model, ema, data, mean, std, config: Config, sums: torch.Tens
                    wall_s: float) -> dict[str, Any]:
     ema_logits = predict_logits(ema.module, data.test_images, mean, std, config.eval_batch_size,
                                 config.channels_last)
-    raw_logits = predict_logits(model, data.test_images, mean, std, config.eval_batch_size, config.channels_last)
+    # ema = 0: the EMA is an exact copy of the weights (lerp with weight 1), so the raw pass would repeat it.
+    raw_logits = ema_logits if config.ema == 0 else predict_logits(model, data.test_images, mean, std,
+                                                                   config.eval_batch_size, config.channels_last)
     ema_m, raw_m = accuracy_metrics(ema_logits, data.test_labels), accuracy_metrics(raw_logits, data.test_labels)
     loss_s, loss_u, mask_sum, pl_correct, n = sums.tolist()
     n = max(n, 1.0)

@@ -19,6 +19,7 @@ import yaml
 # The names of fixmatch.augment.STRONG_AUGMENTS, kept here so that reading a config does not import torch
 # (a test checks that the two agree).
 STRONG_AUGMENTS = ("randaugment", "randaugment-tf", "randaugment-fixed", "randaugment-3op", "ctaugment")
+LABEL_SELECTIONS = ("random", "file", "representative", "unrepresentative")  # data/label_selection.py
 
 
 class ConfigError(ValueError):
@@ -48,11 +49,26 @@ def _positive_float(v: Any) -> bool:
 @dataclass
 class Config:
     # --- data -------------------------------------------------------------------------------
-    dataset: str = _key("data set name (cifar10, fashion-mnist, synthetic)", default="cifar10")
+    dataset: str = _key("data set name (cifar10, fashion-mnist, synthetic) or folder:PATH for your own images",
+                        default="cifar10")
     data_dir: str = _key("folder searched for (and receiving downloads of) the data set files", default="data")
     num_labels: int = _key("labeled training images, split equally over the classes", _positive_int,
                            "a positive integer divisible by the number of classes", default=250)
     split_file: str | None = _key("a saved split.json to reuse instead of drawing a new one", default=None)
+    label_selection: str = _key("which images get labels: random (stratified), file (--split-file), "
+                                "representative / unrepresentative (nearest to / farthest from the class centroid; "
+                                "a study tool that reads the true labels)", lambda v: v in LABEL_SELECTIONS,
+                                ", ".join(LABEL_SELECTIONS), default="random")
+    selection_checkpoint: str | None = _key("checkpoint whose EMA model's features place the images for "
+                                            "(un)representative selection; null = a fixed random projection of "
+                                            "the pixels", default=None)
+    image_size: int | None = _key("folder data sets: side of the square images; null = the median shorter side, "
+                                  "at most 96", lambda v: v is None or _positive_int(v), "a positive integer or null",
+                                  default=None)
+    on_bad_image: str = _key("folder data sets: error (stop and list unreadable images) or skip (leave them out)",
+                             lambda v: v in ("error", "skip"), "error or skip", default="error")
+    labels_csv: str | None = _key("folder data sets: a CSV of path,label rows instead of labeled/<class>/ folders",
+                                  default=None)
     # --- model ------------------------------------------------------------------------------
     model: str = _key("backbone from the model registry (fixmatch models)", default="wrn28_2")
     # --- algorithm --------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto"
     state = load_checkpoint(ckpt_path)
     config = config_from_dict(state["config"], f"checkpoint {ckpt_path}")
     dev = resolve_device(device)
-    data = load_dataset(config.dataset, data_dir or config.data_dir)
+    data = load_dataset(config.dataset, data_dir or config.data_dir, image_size=config.image_size,
+                        on_bad_image=config.on_bad_image, labels_csv=config.labels_csv)
     model = create_model(config.model, data.num_classes, data.in_channels)
     model.load_state_dict(state["ema" if weights == "ema" and state.get("ema") is not None else "model"])
     model.to(dev)

@@ -21,8 +21,9 @@ from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.checkpoint import load_checkpoint, save_checkpoint
 from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, config_from_dict
 from fixmatch.data.batches import IndexStream
-from fixmatch.data.datasets import load_dataset
-from fixmatch.data.split import Split, load_split, make_split, save_split
+from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
+from fixmatch.data.label_selection import select_labels
+from fixmatch.data.split import Split, load_split, save_split
 from fixmatch.ema import EMA
 from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
 from fixmatch.fixmatch import fixmatch_loss
@@ -46,7 +47,8 @@ class TrainingInterrupted(Exception):
 
 def default_run_dir(config: Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.dataset}-{config.method}-{config.num_labels}-seed{config.seed}-{stamp}"
+    dataset = Path(config.dataset.removeprefix("folder:")).name or "folder"  # folder:PATH -> PATH's last part
+    return Path("runs") / f"{dataset}-{config.method}-{config.num_labels}-seed{config.seed}-{stamp}"
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -77,13 +79,13 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
                           f"or choose another --out")
 
 
-def _split_for(config: Config, run_dir: Path, resume: bool, labels: torch.Tensor, num_classes: int) -> Split:
+def _split_for(config: Config, run_dir: Path, resume: bool, data: Dataset) -> Split:
     if resume:
-        split = load_split(run_dir / "split.json", num_train=labels.numel())
-    elif config.split_file:
-        split = load_split(config.split_file, num_train=labels.numel())
+        split = load_split(run_dir / "split.json", num_train=data.train_labels.numel())
     else:
-        return make_split(labels, config.num_labels, num_classes, config.seed)
+        split = select_labels(config.label_selection, data.train_labels, config.num_labels, data.num_classes,
+                              config.seed, images=data.train_images, split_file=config.split_file,
+                              checkpoint=config.selection_checkpoint, mean=data.mean, std=data.std)
     if len(split.labeled) != config.num_labels:
         raise ConfigError(f"the split has {len(split.labeled)} labeled images but num_labels is "
                           f"{config.num_labels}; make them agree")
@@ -124,8 +126,14 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
     device = resolve_device(config.device)
 
     # --- data and split: everything that can fail on bad input happens before anything is written
-    data = load_dataset(config.dataset, config.data_dir)
-    split = _split_for(config, run_dir, resume, data.train_labels, data.num_classes)
+    data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
+                        on_bad_image=config.on_bad_image, labels_csv=config.labels_csv)
+    split = _split_for(config, run_dir, resume, data)
+    n_pool = len(split.unlabeled) + (0 if data.unlabeled_images is None else len(data.unlabeled_images))
+    if config.method == "fixmatch" and n_pool < config.batch_size * config.mu:
+        raise DatasetError(f"{config.dataset} has {n_pool} unlabeled images (labeled ones included) but each step "
+                           f"draws mu*B = {config.batch_size * config.mu}; add unlabeled images or lower --mu or "
+                           "--batch-size")
     stream_lb = IndexStream(split.labeled, config.batch_size, config.seed, stream_id=0)
     stream_ulb = IndexStream(split.unlabeled, config.batch_size * config.mu, config.seed, stream_id=1)
     train_images = data.train_images.pin_memory() if device.type == "cuda" else data.train_images

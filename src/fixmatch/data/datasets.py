@@ -35,12 +35,18 @@ class Dataset:
     class_names: list[str]
     mean: tuple[float, ...] = field(default=())  # per-channel mean of the train images on the [0, 1] scale
     std: tuple[float, ...] = field(default=())
+    # Images used only as unlabeled data, besides the train images (which FixMatch also uses unlabeled):
+    # uint8 (M, C, H, W) or None, e.g. the unlabeled/ folder of a folder data set.
+    unlabeled_images: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
             x, y = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if x.dtype != torch.uint8 or x.ndim != 4 or y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 raise ValueError(f"{self.name}: {split} images must be uint8 (N,C,H,W) with int64 (N,) labels")
+        u = self.unlabeled_images
+        if u is not None and (u.dtype != torch.uint8 or u.shape[1:] != self.train_images.shape[1:]):
+            raise ValueError(f"{self.name}: unlabeled images must be uint8 with the train images' (C, H, W)")
         if not self.mean or not self.std:
             self.mean, self.std = _channel_stats(self.train_images.numpy())
 
@@ -72,12 +78,22 @@ def list_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> Dataset:
-    """Load data set ``name`` from ``data_dir`` (see ``default_data_dir``), downloading if allowed."""
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True, *,
+                 image_size: int | None = None, on_bad_image: str = "error", labels_csv: str | None = None) -> Dataset:
+    """Load data set ``name`` from ``data_dir`` (see ``default_data_dir``), downloading if allowed.
+
+    ``folder:PATH`` loads your own images (data/folder.py; its decoded cache goes under ``data_dir``);
+    ``image_size``, ``on_bad_image`` and ``labels_csv`` apply to folder data sets only.
+    """
+    root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+    if name.startswith("folder:"):
+        from .folder import load_folder_dataset  # imports this module: a top-level import would be circular
+
+        return load_folder_dataset(name[len("folder:"):], root, image_size, on_bad_image, labels_csv)
     loader = _LOADERS.get(name.strip().lower())
     if loader is None:
-        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}")
-    root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}, "
+                           "or folder:PATH for your own images")
     return loader(root, download)
 
 

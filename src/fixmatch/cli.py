@@ -71,6 +71,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fixmatch.sweep import load_study, run_state, run_sweep
+
+    if args.dry_run:
+        study = load_study(args.study)
+        for run in study.runs:
+            print(f"{run_state(Path(args.out) / run.name):<10} {run.name}")
+        print(f"{len(study.runs)} runs; every configuration resolves")
+        return 0
+    result = run_sweep(args.study, args.out, args.workers)
+    return 130 if result.interrupted else 1 if result.failed else 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     defaults = {name: default for name, default, _ in describe_keys()}
     for name, values in PRESETS.items():
@@ -111,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="run every configuration of a study grid (skips finished runs, resumes others)",
+                       description="Run a study file's grid, each run in STUDY_DIR/<its grid values>. Re-running "
+                                   "skips finished runs and resumes interrupted ones; a failed run is recorded "
+                                   "in its error.txt and the others go on.")
+    p.add_argument("study", metavar="STUDY.yaml", help="study file: base, optional variants, grid (see studies/)")
+    p.add_argument("--out", metavar="STUDY_DIR", required=True, help="folder that receives one run directory per run")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="runs at a time, each with cores/N torch threads (default: 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("presets", help="list the presets and their values")
     p.set_defaults(func=_cmd_presets)

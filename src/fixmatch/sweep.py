@@ -1,0 +1,285 @@
+"""`fixmatch sweep STUDY.yaml --out STUDY_DIR`: run every configuration of a study grid, each in its own run
+directory, skipping finished runs and resuming interrupted ones.
+
+A study file is YAML::
+
+    description: FixMatch against the supervised baseline by number of labels   # optional, shown in reports
+    base:                       # a preset and/or config keys shared by every run
+      preset: fashion-mnist
+      steps: 500
+    variants:                   # optional: named sets of keys that change together (crossed with the grid)
+      sgd-cosine:   {optimizer: sgd, schedule: cosine, lr: 0.03}
+      adam-plateau: {optimizer: adam, schedule: plateau, lr: 0.001}
+    grid:                       # every combination of these values; the first key varies slowest
+      seed: [0, 1, 2]
+      num_labels: [10, 40, 250, 1000]
+      method: [fixmatch, supervised]
+
+Each run lives in STUDY_DIR/<name>, the name made of its variant and grid values
+(``variant=adam-plateau,seed=0,num_labels=40``). Every configuration is resolved (and every existing run
+directory compared with it) before anything starts, so a typo fails in one line, not hours later. Runs are
+subprocesses (``python -m fixmatch train``), N at a time with cores/N torch threads each; a failed run writes
+RUN_DIR/error.txt and the others go on. The output of run NAME is in STUDY_DIR/logs/NAME.log.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, load_config, resolve_config
+
+STUDY_KEYS = ("description", "base", "variants", "grid")
+ERROR_FILE = "error.txt"
+ERROR_TAIL_LINES = 40  # lines of a failed run's output kept in its error.txt (the whole log is in logs/)
+
+
+@dataclass
+class PlannedRun:
+    name: str                    # directory name under STUDY_DIR
+    values: dict[str, Any]       # the variant and grid values that make this run (for display)
+    config: Config               # fully resolved
+
+
+@dataclass
+class Study:
+    path: Path
+    description: str
+    runs: list[PlannedRun]
+
+
+@dataclass
+class SweepResult:
+    done: list[str] = field(default_factory=list)      # finished in this call
+    skipped: list[str] = field(default_factory=list)   # already finished before
+    failed: dict[str, str] = field(default_factory=dict)  # name -> one-line reason
+    stopped: list[str] = field(default_factory=list)   # interrupted (checkpointed, resumable)
+    interrupted: bool = False
+
+
+def _name_part(value: Any) -> str:
+    """A value as it appears in a directory name: printable, no separators of paths or of the name itself."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
+def run_name(values: dict[str, Any]) -> str:
+    return ",".join(f"{k}={_name_part(v)}" for k, v in values.items()) or "run"
+
+
+def _mapping(data: Any, what: str, path: Path) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"study {path}: '{what}' must be a mapping of config keys, not {type(data).__name__}")
+    return dict(data)
+
+
+def _check_registries(config: Config, where: str) -> None:
+    """Names the config check cannot see (they live in registries): the data set and the model."""
+    from fixmatch.data.datasets import list_datasets
+    from fixmatch.models import list_models
+
+    if not config.dataset.startswith("folder:") and config.dataset.strip().lower() not in list_datasets():
+        raise ConfigError(f"{where}: unknown dataset '{config.dataset}'; known datasets: {', '.join(list_datasets())}")
+    if config.model not in list_models():
+        raise ConfigError(f"{where}: unknown model '{config.model}'; known models: {', '.join(list_models())}")
+
+
+def _resolve(settings: dict[str, Any], where: str) -> Config:
+    settings = dict(settings)
+    preset = settings.pop("preset", None)
+    try:
+        config = resolve_config(preset, None, settings)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    _check_registries(config, where)
+    return config
+
+
+def load_study(path: str | Path) -> Study:
+    """Read a study file and resolve every run's configuration (ConfigError naming the run otherwise)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"study file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"study file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"study file {path} must be a mapping with keys {', '.join(STUDY_KEYS)}")
+    unknown = sorted(set(data) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"study {path}: unknown top-level key '{unknown[0]}'; expected {', '.join(STUDY_KEYS)}")
+    base = _mapping(data.get("base"), "base", path)
+    grid = _mapping(data.get("grid"), "grid", path)
+    variants = _mapping(data.get("variants"), "variants", path)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"study {path}: grid key '{key}' needs a non-empty list of values, e.g. {key}: [a, b]")
+    for vname, keys in variants.items():
+        keys = _mapping(keys, f"variants.{vname}", path)
+        clash = sorted(set(keys) & set(grid))
+        if clash:
+            raise ConfigError(f"study {path}: '{clash[0]}' is set by variant '{vname}' and by the grid; keep it in one")
+        variants[vname] = keys
+
+    variant_items: list[tuple[str | None, dict[str, Any]]] = list(variants.items()) or [(None, {})]
+    runs: list[PlannedRun] = []
+    for combo in itertools.product(*grid.values()):
+        for vname, vkeys in variant_items:
+            point = dict(zip(grid, combo))
+            values = ({"variant": vname} if vname is not None else {}) | point
+            name = run_name(values)
+            config = _resolve({**base, **vkeys, **point}, f"study {path}, run {name}")
+            runs.append(PlannedRun(name, values, config))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"study {path}: two runs would share the directory '{dup}'; make the grid values distinct")
+    return Study(path, str(data.get("description") or ""), runs)
+
+
+def run_state(run_dir: Path) -> str:
+    """finished (summary.json), resumable (checkpoints/last.pt), or new (nothing to continue)."""
+    if (run_dir / "summary.json").is_file():
+        return "finished"
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return "resumable"
+    return "new"
+
+
+def _check_existing(study: Study, out: Path) -> None:
+    """A run directory from an earlier sweep must hold the configuration the study now asks for."""
+    for run in study.runs:
+        saved_path = out / run.name / "config.yaml"
+        if run_state(out / run.name) == "new" or not saved_path.is_file():
+            continue  # nothing kept from it: it starts afresh
+        saved = Config(**load_config(saved_path))
+        for key, value in run.config.to_dict().items():
+            if key not in RESUME_MUTABLE_KEYS and getattr(saved, key) != value:
+                raise ConfigError(f"{out / run.name} was run with {key}={getattr(saved, key)!r} but the study now "
+                                  f"gives {value!r}; restore the study file or choose another --out")
+
+
+def worker_env(workers: int, cores: int | None = None) -> dict[str, str]:
+    """The environment of each training subprocess: the machine's cores shared equally between the workers."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // workers))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def _command(run: PlannedRun, run_dir: Path, config_path: Path) -> list[str]:
+    base = [sys.executable, "-m", "fixmatch", "train", "--out", str(run_dir), "--no-progress"]
+    if run_state(run_dir) == "resumable":
+        return base + ["--resume"]
+    return base + ["--config", str(config_path)]
+
+
+def _tail(path: Path, lines: int) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_sweep(study_path: str | Path, out: str | Path, workers: int = 1,
+              echo: Callable[[str], None] = print) -> SweepResult:
+    """Run (or continue) every run of the study in ``out``; returns what was done, skipped and failed."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers must be a positive integer, not {workers!r}")
+    study = load_study(study_path)
+    out = Path(out)
+    _check_existing(study, out)  # everything is validated before the first run starts
+
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    shutil.copyfile(study.path, out / "study.yaml")  # the report shows what the study asked for
+    result = SweepResult()
+    todo: list[PlannedRun] = []
+    for run in study.runs:
+        if run_state(out / run.name) == "finished":
+            result.skipped.append(run.name)
+        else:
+            todo.append(run)
+    echo(f"sweep {study.path}: {len(study.runs)} runs, {len(result.skipped)} already finished, "
+         f"{len(todo)} to run, {workers} at a time")
+
+    env = worker_env(workers)
+    lock = threading.Lock()
+    running: dict[str, subprocess.Popen] = {}
+    stopping = threading.Event()
+
+    def run_one(run: PlannedRun) -> None:
+        if stopping.is_set():
+            return
+        run_dir = out / run.name
+        state = run_state(run_dir)
+        if state == "new" and run_dir.exists():
+            shutil.rmtree(run_dir)  # an earlier attempt that left no checkpoint: nothing to continue
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+        config_path = out / "configs" / f"{run.name}.yaml"
+        config_path.write_text(yaml.safe_dump({**run.config.to_dict(), "progress": False}, sort_keys=False))
+        log_path = out / "logs" / f"{run.name}.log"
+        cmd = _command(run, run_dir, config_path)
+        with lock:
+            echo(f"{'resume' if state == 'resumable' else 'start'} {run.name}")
+        t0 = time.perf_counter()
+        with log_path.open("a") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            with lock:
+                running[run.name] = proc
+            rc = proc.wait()
+            with lock:
+                running.pop(run.name, None)
+        with lock:
+            if rc == 0:
+                result.done.append(run.name)
+                echo(f"done  {run.name} ({time.perf_counter() - t0:.0f} s)")
+                return
+            if rc in (130, -signal.SIGINT):  # Ctrl-C: the run checkpointed and the next sweep resumes it
+                result.stopped.append(run.name)
+                echo(f"stopped {run.name} (resumable)")
+                return
+            reason = f"exit code {rc}"
+            lines = _tail(log_path, ERROR_TAIL_LINES)
+            last = next((ln for ln in reversed(lines.splitlines()) if ln.strip()), reason)
+            result.failed[run.name] = last.strip()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ERROR_FILE).write_text(f"command: {' '.join(cmd)}\n{reason}\n\n{lines}\n")
+            echo(f"FAILED {run.name}: {last.strip()} (details: {run_dir / ERROR_FILE})")
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(run_one, run) for run in todo]
+    try:
+        for f in futures:
+            while not f.done():
+                time.sleep(0.2)  # a plain wait here would not let Ctrl-C through
+            f.result()
+    except KeyboardInterrupt:
+        # The training subprocesses checkpoint and stop on SIGINT (they got it too when it came from a terminal).
+        result.interrupted = True
+        stopping.set()
+        with lock:
+            for proc in running.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
+        echo("sweep interrupted; run the same command again to resume")
+        return result
+    pool.shutdown(wait=True)
+    echo(f"sweep finished: {len(result.done)} done, {len(result.skipped)} skipped, {len(result.failed)} failed")
+    return result

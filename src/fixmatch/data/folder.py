@@ -62,7 +62,7 @@ class _Entry:
     role: str  # "train", "test" or "unlabeled"
     label: int  # -1 for unlabeled images
     digest: str = ""
-    size: tuple[int, int] = (0, 0)  # (width, height) after EXIF orientation does not matter: min side is used
+    size: tuple[int, int] = (0, 0)  # (width, height) from the header; only the shorter side is used
     grey: bool = False
 
 

@@ -5,6 +5,11 @@ each in its own run directory under --out; runs that already have a summary.json
 so an interrupted benchmark continues where it stopped. Prints a Markdown table per run and the
 mean +- std per (method, labels) group, all read back from the runs' summary.json files.
 
+Both methods get the same wall-clock budget (--budget-s, default 600 s). FixMatch runs the preset's
+steps, which fit the budget on an idle 2-core CPU. A supervised step is about ten times cheaper, so
+the baseline's number of steps (and its cosine schedule's K) is set to fill the same budget: its
+speed is measured first on a short calibration run, and K = budget * steps/s.
+
     python benchmarks/bench_fashion_mnist.py --out bench-runs --num-labels 40 --seeds 0 1 2
     python benchmarks/bench_fashion_mnist.py --out bench-runs --num-labels 250 --seeds 0 --methods fixmatch
 """
@@ -12,11 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 
 import fixmatch
 from fixmatch.config import resolve_config
+
+
+def supervised_steps_for(budget_s: float, out: Path, num_labels: int, calibration_steps: int = 1000) -> int:
+    """Steps of the supervised baseline that fill ``budget_s`` on this machine (measured, not guessed)."""
+    run_dir = out / f"calibration-supervised-{num_labels}"
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        config = resolve_config("fashion-mnist", overrides={
+            "method": "supervised", "num_labels": num_labels, "steps": calibration_steps,
+            "eval_every": calibration_steps, "progress": False})
+        summary = fixmatch.train(config, out=run_dir)
+    # The calibration's wall time includes one evaluation; the real run evaluates every eval_every steps too.
+    return max(1, int(budget_s * summary["steps"] / summary["wall_s"]))
 
 
 def run_one(out: Path, method: str, num_labels: int, seed: int, extra: dict) -> dict:
@@ -36,15 +58,22 @@ def main() -> None:
     p.add_argument("--num-labels", type=int, nargs="+", default=[40])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["fixmatch", "supervised"])
-    p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's steps for FixMatch")
+    p.add_argument("--budget-s", type=float, default=600.0,
+                   help="wall-clock budget that sets the supervised baseline's steps (0: same steps as FixMatch)")
     args = p.parse_args()
     extra = {"steps": args.steps} if args.steps else {}
 
     rows = []
     for num_labels in args.num_labels:
         for method in args.methods:
+            method_extra = dict(extra)
+            if method == "supervised" and args.budget_s > 0:
+                steps = supervised_steps_for(args.budget_s, args.out, num_labels)
+                # Evaluate about as often as the FixMatch run does (10 evaluations per run).
+                method_extra.update(steps=steps, eval_every=max(1, steps // 10))
             for seed in args.seeds:
-                rows.append(run_one(args.out, method, num_labels, seed, extra))
+                rows.append(run_one(args.out, method, num_labels, seed, method_extra))
 
     print("| method | labels | seed | steps | wall s | steps/s | images/s | last % | median last 20 % | best % |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from dataclasses import fields
@@ -13,10 +14,11 @@ from fixmatch.config import PRESETS, Config, ConfigError, describe_keys, resolve
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        message = " ".join(message.split("\n"))  # a value with a line break must not break the line
         self.exit(2, f"fixmatch: error: {message} (see {self.prog} --help)\n")
 
 
-def _converter(type_name: str, flag: str) -> Callable[[str], Any]:
+def _converter(type_name: str, flag: str, accepted: str = "") -> Callable[[str], Any]:
     base = type_name.split("|")[0].strip()
 
     def convert(text: str) -> Any:
@@ -26,7 +28,8 @@ def _converter(type_name: str, flag: str) -> Callable[[str], Any]:
             return {"int": int, "float": float}.get(base, str)(text)
         except ValueError:
             kind = "an integer" if base == "int" else "a number"
-            raise argparse.ArgumentTypeError(f"{flag} expects {kind}, got {text!r}") from None
+            hint = f" ({accepted})" if accepted else ""
+            raise argparse.ArgumentTypeError(f"{flag} expects {kind}, got {text!r}{hint}") from None
     return convert
 
 
@@ -39,8 +42,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=_converter(str(f.type), flag), default=None,
-                                metavar=f.name.upper(), help=help_text)
+            parser.add_argument(flag, dest=f.name, type=_converter(str(f.type), flag, f.metadata["accepted"]),
+                                default=None, metavar=f.name.upper(), help=help_text)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -149,7 +152,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from fixmatch.data.datasets import DatasetError
     from fixmatch.data.split import SplitError
     from fixmatch.models import ModelError
-    return ConfigError, CheckpointError, DatasetError, SplitError, ModelError
+    from fixmatch.nonfinite import NonFiniteError
+    from fixmatch.rundir import RunDirError
+    return ConfigError, CheckpointError, DatasetError, SplitError, ModelError, NonFiniteError, RunDirError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except _expected_errors() as e:
         print(f"fixmatch: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full, read-only or forbidden output folder, wherever the write happened
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES,
+                           errno.EPERM):
+            raise
+        print(f"fixmatch: error: cannot write {e.filename or 'the output'} ({e.strerror}); free disk space or "
+              f"choose a writable --out", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -135,17 +136,21 @@ class Config:
                      lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
                      "an integer in [0, 2^31)", default=0)
     device: str = _key("auto (cuda when available), cpu or cuda", lambda v: v in ("auto", "cpu", "cuda")
-                       or (isinstance(v, str) and v.startswith("cuda:")), "auto, cpu, cuda or cuda:N", default="auto")
+                       or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v) is not None),
+                       "auto, cpu, cuda or cuda:N", default="auto")
     channels_last: bool = _key("channels-last memory format (faster convolutions on most CPUs and GPUs)",
                                lambda v: isinstance(v, bool), "true or false", default=True)
     progress: bool = _key("show a progress bar", lambda v: isinstance(v, bool), "true or false", default=True)
+    on_nonfinite: str = _key("a NaN/inf loss or gradient: stop (naming the step and the last good checkpoint) "
+                             "or skip the step and count it in nonfinite_steps (nonfinite.py)",
+                             lambda v: v in ("stop", "skip"), "stop or skip", default="stop")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # Keys that may differ when a run is resumed: they change where and how it runs, not what it computes.
-RESUME_MUTABLE_KEYS = frozenset({"data_dir", "device", "progress"})
+RESUME_MUTABLE_KEYS = frozenset({"data_dir", "device", "progress", "on_nonfinite"})
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's CIFAR-10 setting: WRN-28-2, B=64, mu=7, 2^20 steps, evaluation every 1024 steps.

@@ -8,6 +8,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fixmatch.rundir import append_line
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
@@ -55,10 +57,7 @@ class RunLogger:
                 self.writer.add_scalar(key, value, step)
 
     def evaluation(self, row: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.metrics_path, json.dumps(row))  # fsynced; a failed write leaves no torn line
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

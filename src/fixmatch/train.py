@@ -19,7 +19,7 @@ import yaml
 
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.checkpoint import load_checkpoint, save_checkpoint
-from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, config_from_dict
+from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.label_selection import select_labels
@@ -29,6 +29,8 @@ from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predic
 from fixmatch.fixmatch import fixmatch_loss
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.models import create_model
+from fixmatch.nonfinite import NonFiniteGuard
+from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
 from fixmatch.optim import LRSchedule, make_optimizer, set_lr
 
 # Data sets whose weak view has no horizontal flip (digits and text are not mirror-symmetric).
@@ -55,7 +57,7 @@ def load_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"cannot resume: {path} not found; is {run_dir} a fixmatch run directory?")
-    return config_from_dict(yaml.safe_load(path.read_text()), str(path))
+    return Config(**load_config(path))  # one-line errors for a damaged or hand-edited file
 
 
 def _resume_config(run_dir: Path, config: Config | None) -> Config:
@@ -71,10 +73,8 @@ def _resume_config(run_dir: Path, config: Config | None) -> Config:
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    if resume:
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise ConfigError(f"cannot resume: no checkpoint at {run_dir / 'checkpoints' / 'last.pt'}")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    # Resuming needs RUN_DIR/config.yaml (load_run_config); a run killed before its first checkpoint restarts.
+    if not resume and run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it "
                           f"or choose another --out")
 
@@ -120,6 +120,11 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
     if config is None and not resume:
         raise ConfigError("train() needs a Config unless it resumes a run")
     run_dir = Path(out) if out is not None else default_run_dir(config)  # type: ignore[arg-type]
+    with lock_run_dir(run_dir):  # one writer per run directory; the OS releases it even if the process is killed
+        return _train(config, run_dir, resume)
+
+
+def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]:
     _prepare_run_dir(run_dir, resume)
     config = _resume_config(run_dir, config) if resume else config
     config = check_config(config)
@@ -128,7 +133,8 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
     # --- data and split: everything that can fail on bad input happens before anything is written
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
                         on_bad_image=config.on_bad_image, labels_csv=config.labels_csv)
-    split = _split_for(config, run_dir, resume, data)
+    resumed = resume and (run_dir / "checkpoints" / "last.pt").is_file()  # else: killed before any checkpoint
+    split = _split_for(config, run_dir, resumed, data)
     n_pool = len(split.unlabeled) + (0 if data.unlabeled_images is None else len(data.unlabeled_images))
     if config.method == "fixmatch" and n_pool < config.batch_size * config.mu:
         raise DatasetError(f"{config.dataset} has {n_pool} unlabeled images (labeled ones included) but each step "
@@ -154,11 +160,13 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                           config.plateau_patience)
     ema = EMA(model, config.ema)
     aug_gen = torch.Generator(device=device)
+    guard = NonFiniteGuard(config.on_nonfinite, device, run_dir / "checkpoints" / "last.pt")
 
     start_step, best_acc, wall_before = 0, -math.inf, 0.0
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss_s, loss_u, mask, pl_correct, steps
-    if resume:
+    if resumed:
         state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
+        guard.skipped = state.get("nonfinite_steps", 0)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -172,15 +180,18 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
         truncate_metrics(run_dir / "metrics.jsonl", start_step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        # config.yaml last: it marks the folder as a run. A start killed before its first checkpoint is redone
+        # from step 0 (by --resume), so the rows it logged go.
         save_split(split, run_dir / "split.json")
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def checkpoint_state(step: int) -> dict[str, Any]:
         return {"format": "fixmatch-checkpoint", "step": step, "model": model.state_dict(),
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
                 "split": split.to_json(), "class_names": list(data.class_names), "best_acc": best_acc,
                 "wall_s": wall_before + time.perf_counter() - t0, "sums": sums.cpu(),
-                "rng": {"torch": torch.get_rng_state()},
+                "rng": {"torch": torch.get_rng_state()}, "nonfinite_steps": guard.skipped,
                 "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict()}
 
     logger = RunLogger(run_dir, config.steps, start_step, config.progress)
@@ -216,9 +227,11 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                ema.update(model)
-                if cta is not None:
+                finite = guard.step_is_finite(step + 1, loss, model.parameters())  # False: skip (on_nonfinite)
+                if finite:
+                    optimizer.step()
+                    ema.update(model)
+                if cta is not None and finite:
                     # CTAugment's bin weights follow how well the EMA model classifies labeled images under
                     # uniformly drawn policies (the official code's probe step).
                     x_probe, probe_choices = cta.probe(x_lb, aug_gen)
@@ -232,25 +245,30 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
                 if fixmatch:
                     y_ulb = data.train_labels[idx_ulb].to(device, non_blocking=True)
                     pl_correct = ((stats.pseudo_label == y_ulb) & stats.mask).sum()
-                sums += torch.stack([stats.loss_s.double(), stats.loss_u.double(), stats.mask_rate.double(),
-                                     pl_correct.double(), torch.ones((), dtype=torch.float64, device=device)])
+                if finite:
+                    sums += torch.stack([stats.loss_s.double(), stats.loss_u.double(), stats.mask_rate.double(),
+                                         pl_correct.double(), torch.ones((), dtype=torch.float64, device=device)])
                 if step % LOG_EVERY == 0 or step == config.steps:
+                    guard.raise_if_failed()
                     logger.step(step - logger.bar.n, stats.loss_s.item(), stats.loss_u.item(),
                                 stats.mask_rate.item(), lr, step)
 
                 if step % config.eval_every == 0 or step == config.steps:
+                    guard.check_weights(step, model, ema.module)  # nothing non-finite reaches a checkpoint
                     row = _evaluate_step(model, ema, data, mean, std, config, sums, step, lr,
                                          wall_before + time.perf_counter() - t0)
+                    row["nonfinite_steps"] = guard.skipped
                     sums.zero_()
                     logger.evaluation(row)
                     improved = row["test_acc"] > best_acc
                     best_acc = max(best_acc, row["test_acc"])
                     schedule.observe(row["test_acc"])  # plateau: before the checkpoint, which saves its state
                     state = checkpoint_state(step)
-                    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
-                    if improved:
+                    if improved:  # best before last: a crash between the two redoes this evaluation
                         save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
+                    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
                 if stop:
+                    guard.check_weights(step, model, ema.module)
                     save_checkpoint(checkpoint_state(step), run_dir / "checkpoints" / "last.pt")
                     raise TrainingInterrupted(run_dir, step)
     finally:
@@ -287,6 +305,7 @@ def summarize(run_dir: Path, config: Config, wall_s: float) -> dict[str, Any]:
     accs = [r["test_acc"] for r in rows]
     return {"dataset": config.dataset, "method": config.method, "model": config.model,
             "num_labels": config.num_labels, "seed": config.seed, "steps": rows[-1]["step"],
+            "nonfinite_steps": rows[-1].get("nonfinite_steps", 0),
             "test_acc_last": accs[-1], "test_acc_best": max(accs),
             "test_acc_median_last20": statistics.median(accs[-20:]), "raw_test_acc_last": rows[-1]["raw_test_acc"],
             "test_top5_last": rows[-1]["test_top5"], "wall_s": wall_s, "steps_per_s": rows[-1]["step"] / wall_s,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .download import DatasetError, download_file
+from .safe_archive import safe_tar_files
 from .safe_pickle import safe_load_pickle
 
 __all__ = ["Dataset", "DatasetError", "load_dataset", "list_datasets", "default_data_dir"]
@@ -187,7 +188,7 @@ def _read_cifar_tar(archive: Path) -> dict[str, tuple[object, str]]:
     raw = {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for info in tar:
+            for info in safe_tar_files(tar, archive):  # refuses absolute and '..' member names
                 m = wanted.get(info.name)
                 if m is None or not info.isfile():
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,9 @@ def make_split(labels: torch.Tensor | np.ndarray, num_labels: int, num_classes: 
 def save_split(split: Split, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(split.to_json()) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # then rename: a crash never leaves a torn split.json
+    tmp.write_text(json.dumps(split.to_json()) + "\n")
+    os.replace(tmp, path)
     return path
 
 

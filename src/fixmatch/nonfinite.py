@@ -1,0 +1,91 @@
+"""Non-finite losses, gradients and weights: found at the step they happen, before they reach a checkpoint.
+
+Each step's loss and gradient norm are checked before the optimiser uses them (one fused norm over the
+gradients: cheap next to the forward pass). What happens then depends on ``on_nonfinite``:
+
+- ``stop`` (default): raise ``NonFiniteError`` naming the step and the last good checkpoint, which is left as it
+  was (nothing is written after a bad step).
+- ``skip``: the step's update is dropped (no optimiser, EMA or CTAugment update; the batch and the schedule
+  slot are consumed) and counted in ``nonfinite_steps``.
+
+Reading the verdict on the host forces a device sync. On a CPU that costs nothing, so every step is checked
+at once. On a GPU, ``stop`` keeps the verdict on the device (the index of the first bad step) and reads it at
+the syncs the loop already makes: the progress log every few steps and every evaluation, which always comes
+before a checkpoint. The bad step is still named exactly and no checkpoint is written after it; only the few
+steps in between run on needlessly. ``skip`` must decide before the update, so it syncs every step on a GPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss, gradient or weight (message: one line, with the fix)."""
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One boolean tensor, without a device sync: the total 2-norm is finite iff every element is."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: fused per device
+    if get_total_norm is not None:
+        norm = get_total_norm(tensors, 2.0)
+    else:  # pragma: no cover - older torch
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    return torch.isfinite(norm)
+
+
+class NonFiniteGuard:
+    """Checks every step's loss and gradients; counts skipped steps; names the checkpoint that stays good."""
+
+    def __init__(self, mode: str, device: torch.device, last_checkpoint: Path, skipped: int = 0) -> None:
+        if mode not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, not {mode!r}")
+        self.mode, self.last_checkpoint, self.skipped = mode, Path(last_checkpoint), skipped
+        self.deferred = mode == "stop" and device.type != "cpu"
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def step_is_finite(self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> bool:
+        """After ``loss.backward()`` of step ``step`` (1-based): True if the update may be applied."""
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        finite = torch.isfinite(loss.detach()) & _all_finite(grads).to(loss.device)
+        if self.deferred:
+            self._first_bad = torch.where((self._first_bad < 0) & ~finite, step, self._first_bad)
+            return True
+        if bool(finite):
+            return True
+        if self.mode == "stop":
+            raise self._error(f"non-finite loss or gradients at step {step}")
+        self.skipped += 1
+        return False
+
+    def raise_if_failed(self) -> None:
+        """Where the loop syncs anyway (logging, evaluation): report a bad step found on the device."""
+        if self.deferred and (bad := int(self._first_bad)) >= 0:
+            raise self._error(f"non-finite loss or gradients at step {bad}")
+
+    def check_weights(self, step: int, *modules: torch.nn.Module) -> None:
+        """Before a checkpoint: every parameter and buffer of ``modules`` is finite (one sync per checkpoint)."""
+        self.raise_if_failed()
+        tensors = [t.detach() for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        if not bool(_all_finite(tensors)):
+            raise self._error(f"non-finite weights at step {step}")
+
+    def _error(self, what: str) -> NonFiniteError:
+        return NonFiniteError(f"{what}; stopped without writing a checkpoint. Last good checkpoint: "
+                              f"{self._describe_last()}. Resume with --resume --on-nonfinite skip to skip such steps, "
+                              f"or start again with a lower --lr")
+
+    def _describe_last(self) -> str:
+        from fixmatch.checkpoint import CheckpointError, load_checkpoint
+        if not self.last_checkpoint.is_file():
+            return "none yet (no evaluation was reached)"
+        try:
+            return f"{self.last_checkpoint} (step {load_checkpoint(self.last_checkpoint)['step']})"
+        except (CheckpointError, KeyError):
+            return str(self.last_checkpoint)

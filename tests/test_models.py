@@ -16,14 +16,17 @@ from fixmatch.models import (
 from fixmatch.models.wideresnet import BasicBlock
 
 MODELS = list_models()
+# The registry-wide tests below build and run each model several times on the CPU: the paper's models.
+# tests/test_backbones.py runs every registered model once, at small inputs.
+PAPER_MODELS = ["cnn_small", "wrn28_2", "wrn28_8", "wrn37_2"]
 
 
 def test_registry_contents() -> None:
-    assert {"wrn28_2", "wrn28_8", "cnn_small"} <= set(MODELS)
+    assert {"wrn28_2", "wrn28_8", "cnn_small"} | set(PAPER_MODELS) <= set(MODELS)
     assert MODELS == sorted(MODELS)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", PAPER_MODELS)
 @pytest.mark.parametrize("in_channels", [1, 3])
 @pytest.mark.parametrize("size", [28, 32])
 def test_output_shape(name: str, in_channels: int, size: int) -> None:
@@ -34,7 +37,7 @@ def test_output_shape(name: str, in_channels: int, size: int) -> None:
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", PAPER_MODELS)
 def test_forward_backward_reaches_all_parameters(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, in_channels=3).train()
@@ -113,7 +116,7 @@ def test_duplicate_registration_rejected() -> None:
         register_model("wrn28_2")(lambda num_classes, in_channels=3: nn.Identity())
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", PAPER_MODELS)
 def test_same_seed_same_initial_weights(name: str) -> None:
     states = []
     for _ in range(2):

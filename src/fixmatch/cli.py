@@ -98,11 +98,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from fixmatch.models import count_parameters, create_model, list_models
+    from fixmatch.models.summary import describe_models, format_table, input_for
 
-    print(f"{'model':<16}{'parameters (10 classes, 3 channels)':>38}")
-    for name in list_models():
-        print(f"{name:<16}{count_parameters(create_model(name, 10, 3)):>38,}")
+    shape, num_classes = input_for(args.dataset, args.input_size, args.num_classes, args.data_dir)
+    print(format_table(describe_models(shape, num_classes), shape, num_classes))
     return 0
 
 
@@ -141,7 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the presets and their values")
     p.set_defaults(func=_cmd_presets)
-    p = sub.add_parser("models", help="list the models with their parameter counts")
+    p = sub.add_parser("models", help="list the models with their parameter counts and FLOPs",
+                       description="Every registered model with its parameter count and forward FLOPs per image "
+                                   "(2 x multiply-adds) at the data set's input size (default: 3,32,32, 10 classes).")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--dataset", metavar="NAME", help="use this data set's image shape and number of classes")
+    size.add_argument("--input-size", metavar="C,H,W", help="image shape, e.g. 3,224,224")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: the data set's, or 10)")
+    p.add_argument("--data-dir", default="data", help="where to look for a data set not known by name (default: data)")
     p.set_defaults(func=_cmd_models)
     return parser
 

@@ -72,6 +72,8 @@ class Config:
                                   default=None)
     # --- model ------------------------------------------------------------------------------
     model: str = _key("backbone from the model registry (fixmatch models)", default="wrn28_2")
+    init_weights: str | None = _key("a local state dict (.safetensors or weights-only torch file) loaded into the "
+                                    "backbone before training; the classifier head is re-initialised", default=None)
     # --- algorithm --------------------------------------------------------------------------
     method: str = _key("fixmatch, or supervised: the same pipeline with the unlabeled loss off",
                        lambda v: v in ("fixmatch", "supervised"), "fixmatch or supervised", default="fixmatch")

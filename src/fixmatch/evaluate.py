@@ -66,7 +66,7 @@ def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto"
     dev = resolve_device(device)
     data = load_dataset(config.dataset, data_dir or config.data_dir, image_size=config.image_size,
                         on_bad_image=config.on_bad_image, labels_csv=config.labels_csv)
-    model = create_model(config.model, data.num_classes, data.in_channels)
+    model = create_model(config.model, data.num_classes, data.in_channels, image_size=data.image_size)
     model.load_state_dict(state["ema" if weights == "ema" and state.get("ema") is not None else "model"])
     model.to(dev)
     if config.channels_last:

@@ -9,7 +9,8 @@ from torch import nn
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay convolution and linear weights only; no decay on BatchNorm/other norm parameters or biases.
+    """Decay convolution, linear and attention-projection weights only; no decay on BatchNorm/other norm
+    parameters, biases, or a ViT's position embedding and class token.
 
     The official code adds wd * sum(||kernel||^2) / 2 to the loss for kernels only, whose gradient
     wd * w is exactly what SGD's coupled ``weight_decay`` adds before momentum.
@@ -20,6 +21,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if not p.requires_grad:
                 continue
             is_kernel = name == "weight" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+            # Attention's fused q/k/v projection kernel is a parameter of the attention module itself.
+            is_kernel |= isinstance(module, nn.MultiheadAttention) and name.endswith("proj_weight")
             (decay if is_kernel else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -29,6 +29,7 @@ from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predic
 from fixmatch.fixmatch import fixmatch_loss
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.models import create_model
+from fixmatch.models.pretrained import load_init_weights
 from fixmatch.nonfinite import NonFiniteGuard
 from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
 from fixmatch.optim import LRSchedule, make_optimizer, set_lr
@@ -153,6 +154,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
     # --- model, optimiser, EMA
     torch.manual_seed(config.seed)
     model = create_model(config.model, data.num_classes, data.in_channels).to(device)
+    # A pretrained backbone for fresh runs (a resumed run restores its own weights below); before the EMA copy.
+    init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resume else None
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config.lr, config.momentum, config.nesterov, config.wd, config.optimizer)
@@ -197,6 +200,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
     logger = RunLogger(run_dir, config.steps, start_step, config.progress)
     logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, {config.model}, "
                  f"{config.steps} steps on {device}; run directory {run_dir}")
+    if init_report is not None:
+        logger.write(init_report.summary())
     t0 = time.perf_counter()
     model.train()
     step = start_step

@@ -45,12 +45,20 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
-    """Build the model registered as ``name``; extra ``kwargs`` go to its constructor."""
+    """Build the model registered as ``name``; extra ``kwargs`` go to its constructor.
+
+    Every factory accepts ``image_size`` (an int or (height, width)): the side of the images the
+    model will see, from which the convolutional backbones choose their stem (``models/stem.py``)
+    and ViTs size their position embedding; models that do not depend on it ignore it.
+    """
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
-    return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    try:
+        return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except ValueError as e:  # an impossible setting (e.g. an image side that is no multiple of the patch)
+        raise ModelError(f"cannot build {name}: {e}") from None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -59,8 +67,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 # Imported last, for their registration side effect: they need register_model above.
-from fixmatch.models import cnn, wideresnet  # noqa: E402,F401
+from fixmatch.models import cnn, densenet, mobilenetv3, resnet, vit, wideresnet  # noqa: E402,F401
 from fixmatch.models.cnn import SmallCNN  # noqa: E402
+from fixmatch.models.densenet import DenseNet  # noqa: E402
+from fixmatch.models.mobilenetv3 import MobileNetV3  # noqa: E402
+from fixmatch.models.resnet import ResNet  # noqa: E402
+from fixmatch.models.vit import VisionTransformer  # noqa: E402
 from fixmatch.models.wideresnet import WideResNet  # noqa: E402
 
-__all__ += ["SmallCNN", "WideResNet"]
+__all__ += ["DenseNet", "MobileNetV3", "ResNet", "SmallCNN", "VisionTransformer", "WideResNet"]

@@ -52,6 +52,7 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
+        self.head_name = "fc"
         self.num_features = channels
         self._init_weights()
 
@@ -76,6 +77,6 @@ class SmallCNN(nn.Module):
 
 
 @register_model("cnn_small")
-def cnn_small(num_classes: int, in_channels: int = 1, **kwargs: Any) -> SmallCNN:
-    """SmallCNN with default widths (32, 64, 128, 128)."""
+def cnn_small(num_classes: int, in_channels: int = 1, image_size: Any = None, **kwargs: Any) -> SmallCNN:
+    """SmallCNN with default widths (32, 64, 128, 128); image_size is accepted and ignored."""
     return SmallCNN(num_classes, in_channels=in_channels, **kwargs)

@@ -16,6 +16,17 @@ count quoted for WRN-28-2): convs have no bias (the TF ``ResNet`` keeps tf.layer
 zero-initialised bias: 2,032 more parameters for WRN-28-2, redundant since every conv
 output passes through a BN, which cancels per-channel shifts, before any nonlinearity),
 and stride-2 convs pad symmetrically (padding=1) where TF 'same' pads only bottom/right.
+
+WRN-37-2, FixMatch's STL-10 model (``wrn37_2``), is the official ``ResNet`` classifier with one more scale:
+``scales=4, filters=32, repeat=4``, i.e. four groups of 4 blocks of widths 32, 64, 128, 256 with
+strides 1, 2, 2, 2 (96x96 input -> 12x12 before the pool). The official code's default for 96x96
+images would be ``scales = ceil(log2(96)) - 2 = 5``; the authors confirmed that the STL-10 runs
+used ``--scales=4``, a model of about 6M parameters (google-research/fixmatch issue #34; the
+23.8M quoted in ReMixMatch was a mistake). "37" counts the stem, the 32 convolutions of the
+blocks and the 4 projection shortcuts, the count that gives 28 for WRN-28-2 (1 + 24 + 3).
+Parameters with 10 classes: 5,929,434 without conv biases (ours), 5,933,770 with the TF code's
+conv biases (+4,336). The stem is the same 3x3 stride-1 convolution at every input size, as in the
+official code, so ``image_size`` is accepted and ignored.
 """
 from __future__ import annotations
 
@@ -69,7 +80,13 @@ class BasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-``depth``-``widen_factor``; WRN-28-2 with 10 classes has 1,467,610 parameters."""
+    """WRN-``depth``-``widen_factor`` with ``num_groups`` groups (the official ``scales``).
+
+    Group g has width 16 * widen_factor * 2**g; depth = 2 * num_groups * n + num_groups + 1 for n
+    blocks per group (6n + 4 with 3 groups). WRN-28-2 with 10 classes has 1,467,610 parameters.
+    """
+
+    head_name = "fc"
 
     def __init__(
         self,
@@ -80,12 +97,14 @@ class WideResNet(nn.Module):
         bn_momentum: float = 0.001,
         leaky_slope: float = 0.1,
         dropout: float = 0.0,
+        num_groups: int = 3,
     ) -> None:
         super().__init__()
-        if (depth - 4) % 6 != 0 or depth < 10:
-            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1, got {depth}")
-        repeat = (depth - 4) // 6
-        widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        g = num_groups
+        if g < 1 or (depth - g - 1) % (2 * g) != 0 or depth < 3 * g + 1:
+            raise ValueError(f"WideResNet depth with {g} groups must be {2 * g}n + {g + 1} with n >= 1, got {depth}")
+        repeat = (depth - g - 1) // (2 * g)
+        widths = [16 * widen_factor * 2**i for i in range(g)]
 
         self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         groups: list[nn.Module] = []
@@ -130,7 +149,7 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding of shape (N, 64 * widen_factor)."""
+        """Pooled embedding of shape (N, 16 * widen_factor * 2**(num_groups - 1))."""
         x = self.act(self.bn(self.groups(self.stem(x))))
         return torch.flatten(self.pool(x), 1)
 
@@ -138,13 +157,20 @@ class WideResNet(nn.Module):
         return self.fc(self.dropout(self.forward_features(x)))
 
 
+# image_size is accepted for the registry's common signature; these networks do not depend on it.
 @register_model("wrn28_2")
-def wrn28_2(num_classes: int, in_channels: int = 3, **kwargs: Any) -> WideResNet:
+def wrn28_2(num_classes: int, in_channels: int = 3, image_size: Any = None, **kwargs: Any) -> WideResNet:
     """WRN-28-2, FixMatch's CIFAR-10 / SVHN model (1.47M parameters)."""
     return WideResNet(num_classes, depth=28, widen_factor=2, in_channels=in_channels, **kwargs)
 
 
 @register_model("wrn28_8")
-def wrn28_8(num_classes: int, in_channels: int = 3, **kwargs: Any) -> WideResNet:
+def wrn28_8(num_classes: int, in_channels: int = 3, image_size: Any = None, **kwargs: Any) -> WideResNet:
     """WRN-28-8, FixMatch's CIFAR-100 model (23.4M parameters)."""
     return WideResNet(num_classes, depth=28, widen_factor=8, in_channels=in_channels, **kwargs)
+
+
+@register_model("wrn37_2")
+def wrn37_2(num_classes: int, in_channels: int = 3, image_size: Any = None, **kwargs: Any) -> WideResNet:
+    """WRN-37-2, FixMatch's STL-10 model: the official code with --scales=4 (5.93M parameters)."""
+    return WideResNet(num_classes, depth=37, widen_factor=2, in_channels=in_channels, num_groups=4, **kwargs)

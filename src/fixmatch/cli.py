@@ -14,8 +14,12 @@ from fixmatch.config import PRESETS, Config, ConfigError, describe_keys, resolve
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage dump
-        message = " ".join(message.split("\n"))  # a value with a line break must not break the line
-        self.exit(2, f"fixmatch: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"fixmatch: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: str) -> str:
+    """A value or path with a line break (\\n, \\r, ...) in it must not break the one-line error."""
+    return " ".join(str(message).splitlines())
 
 
 def _converter(type_name: str, flag: str, accepted: str = "") -> Callable[[str], Any]:
@@ -173,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fixmatch: {e}", file=sys.stderr)
         return 130
     except _expected_errors() as e:
-        print(f"fixmatch: error: {e}", file=sys.stderr)
+        print(f"fixmatch: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a full, read-only or forbidden output folder, wherever the write happened
         if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES,

@@ -224,6 +224,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}; check the path given to --config") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # a folder, an unreadable or a binary file
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ConfigError(f"cannot read config file {path} ({reason}); give --config a YAML text file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
     if data is None:

@@ -3,6 +3,7 @@ import builtins
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import signal
@@ -25,7 +26,7 @@ from fixmatch.config import Config
 from fixmatch.data.datasets import DatasetError, load_dataset
 from fixmatch.data.safe_archive import is_safe_member_name
 from fixmatch.data.safe_image import open_image
-from fixmatch.nonfinite import NonFiniteError
+from fixmatch.nonfinite import NonFiniteError, NonFiniteGuard
 from fixmatch.rundir import RunDirError, append_line, lock_run_dir
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
@@ -130,6 +131,24 @@ def test_a_skipped_step_leaves_the_weights_untouched(tmp_path, nan_model):
     weights = [k for k in init if "running" not in k and "num_batches" not in k]
     assert weights and all(torch.equal(state["model"][k], init[k]) for k in weights)
     assert all(torch.equal(state["ema"][k], init[k]) for k in weights)
+
+
+def test_deferred_check_names_the_first_bad_step(tmp_path):
+    # The GPU path of on_nonfinite=stop: no per-step sync, the first bad step is kept on the device and
+    # reported at the next sync point (forced on here on a CPU).
+    guard = NonFiniteGuard("stop", torch.device("cpu"), tmp_path / "last.pt")
+    guard.deferred = True
+    w = nn.Parameter(torch.ones(3))
+    for step, value in [(1, 1.0), (2, float("inf")), (3, float("nan")), (4, 1.0)]:
+        w.grad = torch.full((3,), value)
+        assert guard.step_is_finite(step, torch.tensor(value), [w])  # the update is not held back
+    with pytest.raises(NonFiniteError, match=r"at step 2; .*Last good checkpoint: none yet"):
+        guard.raise_if_failed()
+    fine = NonFiniteGuard("stop", torch.device("cpu"), tmp_path / "last.pt")
+    fine.deferred = True
+    fine.raise_if_failed()
+    with pytest.raises(NonFiniteError, match="non-finite weights at step 7"):
+        fine.check_weights(7, nn.Linear(2, 2).requires_grad_(False).apply(lambda m: m.weight.fill_(math.nan)))
 
 
 # --------------------------------------------------------------------------- full disk, unwritable output

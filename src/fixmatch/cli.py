@@ -91,6 +91,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 1 if result.failed else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fixmatch.report import write_report
+
+    index = write_report(args.paths, args.out)
+    print(f"report written: {index}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     defaults = {name: default for name, default, _ in describe_keys()}
     for name, values in PRESETS.items():
@@ -141,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at a time, each with cores/N torch threads (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and figures of a study's runs (Markdown, CSV, PNG, index.html)",
+                       description="Read the runs' metrics.jsonl, summary.json and config.yaml and write a results "
+                                   "table, figures and an index.html into REPORT_DIR.")
+    p.add_argument("paths", nargs="+", metavar="STUDY_DIR_OR_RUN_DIR", help="study folders and/or run directories")
+    p.add_argument("--out", metavar="REPORT_DIR", required=True, help="folder for the report")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("presets", help="list the presets and their values")
     p.set_defaults(func=_cmd_presets)

@@ -153,7 +153,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
 
     # --- model, optimiser, EMA
     torch.manual_seed(config.seed)
-    model = create_model(config.model, data.num_classes, data.in_channels).to(device)
+    # image_size picks the stem (CIFAR or ImageNet) or the ViT's patch grid.
+    model = create_model(config.model, data.num_classes, data.in_channels, image_size=data.image_size).to(device)
     # A pretrained backbone for fresh runs (a resumed run restores its own weights below); before the EMA copy.
     init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resume else None
     if config.channels_last:

@@ -188,7 +188,7 @@ def _read_cifar_tar(archive: Path) -> dict[str, tuple[object, str]]:
     raw = {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for info in safe_tar_files(tar, archive):  # refuses absolute and '..' member names
+            for info in safe_tar_files(tar):  # skips absolute and '..' member names, links and devices
                 m = wanted.get(info.name)
                 if m is None or not info.isfile():
                     continue

@@ -1,18 +1,15 @@
 """Reading untrusted tar archives member by member: no path that could land outside the data folder.
 
-The loaders never extract archives to disk; they read the members they expect into memory. An archive
-that names a member by an absolute path or with ``..`` is not what the data set's authors published (a
-"tar slip" attack aims such names at files outside the destination), so it is refused as a whole.
-Links and devices are skipped: only regular files are read.
+The loaders read the members they expect into memory (or write them under their own names). A member
+named by an absolute path, a drive letter or with ``..`` (a "tar slip" aims such names at files outside the
+destination) is skipped, never read or extracted; so are links and devices: only regular files are read.
 """
 from __future__ import annotations
 
 import re
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Iterator
-
-from .download import DatasetError
 
 __all__ = ["is_safe_member_name", "safe_tar_files"]
 
@@ -29,11 +26,8 @@ def is_safe_member_name(name: str) -> bool:
     return ".." not in PurePosixPath(posix).parts
 
 
-def safe_tar_files(tar: tarfile.TarFile, source: str | Path) -> Iterator[tarfile.TarInfo]:
-    """The regular-file members of ``tar``, read in order; ``DatasetError`` at the first unsafe name."""
+def safe_tar_files(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The regular-file members of ``tar`` with safe names, in archive order (one forward pass)."""
     for info in tar:
-        if not is_safe_member_name(info.name):
-            raise DatasetError(f"{source} holds a member with an unsafe path {info.name!r} (absolute or with '..'); "
-                               f"it is not the published archive: delete it and download it again")
-        if info.isfile():
+        if info.isfile() and is_safe_member_name(info.name):
             yield info

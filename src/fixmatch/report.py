@@ -1,0 +1,353 @@
+"""`fixmatch report STUDY_DIR_OR_RUN_DIRS... --out REPORT_DIR`: a study's results as a table and figures.
+
+Everything comes from the runs' files: config.yaml, metrics.jsonl and summary.json (and, only for the
+macro-F1 of runs whose metrics rows lack it and for the confusion matrix, the run's best checkpoint evaluated
+on its test set). Runs that differ only in their seed form one configuration: a row of the table with the
+mean and sample standard deviation over the seeds. Written into REPORT_DIR:
+
+    results.md, results.csv    the table
+    *.png                      the figures (report_figures.py)
+    index.html                 the table and every figure on one self-contained page
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fixmatch.config import RESUME_MUTABLE_KEYS, ConfigError, config_from_dict
+
+# The paper's error rates (%, mean +- std over 5 folds): Sohn et al., 2020, "FixMatch: Simplifying
+# Semi-Supervised Learning with Consistency and Confidence", Table 2. Keyed by (data set, labels, model);
+# the model is the one the paper used for that data set.
+PAPER_ERROR_RATES: dict[tuple[str, int, str], dict[str, tuple[float, float]]] = {
+    ("cifar10", 40, "wrn28_2"): {"randaugment": (13.81, 3.37), "ctaugment": (11.39, 3.35)},
+    ("cifar10", 250, "wrn28_2"): {"randaugment": (5.07, 0.65), "ctaugment": (5.07, 0.33)},
+    ("cifar10", 4000, "wrn28_2"): {"randaugment": (4.26, 0.05), "ctaugment": (4.31, 0.15)},
+    ("cifar100", 400, "wrn28_8"): {"randaugment": (48.85, 1.75), "ctaugment": (49.95, 3.01)},
+    ("cifar100", 2500, "wrn28_8"): {"randaugment": (28.29, 0.11), "ctaugment": (28.64, 0.24)},
+    ("cifar100", 10000, "wrn28_8"): {"randaugment": (22.60, 0.12), "ctaugment": (23.18, 0.11)},
+    ("svhn", 40, "wrn28_2"): {"randaugment": (3.96, 2.17), "ctaugment": (7.65, 7.65)},
+    ("svhn", 250, "wrn28_2"): {"randaugment": (2.48, 0.38), "ctaugment": (2.64, 0.64)},
+    ("svhn", 1000, "wrn28_2"): {"randaugment": (2.28, 0.11), "ctaugment": (2.36, 0.19)},
+    ("stl10", 1000, "wrn37_2"): {"randaugment": (7.98, 1.50), "ctaugment": (5.17, 0.63)},
+}
+PAPER_CITATION = "Sohn et al., 2020, Table 2 (error rate, mean ± std over 5 folds)"
+
+# Keys that never make two runs different configurations: where and how a run ran, and its seed.
+NOT_CONFIGURATION = frozenset(RESUME_MUTABLE_KEYS | {"seed", "progress", "channels_last", "eval_batch_size"})
+
+
+class ReportError(ConfigError):
+    """The report cannot be made (no runs found, unreadable run files); one line, with the fix. A ConfigError,
+    so that the command reports it like any other bad input."""
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]   # metrics.jsonl
+    macro_f1: float | None = None
+
+
+@dataclass
+class Group:
+    """Runs with the same configuration except their seed."""
+    key: tuple
+    runs: list[Run]
+    values: dict[str, Any] = field(default_factory=dict)  # the keys that vary between groups, for labels
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.runs[0].config
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "all runs"
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+def _read_yaml_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+        return config_from_dict(data, str(path)).to_dict()  # old runs gain the defaults of newer keys
+    except (yaml.YAMLError, TypeError, ConfigError) as e:
+        raise ReportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ReportError(f"{path} line {i} is not JSON; the run's metrics file is damaged") from None
+    return rows
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Run directories (holding config.yaml and metrics.jsonl) given directly or found under study folders."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise ReportError(f"no such directory: {p}; give study folders or run directories")
+        if (p / "config.yaml").is_file():
+            found.append(p)
+        else:
+            found += sorted(c.parent for c in p.rglob("config.yaml") if (c.parent / "metrics.jsonl").is_file())
+    unique = list(dict.fromkeys(d.resolve() for d in found))
+    if not unique:
+        raise ReportError(f"no run directories (with config.yaml and metrics.jsonl) under {', '.join(map(str, paths))}")
+    return unique
+
+
+def load_runs(paths: list[str | Path]) -> tuple[list[Run], list[Path]]:
+    """Finished runs (summary.json present) and the run directories left out because they are not finished."""
+    runs, unfinished = [], []
+    for d in find_run_dirs(paths):
+        summary_path = d / "summary.json"
+        rows = _read_rows(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+        if not summary_path.is_file() or not rows:
+            unfinished.append(d)
+            continue
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            raise ReportError(f"{summary_path} is not JSON; re-run the run or remove it") from None
+        run = Run(d, _read_yaml_config(d / "config.yaml"), summary, rows)
+        best_row = max(rows, key=lambda r: r["test_acc"])
+        run.macro_f1 = best_row.get("macro_f1")
+        runs.append(run)
+    return runs, unfinished
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """One group per configuration (all keys but NOT_CONFIGURATION); labelled by the keys that vary."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = tuple(sorted((k, json.dumps(v)) for k, v in run.config.items() if k not in NOT_CONFIGURATION))
+        groups.setdefault(key, Group(key, [])).runs.append(run)
+    out = list(groups.values())
+    varying = [k for k in out[0].config if k not in NOT_CONFIGURATION
+               and len({json.dumps(g.config[k]) for g in out}) > 1] if out else []
+    for g in out:
+        g.values = {k: g.config[k] for k in varying}
+        g.runs.sort(key=lambda r: r.config["seed"])
+    order = ("dataset", "model", "method", "num_labels")
+    out.sort(key=lambda g: tuple(str(g.config.get(k)).zfill(12) for k in order) + (g.label,))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- numbers
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); no std for a single value."""
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt(mean: float, std: float | None, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def paper_accuracy(config: dict[str, Any]) -> tuple[float, float] | None:
+    """The paper's accuracy (100 - error rate, std) for this setting, when the paper has it."""
+    if config.get("method") != "fixmatch":
+        return None
+    entry = PAPER_ERROR_RATES.get((config["dataset"], config["num_labels"], config["model"]))
+    if entry is None:
+        return None
+    error, std = entry["ctaugment" if config.get("strong") == "ctaugment" else "randaugment"]
+    return round(100.0 - error, 2), std
+
+
+def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
+    """Runs whose metrics rows lack macro_f1: evaluate their best checkpoint (EMA weights) on the test set."""
+    from fixmatch.evaluate import evaluate
+
+    missing = [r for r in runs if r.macro_f1 is None]
+    failed = []
+    for run in missing:
+        best = run.path / "checkpoints" / "best.pt"
+        try:
+            metrics = evaluate(best, device="cpu")
+        except Exception as e:  # a missing checkpoint or data set leaves the cell empty, with a note
+            failed.append(f"{run.path.name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            continue
+        run.macro_f1 = metrics.get("macro_f1")
+        if run.macro_f1 is None:
+            failed.append(f"{run.path.name} (the evaluation code gives no macro-F1)")
+    if missing:
+        notes.append(f"Macro-F1: from metrics.jsonl where logged; otherwise from each run's best checkpoint "
+                     f"(checkpoints/best.pt, EMA weights) evaluated on the test set "
+                     f"({len(missing) - len(failed)} of {len(missing)} runs).")
+    if failed:
+        notes.append("Macro-F1 left empty for: " + "; ".join(failed) + ".")
+
+
+TABLE_COLUMNS = ["seeds", "median last 20 (%)", "best (%)", "error rate (%)", "macro-F1 (%)", "steps run",
+                 "wall time (s)", "paper (%)"]
+
+
+def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
+    """Header, formatted rows (Markdown/HTML) and raw rows (CSV, with separate mean and std columns)."""
+    varying = list(groups[0].values) if groups else []
+    header = varying + TABLE_COLUMNS
+    rows, raw = [], []
+    for g in groups:
+        med = mean_std([r.summary["test_acc_median_last20"] for r in g.runs])
+        best = mean_std([r.summary["test_acc_best"] for r in g.runs])
+        err = mean_std([100.0 - r.summary["test_acc_median_last20"] for r in g.runs])
+        f1s = [r.macro_f1 for r in g.runs if r.macro_f1 is not None]
+        f1 = mean_std(f1s) if len(f1s) == len(g.runs) else (math.nan, None)
+        steps = sorted({r.summary["steps"] for r in g.runs})
+        wall = mean_std([r.summary["wall_s"] for r in g.runs])
+        paper = paper_accuracy(g.config)
+        seeds = ", ".join(str(r.config["seed"]) for r in g.runs)
+        rows.append([str(g.values[k]) for k in varying] + [
+            seeds, fmt(*med), fmt(*best), fmt(*err), fmt(*f1), "/".join(map(str, steps)), fmt(wall[0], None, 0),
+            fmt(*paper) if paper else ""])
+        raw.append({**{k: g.values[k] for k in varying}, "seeds": seeds, "n": len(g.runs),
+                    "median_last20_mean": med[0], "median_last20_std": med[1], "best_mean": best[0],
+                    "best_std": best[1], "error_rate_mean": err[0], "error_rate_std": err[1],
+                    "macro_f1_mean": f1[0] if f1s else None, "macro_f1_std": f1[1], "steps_run": steps[-1],
+                    "wall_s_mean": wall[0], "paper_acc": paper[0] if paper else None,
+                    "paper_std": paper[1] if paper else None})
+    return header, rows, raw
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(raw: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if raw:
+        writer = csv.DictWriter(buf, fieldnames=list(raw[0]), lineterminator="\n")
+        writer.writeheader()
+        for r in raw:
+            writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                             for k, v in r.items()})
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- page
+
+# After the page loads, a script checks that every figure decoded (naturalWidth > 0) and writes the result
+# into #image-status; script errors are written there too. A headless browser reads it back (tests).
+_CHECK_SCRIPT = """
+window.addEventListener("error", (e) => {
+  document.getElementById("image-status").textContent = "error: " + (e.message || (e.target && e.target.src));
+}, true);
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const broken = images.filter((img) => !(img.complete && img.naturalWidth > 0));
+  const status = document.getElementById("image-status");
+  if (status.textContent.startsWith("error")) return;
+  status.textContent = broken.length === 0 ? `all ${images.length} images loaded`
+    : "broken images: " + broken.map((img) => img.getAttribute("src")).join(", ");
+});
+"""
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
+th { background: #eee; }
+figure { margin: 1.5em 0; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: 0.9em; }
+#image-status { color: #888; font-size: 0.8em; }
+"""
+
+
+def html_page(title: str, description: str, header: list[str], rows: list[list[str]], notes: list[str],
+              figures: list[tuple[str, str]]) -> str:
+    esc = html.escape
+    thead = "".join(f"<th>{esc(h)}</th>" for h in header)
+    tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n" for row in rows)
+    notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    figs = "".join(f'<figure><img src="{esc(name)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption>'
+                   f"</figure>\n" for name, caption in figures)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+<p>{esc(description)}</p>
+<h2>Results</h2>
+<table><thead><tr>{thead}</tr></thead><tbody>
+{tbody}</tbody></table>
+<p>Also as <a href="results.md">Markdown</a> and <a href="results.csv">CSV</a>.</p>
+<ul>{notes_html}</ul>
+<h2>Figures</h2>
+{figs}<p id="image-status">checking images…</p>
+<script>{_CHECK_SCRIPT}</script>
+</body></html>
+"""
+
+
+def write_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> Path:
+    """Write the table, the figures and index.html into ``out``; returns the path of index.html."""
+    try:
+        from fixmatch.report_figures import make_figures
+    except ImportError as e:
+        raise ReportError(f"the report's figures need matplotlib ({e}); install it: pip install 'fixmatch[report]'"
+                          ) from None
+
+    runs, unfinished = load_runs(paths)
+    if not runs:
+        raise ReportError(f"none of the {len(unfinished)} run directories found has finished (summary.json); "
+                          f"finish them (fixmatch sweep again resumes them) before reporting")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = [f"{len(runs)} finished runs in {len(group_runs(runs))} configurations. Accuracy is the EMA model's "
+             f"top-1 test accuracy; 'median last 20' is the median over a run's last 20 evaluations (the paper's "
+             f"statistic), 'best' its highest evaluation; mean ± sample std (n - 1) over seeds; error rate = "
+             f"100 - median last 20."]
+    if unfinished:
+        notes.append("Not finished, left out: " + ", ".join(d.name for d in unfinished) + ".")
+    fill_macro_f1(runs, notes)
+    groups = group_runs(runs)
+    if any(paper_accuracy(g.config) for g in groups):
+        notes.append(f"Paper: accuracy = 100 - error rate of {PAPER_CITATION}, for the same data set, labels and "
+                     f"model, RandAugment or CTAugment as the run's strong augmentation.")
+    header, rows, raw = table_rows(groups)
+    (out / "results.md").write_text(markdown_table(header, rows) + "\n" + "".join(f"- {n}\n" for n in notes))
+    (out / "results.csv").write_text(csv_text(raw))
+    figures = make_figures(groups, out, notes)
+    description = _study_description(paths)
+    page = html_page(title or "FixMatch study report", description, header, rows, notes, figures)
+    (out / "index.html").write_text(page)
+    return out / "index.html"
+
+
+def _study_description(paths: list[str | Path]) -> str:
+    """The description line of the study files (study.yaml written by fixmatch sweep), where there are any."""
+    texts = []
+    for p in map(Path, paths):
+        study = p / "study.yaml"
+        if study.is_file():
+            try:
+                data = yaml.safe_load(study.read_text())
+            except yaml.YAMLError:
+                continue
+            if isinstance(data, dict) and data.get("description"):
+                texts.append(str(data["description"]).strip())
+    return " ".join(texts)

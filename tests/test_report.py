@@ -1,0 +1,196 @@
+"""fixmatch report: grouping over seeds, mean ± std, paper numbers, CSV/Markdown, figures, and index.html
+checked in a real headless Chromium (every image decodes, no console messages)."""
+import csv
+import importlib
+import json
+import math
+import shutil
+import statistics
+import subprocess
+
+import pytest
+import yaml
+
+import fixmatch
+from fixmatch.config import Config
+from fixmatch.report import PAPER_ERROR_RATES, ReportError, load_runs, paper_accuracy, write_report
+
+
+def _fake_run(root, name, accs, macro_f1=None, finished=True, **config):
+    """A run directory as train() writes it, with given accuracies per evaluation (no training)."""
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = Config(**{"dataset": "synthetic", "model": "cnn_small", "steps": 10 * len(accs), **config})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    rows = []
+    for i, acc in enumerate(accs, 1):
+        row = {"step": 10 * i, "test_acc": acc, "test_top5": 99.0, "raw_test_acc": acc - 1, "loss_s": 1.0 / i,
+               "loss_u": 0.5 / i, "mask_rate": 0.1 * i, "pseudo_label_acc": 80.0, "lr": 0.03, "wall_s": 2.0 * i}
+        if macro_f1 is not None:
+            row["macro_f1"] = macro_f1 + i  # the row of the best accuracy is the one reported
+        rows.append(row)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        summary = {"steps": 10 * len(accs), "test_acc_last": accs[-1], "test_acc_best": max(accs),
+                   "test_acc_median_last20": statistics.median(accs[-20:]), "wall_s": 100.0 + cfg.seed,
+                   "steps_per_s": 1.0}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def _study(tmp_path):
+    root = tmp_path / "study"
+    for seed, shift in ((0, 0.0), (1, 2.0), (2, 4.0)):
+        _fake_run(root, f"fm40-s{seed}", [50 + shift, 70 + shift, 60 + shift], macro_f1=40.0 + shift,
+                  num_labels=40, seed=seed)
+        _fake_run(root, f"sup40-s{seed}", [40 + shift, 45 + shift], macro_f1=30.0, num_labels=40, seed=seed,
+                  method="supervised")
+    _fake_run(root, "fm250-s0", [80.0, 90.0], macro_f1=85.0, num_labels=250, seed=0)
+    _fake_run(root, "unfinished", [10.0], num_labels=250, seed=1, finished=False)
+    return root
+
+
+def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
+    index = write_report([_study(tmp_path)], tmp_path / "report")
+    rows = list(csv.DictReader((tmp_path / "report" / "results.csv").open()))
+    by = {(r["num_labels"], r["method"]): r for r in rows}
+    assert set(by) == {("40", "fixmatch"), ("40", "supervised"), ("250", "fixmatch")}
+    fm = by[("40", "fixmatch")]
+    # medians of [50, 70, 60] + shift = 60, 62, 64: mean 62, sample std 2
+    assert (float(fm["median_last20_mean"]), float(fm["median_last20_std"])) == (62.0, 2.0)
+    assert (float(fm["best_mean"]), float(fm["error_rate_mean"])) == (72.0, 38.0)
+    # macro-F1 of each run's best evaluation (row 2: 40 + shift + 2): 42, 44, 46
+    assert (float(fm["macro_f1_mean"]), float(fm["macro_f1_std"])) == (44.0, 2.0)
+    assert fm["seeds"] == "0, 1, 2" and fm["n"] == "3" and fm["steps_run"] == "30"
+    assert math.isclose(float(fm["wall_s_mean"]), 101.0)  # 100 + seed, seeds 0-2
+    single = by[("250", "fixmatch")]
+    assert single["median_last20_std"] == "" and float(single["median_last20_mean"]) == 85.0
+    md = (tmp_path / "report" / "results.md").read_text()
+    assert "| 40 | fixmatch | 30 | 0, 1, 2 | 62.00 ± 2.00 | 72.00 ± 2.00 | 38.00 ± 2.00 | 44.00 ± 2.00 | 30 |" in md
+    assert "Not finished, left out: unfinished." in md
+    page = index.read_text()
+    assert "62.00 ± 2.00" in page and "No confusion matrix" in page  # fake runs have no checkpoints
+    for png in ("accuracy_vs_step.png", "best_vs_labels.png", "losses.png", "mask_rate.png",
+                "pseudo_label_acc.png", "ema_vs_raw.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{png}"' in page
+
+
+def test_paper_numbers_for_matching_settings_only():
+    base = dict(dataset="cifar10", num_labels=40, model="wrn28_2", method="fixmatch", strong="randaugment")
+    assert paper_accuracy(base) == (86.19, 3.37)
+    assert paper_accuracy({**base, "strong": "ctaugment"}) == (88.61, 3.35)
+    assert paper_accuracy({**base, "strong": "randaugment-tf"}) == (86.19, 3.37)
+    assert paper_accuracy({**base, "model": "resnet18"}) is None
+    assert paper_accuracy({**base, "method": "supervised"}) is None
+    assert paper_accuracy({**base, "dataset": "fashion-mnist"}) is None
+    assert PAPER_ERROR_RATES[("stl10", 1000, "wrn37_2")]["ctaugment"] == (5.17, 0.63)
+
+
+def test_paper_column_in_the_table(tmp_path):
+    _fake_run(tmp_path / "s", "c10", [80.0, 85.0], dataset="cifar10", model="wrn28_2", num_labels=250, steps=20)
+    _fake_run(tmp_path / "s", "c10-sup", [60.0], dataset="cifar10", model="wrn28_2", num_labels=250,
+              method="supervised", steps=20)
+    write_report([tmp_path / "s"], tmp_path / "r")
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "| fixmatch | 0 | 82.50 | 85.00 | 17.50 |" in md and "| 94.93 ± 0.65 |" in md
+    assert md.count("94.93") == 1  # the supervised row has no paper number
+    assert "Sohn et al., 2020, Table 2" in md
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(ReportError, match="no such directory"):
+        write_report([tmp_path / "nope"], tmp_path / "r")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no run directories"):
+        write_report([tmp_path / "empty"], tmp_path / "r")
+    _fake_run(tmp_path / "u", "a", [1.0], finished=False)
+    with pytest.raises(ReportError, match="has finished"):
+        write_report([tmp_path / "u"], tmp_path / "r")
+    run = _fake_run(tmp_path / "d", "a", [1.0])
+    (run / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(ReportError, match="line 1 is not JSON"):
+        load_runs([run])
+    from fixmatch.cli import main
+    assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browser_check(index):
+    """Load the page in headless Chromium; return the image status the page's script wrote, and console lines."""
+    proc = subprocess.run([CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr",
+                           "--v=0", "--allow-file-access-from-files", "--dump-dom", index.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    start = proc.stdout.index('id="image-status">') + len('id="image-status">')
+    status = proc.stdout[start:proc.stdout.index("</p>", start)]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return status, console
+
+
+@pytest.fixture(scope="module")
+def trained_study(tmp_path_factory):
+    """Two tiny real runs (checkpoints included): macro-F1 from the checkpoint, a confusion matrix."""
+    root = tmp_path_factory.mktemp("real")
+    quick = dict(dataset="synthetic", model="cnn_small", num_labels=20, batch_size=8, mu=2, lr=0.05, ema=0.9,
+                 eval_every=4, eval_batch_size=512, progress=False, device="cpu", steps=4, channels_last=False)
+    fixmatch.train(Config(**quick), out=root / "study" / "fm")
+    fixmatch.train(Config(**{**quick, "method": "supervised"}), out=root / "study" / "sup")
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_report(trained_study):
+    return write_report([trained_study / "study"], trained_study / "report")
+
+
+def test_macro_f1_and_confusion_come_from_the_best_checkpoint_when_metrics_lack_them(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    for seed in (0, 1):
+        run = _fake_run(root, f"r{seed}", [50.0 + seed, 60.0 + seed], seed=seed)
+        (run / "checkpoints").mkdir()
+    calls = []
+
+    def fake_evaluate(path, device="cpu"):
+        calls.append(path)
+        seed = int(path.parent.parent.name[1:])
+        return {"test_acc": 0.0, "macro_f1": 70.0 + 2 * seed, "per_class_acc": {"a": 50.0, "b": 100.0},
+                "confusion": [[5, 5], [0, 10]]}
+
+    monkeypatch.setattr(importlib.import_module("fixmatch.evaluate"), "evaluate", fake_evaluate)
+    index = write_report([root], tmp_path / "r")
+    assert sorted(p.parent.parent.name for p in calls[:2]) == ["r0", "r1"]
+    assert all(p.name == "best.pt" for p in calls)
+    row = next(csv.DictReader((tmp_path / "r" / "results.csv").open()))
+    assert (float(row["macro_f1_mean"]), float(row["macro_f1_std"])) == (71.0, math.sqrt(2))
+    assert calls[-1].parent.parent.name == "r1"  # the confusion matrix is the best run's (61% > 60%)
+    assert (tmp_path / "r" / "confusion_best.png").is_file() and "confusion_best.png" in index.read_text()
+
+
+needs_per_class_metrics = pytest.mark.skipif(
+    not hasattr(importlib.import_module("fixmatch.evaluate"), "macro_f1"),
+    reason="evaluate.py does not compute macro-F1 and confusion matrices yet")
+
+
+@needs_per_class_metrics
+def test_real_runs_get_macro_f1_and_a_confusion_matrix(real_report):
+    rows = list(csv.DictReader((real_report.parent / "results.csv").open()))
+    assert len(rows) == 2 and all(0 <= float(r["macro_f1_mean"]) <= 100 for r in rows)
+    assert (real_report.parent / "confusion_best.png").is_file()
+    assert 'src="confusion_best.png"' in real_report.read_text()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/setup.sh installs it with apt)")
+def test_index_html_in_headless_chromium_loads_every_image_without_console_messages(real_report, tmp_path):
+    report = shutil.copytree(real_report.parent, tmp_path / "report")
+    index = report / "index.html"
+    status, console = _browser_check(index)
+    n = index.read_text().count("<img ")
+    assert n == 7 and status == f"all {n} images loaded"
+    assert console == []
+    # The check does detect a broken figure: the test would fail on a page with a missing image.
+    (report / "losses.png").unlink()
+    status, _ = _browser_check(index)
+    assert status.startswith("error") or status == "broken images: losses.png"

@@ -188,7 +188,7 @@ def test_index_html_in_headless_chromium_loads_every_image_without_console_messa
     index = report / "index.html"
     status, console = _browser_check(index)
     n = index.read_text().count("<img ")
-    assert n == 7 and status == f"all {n} images loaded"
+    assert n == len(list(report.glob("*.png"))) >= 6 and status == f"all {n} images loaded"
     assert console == []
     # The check does detect a broken figure: the test would fail on a page with a missing image.
     (report / "losses.png").unlink()

@@ -50,12 +50,18 @@ def _positive_float(v: Any) -> bool:
 @dataclass
 class Config:
     # --- data -------------------------------------------------------------------------------
-    dataset: str = _key("data set name (cifar10, fashion-mnist, synthetic) or folder:PATH for your own images",
-                        default="cifar10")
+    dataset: str = _key("data set name (cifar10, cifar100, svhn, stl10, mnist, fashion-mnist, synthetic) or "
+                        "folder:PATH for your own images", default="cifar10")
     data_dir: str = _key("folder searched for (and receiving downloads of) the data set files", default="data")
     num_labels: int = _key("labeled training images, split equally over the classes", _positive_int,
                            "a positive integer divisible by the number of classes", default=250)
     split_file: str | None = _key("a saved split.json to reuse instead of drawing a new one", default=None)
+    fold: int | None = _key("stl10: label the 1000 images of official fold 0-9 (fold_indices.txt; set --num-labels "
+                            "1000); null = draw num_labels per class with the seed, as the official FixMatch code "
+                            "does (5000 = every train image)", lambda v: v is None or v in range(10),
+                            "an integer 0-9 or null", default=None)
+    svhn_extra: bool = _key("svhn: add the 531,131 extra images to the unlabeled pool (the paper uses train only)",
+                            lambda v: isinstance(v, bool), "true or false", default=False)
     label_selection: str = _key("which images get labels: random (stratified), file (--split-file), "
                                 "representative / unrepresentative (nearest to / farthest from the class centroid; "
                                 "a study tool that reads the true labels)", lambda v: v in LABEL_SELECTIONS,

@@ -23,7 +23,8 @@ from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_conf
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.label_selection import select_labels
-from fixmatch.data.split import Split, load_split, save_split
+from fixmatch.data.pool import gather_pool, pool_labels
+from fixmatch.data.split import Split, fold_split, load_split, save_split, unlabeled_pool
 from fixmatch.ema import EMA
 from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
 from fixmatch.fixmatch import fixmatch_loss
@@ -37,6 +38,16 @@ from fixmatch.optim import LRSchedule, make_optimizer, set_lr
 # Data sets whose weak view has no horizontal flip (digits and text are not mirror-symmetric).
 NO_FLIP_DATASETS = frozenset({"svhn", "mnist"})
 LOG_EVERY = 10  # steps between progress-bar refreshes: reading losses forces a device sync
+
+
+def _dataset_options(config: Config) -> dict[str, Any]:
+    """Keys that only one data set reads: refused for the others rather than silently ignored."""
+    if config.fold is not None and config.dataset != "stl10":
+        raise ConfigError(f"--fold selects one of STL-10's official labeled folds; it does not apply to "
+                          f"{config.dataset}: leave it unset")
+    if config.svhn_extra and config.dataset != "svhn":
+        raise ConfigError(f"--svhn-extra adds SVHN's extra images; it does not apply to {config.dataset}")
+    return {"extra": True} if config.svhn_extra else {}
 
 
 class TrainingInterrupted(Exception):
@@ -83,6 +94,11 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
 def _split_for(config: Config, run_dir: Path, resume: bool, data: Dataset) -> Split:
     if resume:
         split = load_split(run_dir / "split.json", num_train=data.train_labels.numel())
+    elif config.fold is not None:
+        split = fold_split(data.folds, config.fold, data.train_labels.numel(), config.seed)
+        if len(split.labeled) != config.num_labels:
+            raise ConfigError(f"--fold {config.fold} labels the {len(split.labeled)} images of that fold; "
+                              f"set --num-labels {len(split.labeled)}")
     else:
         split = select_labels(config.label_selection, data.train_labels, config.num_labels, data.num_classes,
                               config.seed, images=data.train_images, split_file=config.split_file,
@@ -133,7 +149,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
 
     # --- data and split: everything that can fail on bad input happens before anything is written
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
-                        on_bad_image=config.on_bad_image, labels_csv=config.labels_csv)
+                        on_bad_image=config.on_bad_image, labels_csv=config.labels_csv, **_dataset_options(config))
     resumed = resume and (run_dir / "checkpoints" / "last.pt").is_file()  # else: killed before any checkpoint
     split = _split_for(config, run_dir, resumed, data)
     n_pool = len(split.unlabeled) + (0 if data.unlabeled_images is None else len(data.unlabeled_images))
@@ -142,7 +158,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                            f"draws mu*B = {config.batch_size * config.mu}; add unlabeled images or lower --mu or "
                            "--batch-size")
     stream_lb = IndexStream(split.labeled, config.batch_size, config.seed, stream_id=0)
-    stream_ulb = IndexStream(split.unlabeled, config.batch_size * config.mu, config.seed, stream_id=1)
+    # The unlabeled stream draws from the split's training images plus the data set's separate unlabeled images.
+    stream_ulb = IndexStream(unlabeled_pool(split, data.train_labels.numel(), data.num_unlabeled_extra),
+                             config.batch_size * config.mu, config.seed, stream_id=1)
+    y_pool = pool_labels(data)  # true labels (-1 where unknown), for monitoring pseudo-labels only
     train_images = data.train_images.pin_memory() if device.type == "cuda" else data.train_images
     mean, std = channel_stats(data.mean, data.std, device)
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
@@ -167,7 +186,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
     guard = NonFiniteGuard(config.on_nonfinite, device, run_dir / "checkpoints" / "last.pt")
 
     start_step, best_acc, wall_before = 0, -math.inf, 0.0
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss_s, loss_u, mask, pl_correct, steps
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss_s, loss_u, mask, pl_correct, steps, pl_known
     if resumed:
         state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
         guard.skipped = state.get("nonfinite_steps", 0)
@@ -220,7 +239,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                 batches = [x_lb]
                 if fixmatch:
                     idx_ulb = stream_ulb.batch(step)
-                    u = train_images[idx_ulb].to(device, non_blocking=True)
+                    u = gather_pool(train_images, data.unlabeled_images, idx_ulb).to(device, non_blocking=True)
                     # Strong view = its own flip/translate, then RandAugment and Cutout (as the PyTorch ports do).
                     batches += [weak(u, aug_gen), strong(weak(u, aug_gen), aug_gen)]
                 # One forward pass over labeled, weak and strong images: BatchNorm sees all of them.
@@ -247,13 +266,15 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                 step += 1
 
                 # Pseudo-label accuracy on the masked samples, measured with the true labels (monitoring only).
-                pl_correct = torch.zeros((), device=device)
+                pl_correct = pl_known = torch.zeros((), device=device)
                 if fixmatch:
-                    y_ulb = data.train_labels[idx_ulb].to(device, non_blocking=True)
+                    y_ulb = y_pool[idx_ulb].to(device, non_blocking=True)
                     pl_correct = ((stats.pseudo_label == y_ulb) & stats.mask).sum()
+                    pl_known = (stats.mask & (y_ulb >= 0)).sum()  # masked samples whose true label is known
                 if finite:
                     sums += torch.stack([stats.loss_s.double(), stats.loss_u.double(), stats.mask_rate.double(),
-                                         pl_correct.double(), torch.ones((), dtype=torch.float64, device=device)])
+                                         pl_correct.double(), torch.ones((), dtype=torch.float64, device=device),
+                                         pl_known.double()])
                 if step % LOG_EVERY == 0 or step == config.steps:
                     guard.raise_if_failed()
                     logger.step(step - logger.bar.n, stats.loss_s.item(), stats.loss_u.item(),
@@ -297,9 +318,8 @@ def _evaluate_step(model, ema, data, mean, std, config: Config, sums: torch.Tens
     raw_logits = ema_logits if config.ema == 0 else predict_logits(model, data.test_images, mean, std,
                                                                    config.eval_batch_size, config.channels_last)
     ema_m, raw_m = accuracy_metrics(ema_logits, data.test_labels), accuracy_metrics(raw_logits, data.test_labels)
-    loss_s, loss_u, mask_sum, pl_correct, n = sums.tolist()
+    loss_s, loss_u, mask_sum, pl_correct, n, masked = sums.tolist()
     n = max(n, 1.0)
-    masked = mask_sum * config.batch_size * config.mu  # mask_sum is a sum of per-step rates
     return {"step": step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "raw_test_acc": raw_m["top1"],
             "loss_s": loss_s / n, "loss_u": loss_u / n, "mask_rate": mask_sum / n,
             "pseudo_label_acc": 100.0 * pl_correct / masked if masked > 0 else 0.0, "lr": lr, "wall_s": wall_s}

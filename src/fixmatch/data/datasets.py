@@ -14,7 +14,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ class Dataset:
     # Images used only as unlabeled data, besides the train images (which FixMatch also uses unlabeled):
     # uint8 (M, C, H, W) or None, e.g. the unlabeled/ folder of a folder data set.
     unlabeled_images: torch.Tensor | None = None
+    # Large pools (STL-10's unlabeled split, SVHN's extra) are read-only memory maps (data/array_cache.py).
+    unlabeled_labels: torch.Tensor | None = None  # int64 (M,) where the true labels are known (monitoring only)
+    folds: list[list[int]] = field(default_factory=list)  # predefined labeled subsets (STL-10's official folds)
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -48,6 +51,9 @@ class Dataset:
         u = self.unlabeled_images
         if u is not None and (u.dtype != torch.uint8 or u.shape[1:] != self.train_images.shape[1:]):
             raise ValueError(f"{self.name}: unlabeled images must be uint8 with the train images' (C, H, W)")
+        uy = self.unlabeled_labels
+        if uy is not None and (u is None or uy.dtype != torch.int64 or uy.shape != (u.shape[0],)):
+            raise ValueError(f"{self.name}: unlabeled labels must be int64, one per unlabeled image")
         if not self.mean or not self.std:
             self.mean, self.std = _channel_stats(self.train_images.numpy())
 
@@ -62,6 +68,11 @@ class Dataset:
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.train_images.shape[2]), int(self.train_images.shape[3])
+
+    @property
+    def num_unlabeled_extra(self) -> int:
+        """M, the images beyond the training set in the unlabeled pool (pool indices N .. N+M-1)."""
+        return 0 if self.unlabeled_images is None else int(self.unlabeled_images.shape[0])
 
     def __repr__(self) -> str:
         return (
@@ -80,11 +91,13 @@ def list_datasets() -> list[str]:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True, *,
-                 image_size: int | None = None, on_bad_image: str = "error", labels_csv: str | None = None) -> Dataset:
+                 image_size: int | None = None, on_bad_image: str = "error", labels_csv: str | None = None,
+                 **options: Any) -> Dataset:
     """Load data set ``name`` from ``data_dir`` (see ``default_data_dir``), downloading if allowed.
 
     ``folder:PATH`` loads your own images (data/folder.py; its decoded cache goes under ``data_dir``);
-    ``image_size``, ``on_bad_image`` and ``labels_csv`` apply to folder data sets only.
+    ``image_size``, ``on_bad_image`` and ``labels_csv`` apply to folder data sets only. ``options`` are
+    specific to one data set: ``extra=True`` for svhn adds its extra images to the unlabeled pool.
     """
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     if name.startswith("folder:"):
@@ -95,7 +108,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     if loader is None:
         raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}, "
                            "or folder:PATH for your own images")
-    return loader(root, download)
+    unknown = sorted(set(options) - _LOADER_OPTIONS.get(name.strip().lower(), set()))
+    if unknown:
+        raise DatasetError(f"option {unknown[0]!r} does not apply to the {name} data set")
+    return loader(root, download, **options)
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -122,7 +138,7 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 _Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels)
 
 
-def _make(name: str, train: _Arrays, test: _Arrays, classes: list[str]) -> Dataset:
+def _make(name: str, train: _Arrays, test: _Arrays, classes: list[str], **extra: Any) -> Dataset:
     def t(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         # np.require copies only read-only (np.frombuffer) or non-contiguous arrays.
         return torch.from_numpy(np.require(x, requirements=("C", "W"))).to(dtype)
@@ -134,6 +150,7 @@ def _make(name: str, train: _Arrays, test: _Arrays, classes: list[str]) -> Datas
         test_images=t(test[0], torch.uint8),
         test_labels=t(test[1], torch.int64),
         class_names=classes,
+        **extra,  # unlabeled_images, unlabeled_labels, folds
     )
 
 
@@ -282,8 +299,14 @@ def _find_idx_files(d: Path) -> dict[str, Path] | None:
     return found
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Decode an idx file (uint8 data only), validating magic, dimensions and length."""
+def _read_idx(path: Path, what: str = "Fashion-MNIST", url: str = FASHION_MNIST_URL) -> np.ndarray:
+    """Decode an idx file (uint8 data only), validating magic, dimensions and length.
+
+    ``what`` and ``url`` name the data set and where to re-download it in error messages.
+    """
+    def _bad_idx(path: Path, why: str) -> DatasetError:
+        return _bad_idx_file(path, why, what, url)
+
     try:
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
@@ -302,9 +325,11 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _bad_idx(path: Path, why: str) -> DatasetError:
-    return DatasetError(
-        f"{path} is not a valid Fashion-MNIST idx file ({why}); delete it and re-download from {FASHION_MNIST_URL}"
-    )
+    return _bad_idx_file(path, why, "Fashion-MNIST", FASHION_MNIST_URL)
+
+
+def _bad_idx_file(path: Path, why: str, what: str, url: str) -> DatasetError:
+    return DatasetError(f"{path} is not a valid {what} idx file ({why}); delete it and re-download from {url}")
 
 
 # -------------------------------------------------------------------- synthetic
@@ -364,8 +389,19 @@ def _synthetic_images(rng: np.random.Generator, n: int, size: int = 16) -> tuple
     return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels.astype(np.int64)
 
 
-_LOADERS: dict[str, Callable[[Path, bool], Dataset]] = {
+def _paper_loader(name: str) -> Callable[..., Dataset]:
+    def load(data_dir: Path, download: bool, **options: Any) -> Dataset:
+        from . import paper_datasets  # imported on first use: it builds on Dataset and _make above
+
+        return paper_datasets.LOADERS[name](data_dir, download, **options)
+
+    return load
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
     "cifar10": _load_cifar10,
     "fashion-mnist": _load_fashion_mnist,
     "synthetic": _load_synthetic,
+    **{name: _paper_loader(name) for name in ("cifar100", "mnist", "stl10", "svhn")},
 }
+_LOADER_OPTIONS: dict[str, set[str]] = {"svhn": {"extra"}}  # keyword options each loader accepts

@@ -139,3 +139,23 @@ def _index_list(x: Any, name: str, num_train: int | None) -> list[int]:
     if len(set(x)) != len(x):
         raise SplitError(f"split field '{name}' has duplicate indices; recreate the split")
     return sorted(x)
+
+
+def fold_split(folds: list[list[int]], fold: int, num_train: int, seed: int) -> Split:
+    """The labeled images of predefined fold ``fold`` (STL-10's official folds); the pool stays every train index."""
+    if not folds:
+        raise SplitError("this data set has no predefined folds; --fold applies to stl10 only")
+    if not 0 <= fold < len(folds):
+        raise SplitError(f"fold {fold} does not exist; choose one of 0..{len(folds) - 1}")
+    labeled = _index_list(list(folds[fold]), f"fold {fold}", num_train)
+    return Split(labeled=labeled, unlabeled=list(range(num_train)), seed=seed, num_labels=len(labeled))
+
+
+def unlabeled_pool(split: Split, num_train: int, num_extra: int) -> torch.Tensor:
+    """Indices the unlabeled stream draws from: the split's training indices, then every one of the data set's
+    ``num_extra`` separate unlabeled images (STL-10 unlabeled, SVHN extra), numbered from ``num_train`` on.
+
+    As in the official code, the labeled images stay in the pool and the separate images are all added.
+    """
+    train = torch.as_tensor(split.unlabeled, dtype=torch.long)
+    return torch.cat([train, torch.arange(num_train, num_train + num_extra, dtype=torch.long)])

@@ -1,0 +1,396 @@
+"""The paper's other benchmarks, read from their official files: CIFAR-100, SVHN, STL-10 and MNIST.
+
+Each loader looks in the data directory for the layout torchvision uses (so existing downloads are
+found); when the files are absent it downloads the official archive and checks its MD5. Parsing never
+runs code from a file: CIFAR-100's pickles go through the restricted unpickler (safe_pickle.py), SVHN's
+MATLAB files through ``scipy.io.loadmat`` (a parser of the MAT format), STL-10 and MNIST are raw bytes.
+STL-10's unlabeled split and SVHN's extra set are decoded once into a uint8 .npy cache next to the
+files and memory-mapped from it (array_cache.py). One small reader per format; every reader checks
+sizes and values and names the bad file and the fix in a one-line ``DatasetError``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+import numpy as np
+
+from .array_cache import cache_is_fresh, open_npy_mmap, write_npy_atomic
+from .datasets import Dataset, _find_idx_files, _make, _read_idx
+from .download import DatasetError, download_file
+from .safe_pickle import safe_load_pickle
+
+__all__ = ["LOADERS", "load_cifar100", "load_mnist", "load_stl10", "load_svhn"]
+
+
+# -------------------------------------------------------------------- CIFAR-100
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+_CIFAR100_DIR = "cifar-100-python"
+_CIFAR100_MEMBERS = ("train", "test", "meta")
+
+
+def load_cifar100(data_dir: Path, download: bool) -> Dataset:
+    """CIFAR-100 with its 100 fine labels (the coarse super-classes are not used)."""
+    folder, archive = data_dir / _CIFAR100_DIR, data_dir / "cifar-100-python.tar.gz"
+    if all((folder / m).is_file() for m in _CIFAR100_MEMBERS):
+        raw = {}
+        for m in _CIFAR100_MEMBERS:
+            with open(folder / m, "rb") as f:
+                raw[m] = (_unpickle_cifar100(f, str(folder / m)), str(folder / m))
+    else:
+        if not archive.is_file():
+            if not download:
+                raise DatasetError(f"CIFAR-100 not found: expected the folder {folder} or the archive {archive}; "
+                                   f"download {CIFAR100_URL} into {data_dir} or pass download=True")
+            download_file(CIFAR100_URL, archive, CIFAR100_MD5)
+        raw = _read_cifar100_tar(archive)
+    meta, meta_src = raw["meta"]
+    names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != 100:
+        raise _bad_cifar100(meta_src, "no list of 100 b'fine_label_names'")
+    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    train, test = (_cifar100_batch(*raw[m]) for m in ("train", "test"))
+    return _make("cifar100", train, test, classes)
+
+
+def _read_cifar100_tar(archive: Path) -> dict[str, tuple[object, str]]:
+    # One forward pass over the gzip stream reading only the expected member names: nothing is extracted.
+    wanted = {f"{_CIFAR100_DIR}/{m}": m for m in _CIFAR100_MEMBERS}
+    raw = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for info in tar:
+                m = wanted.get(info.name)
+                if m is not None and info.isfile():
+                    src = f"{archive}:{info.name}"
+                    raw[m] = (_unpickle_cifar100(tar.extractfile(info), src), src)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{archive} is corrupt or truncated ({e}); delete it and re-download {CIFAR100_URL}"
+                           ) from None
+    missing = [n for n, m in wanted.items() if m not in raw]
+    if missing:
+        raise DatasetError(f"{archive} lacks {', '.join(missing)}; delete it and re-download {CIFAR100_URL}")
+    return raw
+
+
+def _unpickle_cifar100(f: IO[bytes] | None, src: str) -> object:
+    try:
+        return safe_load_pickle(f)  # type: ignore[arg-type]
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise _bad_cifar100(src, str(e)) from None
+
+
+def _cifar100_batch(batch: object, src: str) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(batch, dict):
+        raise _bad_cifar100(src, "not a dict")
+    data = batch.get(b"data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise _bad_cifar100(src, "b'data' is not a uint8 (N, 3072) array")
+    try:
+        y = np.asarray(batch.get(b"fine_labels"), dtype=np.int64)
+    except (TypeError, ValueError):
+        y = np.zeros(0, dtype=np.int64)  # reported just below
+    if y.shape != (data.shape[0],) or (y.size and (y.min() < 0 or y.max() > 99)):
+        raise _bad_cifar100(src, f"b'fine_labels' must be {data.shape[0]} ints in [0, 99]")
+    return data.reshape(-1, 3, 32, 32), y  # rows are channel-major: 1024 red, 1024 green, 1024 blue
+
+
+def _bad_cifar100(src: str, why: str) -> DatasetError:
+    return DatasetError(f"{src} is not a valid CIFAR-100 file ({why}); delete it and re-download {CIFAR100_URL}")
+
+
+# ------------------------------------------------------------------------- SVHN
+
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_FILES = {  # file name -> MD5
+    "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
+    "extra_32x32.mat": "a93ce644f1a588dc4d68dda5feec44a7",
+}
+SVHN_CLASSES = [str(d) for d in range(10)]  # label 0 is the digit 0 (the files label it 10)
+_SVHN_CHUNK = 8192  # images per chunk when writing the extra cache (25 MB)
+
+
+def load_svhn(data_dir: Path, download: bool, extra: bool = False) -> Dataset:
+    """SVHN's train and test sets; ``extra=True`` adds the 531,131 extra images to the unlabeled pool only.
+
+    The paper's protocol trains on train alone (73,257 images). The extra images are decoded once into a
+    memory-mapped cache (extra_32x32.uint8.npy and extra_32x32.labels.npy beside the .mat file).
+    """
+    train = _read_svhn_mat(_svhn_file(data_dir, "train_32x32.mat", download))
+    test = _read_svhn_mat(_svhn_file(data_dir, "test_32x32.mat", download))
+    pool = {}
+    if extra:
+        images, labels = _svhn_extra(_svhn_file(data_dir, "extra_32x32.mat", download))
+        pool = {"unlabeled_images": images, "unlabeled_labels": labels}
+    return _make("svhn", train, test, list(SVHN_CLASSES), **pool)
+
+
+def _svhn_file(data_dir: Path, name: str, download: bool) -> Path:
+    # torchvision keeps the .mat files directly in its root; ours go to data_dir/svhn.
+    for path in (data_dir / name, data_dir / "svhn" / name):
+        if path.is_file():
+            return path
+    target = data_dir / "svhn" / name
+    if not download:
+        raise DatasetError(f"SVHN file {name} not found in {data_dir} or {data_dir / 'svhn'}; download "
+                           f"{SVHN_URL}{name} to {target} or pass download=True")
+    return download_file(SVHN_URL + name, target, SVHN_FILES[name])
+
+
+def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 3, 32, 32), labels int64 in [0, 9]) from an SVHN .mat file."""
+    try:
+        import scipy.io  # only SVHN needs scipy
+        from scipy.io.matlab import MatReadError
+    except ImportError:
+        raise DatasetError("reading SVHN's .mat files needs scipy: pip install 'fixmatch[svhn]'") from None
+
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["X", "y"])
+    except (MatReadError, OSError, ValueError, IndexError, EOFError, TypeError, zlib.error) as e:
+        raise _bad_svhn(path, f"cannot be parsed as a MATLAB file: {e}") from None
+    x, y = mat.get("X"), mat.get("y")
+    # The official files hold X as (32, 32, 3, N): height, width, channel, image.
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise _bad_svhn(path, "no uint8 array 'X' of shape (32, 32, 3, N)")
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3] or not np.issubdtype(y.dtype, np.number):
+        raise _bad_svhn(path, f"no numeric array 'y' with {x.shape[3]} labels")
+    labels = y.reshape(-1).astype(np.int64)
+    if labels.size and (labels.min() < 1 or labels.max() > 10 or not np.array_equal(labels, y.reshape(-1))):
+        raise _bad_svhn(path, "labels must be integers 1..10 (10 is the digit 0)")
+    return x.transpose(3, 2, 0, 1), labels % 10  # NCHW; the copy is made once, in _make
+
+
+def _svhn_extra(path: Path):
+    images_cache = path.with_name("extra_32x32.uint8.npy")
+    labels_cache = path.with_name("extra_32x32.labels.npy")
+    # The labels are written first and the images last, so a fresh images file implies both are complete.
+    if not (cache_is_fresh(images_cache, [path]) and cache_is_fresh(labels_cache, [path])):
+        x, labels = _read_svhn_mat(path)  # loadmat must read the whole array once; the cache avoids repeating it
+        write_npy_atomic(labels_cache, labels.shape, [labels], dtype="<i8")
+        write_npy_atomic(images_cache, x.shape, (np.ascontiguousarray(x[i:i + _SVHN_CHUNK])
+                                                 for i in range(0, x.shape[0], _SVHN_CHUNK)))
+        del x
+    labels = open_npy_mmap(labels_cache, dtype="<i8").clone()  # small: keep in memory
+    images = open_npy_mmap(images_cache, (labels.numel(), 3, 32, 32))
+    return images, labels
+
+
+def _bad_svhn(path: Path, why: str) -> DatasetError:
+    return DatasetError(f"{path} is not a valid SVHN file ({why}); delete it and re-download "
+                        f"{SVHN_URL}{path.name}")
+
+
+# ----------------------------------------------------------------------- STL-10
+
+STL10_URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
+STL10_MD5 = "91f7769df0f17e558f3565bffb0c7dfb"
+_STL10_DIR = "stl10_binary"
+_STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "fold_indices.txt",
+                "class_names.txt")
+_STL10_IMAGE_BYTES = 3 * 96 * 96
+_STL10_CHUNK = 2048  # images per chunk when decoding unlabeled_X.bin into the cache (57 MB)
+
+
+def load_stl10(data_dir: Path, download: bool) -> Dataset:
+    """STL-10: 5,000 labeled train images, the 100,000 unlabeled images as the unlabeled pool, 8,000 test.
+
+    The ten official folds of 1,000 labeled train indices (fold_indices.txt) are kept in ``folds``.
+    """
+    folder = data_dir / _STL10_DIR
+    missing = [f for f in _STL10_FILES if not (folder / f).is_file()]
+    if missing:
+        archive = data_dir / "stl10_binary.tar.gz"
+        if not archive.is_file():
+            if not download:
+                raise DatasetError(f"STL-10 not found: {folder} lacks {', '.join(missing)} and there is no "
+                                   f"{archive}; download {STL10_URL} into {data_dir} or pass download=True")
+            download_file(STL10_URL, archive, STL10_MD5)
+        _extract_members(archive, _STL10_DIR, missing, folder, STL10_URL)
+    train_x = _read_stl10_images(folder / "train_X.bin")
+    test_x = _read_stl10_images(folder / "test_X.bin")
+    train_y = _read_stl10_labels(folder / "train_y.bin", len(train_x))
+    test_y = _read_stl10_labels(folder / "test_y.bin", len(test_x))
+    classes = _read_stl10_classes(folder / "class_names.txt")
+    folds = _read_stl10_folds(folder / "fold_indices.txt", len(train_x))
+    unlabeled = _stl10_unlabeled(folder / "unlabeled_X.bin")
+    return _make("stl10", (train_x, train_y), (test_x, test_y), classes, unlabeled_images=unlabeled, folds=folds)
+
+
+def _extract_members(archive: Path, top: str, names: list[str], folder: Path, url: str) -> None:
+    """Extract ``top/name`` for each name into ``folder``, each file atomically; nothing else is written.
+
+    Only the exact expected member names are looked at, so a crafted archive cannot write elsewhere.
+    """
+    wanted = {f"{top}/{n}": n for n in names}
+    folder.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for info in tar:
+                name = wanted.get(info.name)
+                if name is None or not info.isfile():
+                    continue
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(tar.extractfile(info), out, 1 << 20)  # type: ignore[misc]
+                    os.replace(tmp, folder / name)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+                done.add(name)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{archive} is corrupt or truncated ({e}); delete it and re-download {url}") from None
+    except OSError as e:
+        raise DatasetError(f"cannot extract {archive} into {folder} ({e}); free disk space or make it writable, "
+                           f"or delete the archive and re-download {url}") from None
+    missing = [f"{top}/{n}" for n in names if n not in done]
+    if missing:
+        raise DatasetError(f"{archive} lacks {', '.join(missing)}; delete it and re-download {url}")
+
+
+def _stl10_count(path: Path) -> int:
+    size = path.stat().st_size
+    if size == 0 or size % _STL10_IMAGE_BYTES:
+        raise _bad_stl10(path, f"{size} bytes is not a whole number of 3x96x96 images ({_STL10_IMAGE_BYTES} "
+                               "bytes each): truncated or corrupt")
+    return size // _STL10_IMAGE_BYTES
+
+
+def _stl10_decode(raw: np.ndarray) -> np.ndarray:
+    # Each image is stored channel by channel, each channel column-major: the bytes read as (N, C, W, H).
+    return np.ascontiguousarray(raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+
+
+def _read_stl10_images(path: Path) -> np.ndarray:
+    _stl10_count(path)
+    return _stl10_decode(np.fromfile(path, dtype=np.uint8))
+
+
+def _read_stl10_labels(path: Path, n: int) -> np.ndarray:
+    y = np.fromfile(path, dtype=np.uint8).astype(np.int64)
+    if y.shape != (n,):
+        raise _bad_stl10(path, f"has {y.size} labels for {n} images (truncated or corrupt)")
+    if y.size and (y.min() < 1 or y.max() > 10):
+        raise _bad_stl10(path, "labels must be bytes 1..10")
+    return y - 1
+
+
+def _read_stl10_classes(path: Path) -> list[str]:
+    names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    names = [n for n in names if n]
+    if len(names) != 10:
+        raise _bad_stl10(path, f"expected 10 class names, one per line, found {len(names)}")
+    return names
+
+
+def _read_stl10_folds(path: Path, n_train: int) -> list[list[int]]:
+    """The official folds: one line per fold of space-separated 0-based train indices."""
+    folds = []
+    for k, line in enumerate(path.read_text(encoding="ascii", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            fold = [int(t) for t in line.split()]
+        except ValueError:
+            raise _bad_stl10(path, f"line {k} is not a list of integers") from None
+        if min(fold) < 0 or max(fold) >= n_train or len(set(fold)) != len(fold):
+            raise _bad_stl10(path, f"line {k} must hold distinct indices in [0, {n_train})")
+        folds.append(fold)
+    if not folds:
+        raise _bad_stl10(path, "holds no folds")
+    return folds
+
+
+def _stl10_unlabeled(path: Path):
+    n = _stl10_count(path)
+    cache = path.with_name("unlabeled_X.uint8.npy")
+    if not cache_is_fresh(cache, [path]):
+        write_npy_atomic(cache, (n, 3, 96, 96), _stl10_chunks(path, n))
+    return open_npy_mmap(cache, (n, 3, 96, 96))
+
+
+def _stl10_chunks(path: Path, n: int) -> Iterator[np.ndarray]:
+    # Plain reads, not a memory map of the source: the process never holds more than one chunk.
+    with open(path, "rb") as f:
+        for start in range(0, n, _STL10_CHUNK):
+            count = min(_STL10_CHUNK, n - start)
+            raw = np.fromfile(f, dtype=np.uint8, count=count * _STL10_IMAGE_BYTES)
+            if raw.size != count * _STL10_IMAGE_BYTES:
+                raise _bad_stl10(path, "ended early while being read (truncated)")
+            yield _stl10_decode(raw)
+
+
+def _bad_stl10(path: Path, why: str) -> DatasetError:
+    return DatasetError(f"{path} is not a valid STL-10 file ({why}); delete it and re-extract or re-download "
+                        f"{STL10_URL}")
+
+
+# ------------------------------------------------------------------------ MNIST
+
+MNIST_URLS = ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")  # official, mirror
+MNIST_FILES = {  # file name -> MD5 (the same names as Fashion-MNIST's files)
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def load_mnist(data_dir: Path, download: bool) -> Dataset:
+    # Fashion-MNIST's files have the same names, so MNIST is only looked for in its own folders:
+    # ours (data_dir/mnist) and torchvision's (data_dir/MNIST/raw, gzipped or decompressed).
+    dirs = [data_dir / "mnist", data_dir / "MNIST" / "raw"]
+    files = next((f for d in dirs if (f := _find_idx_files(d)) is not None), None)
+    if files is None:
+        target = data_dir / "mnist"
+        if not download:
+            raise DatasetError(f"MNIST not found: expected {', '.join(MNIST_FILES)} in {dirs[0]} or {dirs[1]}; "
+                               f"download them from {MNIST_URLS[0]} into {target} or pass download=True")
+        files = {n: _download_mirrored(MNIST_URLS, n, target / n, md5) for n, md5 in MNIST_FILES.items()}
+    arrays = []
+    for prefix in ("train", "t10k"):
+        images, labels = files[f"{prefix}-images-idx3-ubyte.gz"], files[f"{prefix}-labels-idx1-ubyte.gz"]
+        x, y = _read_idx(images, "MNIST", MNIST_URLS[0]), _read_idx(labels, "MNIST", MNIST_URLS[0])
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise _bad_mnist(images, f"expected 28x28 images, got dimensions {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise _bad_mnist(labels, f"has dimensions {y.shape} but {images.name} has {len(x)} images")
+        if y.size and y.max() > 9:
+            raise _bad_mnist(labels, "has labels above 9")
+        arrays.append((x[:, None], y))
+    return _make("mnist", arrays[0], arrays[1], [str(d) for d in range(10)])
+
+
+def _download_mirrored(bases: tuple[str, ...], name: str, dest: Path, md5: str) -> Path:
+    """Try each base URL in turn (the official MNIST server is often unreachable); report the last error."""
+    for base in bases[:-1]:
+        try:
+            return download_file(base + name, dest, md5)
+        except DatasetError:
+            continue
+    return download_file(bases[-1] + name, dest, md5)
+
+
+def _bad_mnist(path: Path, why: str) -> DatasetError:
+    return DatasetError(f"{path} is not a valid MNIST idx file ({why}); delete it and re-download from "
+                        f"{MNIST_URLS[0]}")
+
+
+LOADERS: dict[str, Callable[..., Dataset]] = {
+    "cifar100": load_cifar100,
+    "mnist": load_mnist,
+    "stl10": load_stl10,
+    "svhn": load_svhn,
+}

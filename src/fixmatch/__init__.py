@@ -6,13 +6,15 @@ Public API::
     config = fixmatch.resolve_config(preset="fashion-mnist")
     summary = fixmatch.train(config, out="runs/fmnist-40")
     metrics = fixmatch.evaluate("runs/fmnist-40")
+    model = fixmatch.load("runs/fmnist-40")  # then model.predict(images)
 """
 from __future__ import annotations
 
 from fixmatch.config import Config, ConfigError, preset_names, resolve_config
 # The functions shadow their modules' names on the package, so that fixmatch.train(config) is the call.
 from fixmatch.evaluate import evaluate
+from fixmatch.inference import load
 from fixmatch.train import train
 
-__all__ = ["Config", "ConfigError", "evaluate", "preset_names", "resolve_config", "train"]
+__all__ = ["Config", "ConfigError", "evaluate", "load", "preset_names", "resolve_config", "train"]
 __version__ = "0.1.0"

@@ -68,13 +68,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fixmatch.evaluate import evaluate
 
-    metrics = evaluate(args.path, data_dir=args.data_dir, device=args.device, weights=args.weights)
+    metrics = evaluate(args.path, data_dir=args.data_dir, device=args.device, weights=args.weights,
+                       dataset=args.dataset, confusion_png=args.confusion)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
         print(f"{metrics['checkpoint']} (step {metrics['step']}, {metrics['weights']} weights) on "
               f"{metrics['dataset']} test set ({metrics['num_test']} images): "
-              f"top-1 {metrics['test_acc']:.2f}%  top-5 {metrics['test_top5']:.2f}%")
+              f"top-1 {metrics['test_acc']:.2f}%  top-5 {metrics['test_top5']:.2f}%  "
+              f"macro-F1 {metrics['macro_f1']:.2f}%")
+        for name, acc in metrics["per_class_acc"].items():
+            print(f"  {name:<24} {'no test images' if acc is None else f'{acc:6.2f}%'}")
+        if args.confusion:
+            print(f"confusion matrix: {args.confusion}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fixmatch.data.folder import IMAGE_EXTENSIONS
+    from fixmatch.inference import load
+    from fixmatch.predict import find_images, predict_files, write_rows
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ConfigError("--top-k and --batch-size must be positive integers")
+    files = find_images(args.paths)
+    if not files:
+        raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {' '.join(args.paths)}")
+    model = load(args.checkpoint, weights=args.weights, device=args.device)
+    ok, bad = write_rows(predict_files(model, files, args.batch_size, args.top_k), args.format)
+    if bad:
+        print(f"fixmatch: {bad} of {ok + bad} files could not be read", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fixmatch.export import export_model
+
+    out = export_model(args.checkpoint, args.format, args.out, weights=args.weights, input_dtype=args.input_dtype)
+    print(f"exported {args.weights} weights as {args.format}: {out}")
     return 0
 
 
@@ -137,7 +168,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help="test set to use (default: the run's); must have the model's classes and image shape")
+    p.add_argument("--confusion", default=None, metavar="FILE.png", help="write the confusion matrix as a PNG")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files and folders with a trained model",
+                       description="Print path, predicted class and confidence for each image; folders are "
+                                   "searched recursively. Unreadable files are reported and skipped; the exit "
+                                   "code is 1 only when no file could be read.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file, run directory or exported .safetensors")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes shown per image (default: 1)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default: table)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model as TorchScript, ONNX or safetensors",
+                       description="TorchScript and ONNX files contain the preprocessing: they take uint8 or "
+                                   "float [0, 1] images (N, C, H, W) of any size and return logits.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx", "safetensors"], help="file format")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write (replaced atomically)")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--input-dtype", choices=["uint8", "float32"], default="uint8",
+                   help="ONNX only: the graph's input type, uint8 [0, 255] (default) or float32 [0, 1]")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("sweep", help="run every configuration of a study grid (skips finished runs, resumes others)",
                        description="Run a study file's grid, each run in STUDY_DIR/<its grid values>. Re-running "

@@ -1,14 +1,17 @@
-"""Test-set metrics for a model, a checkpoint or a run directory."""
+"""Test-set metrics for a model, a checkpoint or a run directory.
+
+The metric functions are pure (tensors in, numbers out); ``evaluate`` loads, predicts and reports.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fixmatch.checkpoint import find_checkpoint, load_checkpoint
-from fixmatch.config import ConfigError, config_from_dict
+from fixmatch.config import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,27 +55,105 @@ def accuracy_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     return {"top1": 100.0 * correct[:, 0].float().mean().item(), "top5": 100.0 * correct.any(1).float().mean().item()}
 
 
-def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto", weights: str = "ema"
-             ) -> dict[str, Any]:
-    """Re-evaluate a run directory (its last checkpoint) or a checkpoint file on the test set."""
-    from fixmatch.data.datasets import load_dataset
-    from fixmatch.models import create_model
+def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """int64 (C, C): entry [i, j] counts images of true class i predicted as class j."""
+    index = labels.long() * num_classes + predictions.long()
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
-    if weights not in ("ema", "raw"):
-        raise ConfigError(f"weights must be 'ema' or 'raw', not {weights!r}")
-    ckpt_path = find_checkpoint(path)
-    state = load_checkpoint(ckpt_path)
-    config = config_from_dict(state["config"], f"checkpoint {ckpt_path}")
-    dev = resolve_device(device)
-    data = load_dataset(config.dataset, data_dir or config.data_dir, image_size=config.image_size,
-                        on_bad_image=config.on_bad_image, labels_csv=config.labels_csv)
-    model = create_model(config.model, data.num_classes, data.in_channels, image_size=data.image_size)
-    model.load_state_dict(state["ema" if weights == "ema" and state.get("ema") is not None else "model"])
-    model.to(dev)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    mean, std = channel_stats(data.mean, data.std, dev)
-    logits = predict_logits(model, data.test_images, mean, std, config.eval_batch_size, config.channels_last)
-    metrics = accuracy_metrics(logits, data.test_labels)
-    return {"checkpoint": str(ckpt_path), "step": int(state["step"]), "weights": weights, "dataset": config.dataset,
-            "num_test": int(data.test_labels.numel()), "test_acc": metrics["top1"], "test_top5": metrics["top5"]}
+
+def per_class_accuracy(confusion: Tensor) -> list[float | None]:
+    """Recall of each class in percent (None for a class without test images)."""
+    support = confusion.sum(1)
+    return [100.0 * confusion[i, i].item() / n if n else None for i, n in enumerate(support.tolist())]
+
+
+def macro_f1(confusion: Tensor) -> float:
+    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN), in percent.
+
+    Classes that neither occur nor are predicted have no F1 and are left out of the mean (as
+    scikit-learn does when it infers the labels from the data).
+    """
+    tp = confusion.diag().double()
+    denom = 2 * tp + (confusion.sum(0) - confusion.diag()) + (confusion.sum(1) - confusion.diag())
+    present = denom > 0
+    if not present.any():
+        return 0.0
+    return 100.0 * (2 * tp[present] / denom[present]).mean().item()
+
+
+def plot_confusion(confusion: Tensor, class_names: list[str], path: str | Path, title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG (counts in the cells), written atomically."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("drawing the confusion matrix needs matplotlib: pip install 'fixmatch[report]'") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"the confusion matrix is written as PNG; give a file name ending in .png, not {path.name}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: folder {path.parent} does not exist")
+    c = confusion.double()
+    rates = (c / c.sum(1, keepdim=True).clamp_min(1)).numpy()
+    n = len(class_names)
+    side = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title)
+    if n <= 30:  # beyond that the numbers are unreadable
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, Any]:
+    """Top-1/top-5, per-class accuracy, macro-F1 and the confusion matrix (as nested lists)."""
+    cm = confusion_matrix(logits.argmax(1), labels, len(class_names))
+    acc = accuracy_metrics(logits, labels)
+    return {"test_acc": acc["top1"], "test_top5": acc["top5"], "macro_f1": macro_f1(cm),
+            "per_class_acc": dict(zip(class_names, per_class_accuracy(cm))), "confusion": cm.tolist()}
+
+
+def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto", weights: str = "ema",
+             dataset: str | None = None, confusion_png: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a run directory (its last checkpoint) or a checkpoint file on a test set.
+
+    ``dataset`` defaults to the one the model was trained on; another must have the same classes,
+    channels and image size. The images are standardised with the training run's statistics.
+    """
+    from fixmatch.inference import load
+    from fixmatch.model_spec import load_run_dataset
+
+    model = load(path, weights=weights, device=device, data_dir=data_dir)
+    name = dataset or model.config["dataset"]
+    data = load_run_dataset(model.config, data_dir, name)
+    spec = model.spec
+    if data.num_classes != spec.num_classes:
+        raise ConfigError(f"data set {name!r} has {data.num_classes} classes but the model predicts "
+                          f"{spec.num_classes}; evaluate on a data set with the same classes")
+    if data.in_channels != spec.in_channels or data.image_size != tuple(spec.input_size):
+        raise ConfigError(f"data set {name!r} has {data.in_channels}x{data.image_size[0]}x{data.image_size[1]} "
+                          f"images but the model takes {spec.in_channels}x{spec.input_size[0]}x{spec.input_size[1]}")
+    logits = model.logits(data.test_images, batch_size=int(model.config.get("eval_batch_size", 256)))
+    metrics = classification_metrics(logits, data.test_labels, list(spec.class_names))
+    if confusion_png is not None:
+        plot_confusion(torch.tensor(metrics["confusion"]), list(spec.class_names), confusion_png,
+                       title=f"{spec.name} on {name} test set ({weights} weights)")
+    return {"checkpoint": model.source, "step": model.step, "weights": weights, "dataset": name,
+            "num_test": int(data.test_labels.numel()), **metrics}

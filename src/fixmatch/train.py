@@ -30,6 +30,7 @@ from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predic
 from fixmatch.fixmatch import fixmatch_loss
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.models import create_model
+from fixmatch.model_spec import checkpoint_fields
 from fixmatch.models.pretrained import load_init_weights
 from fixmatch.nonfinite import NonFiniteGuard
 from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
@@ -172,8 +173,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
 
     # --- model, optimiser, EMA
     torch.manual_seed(config.seed)
-    # image_size picks the stem (CIFAR or ImageNet) or the ViT's patch grid.
-    model = create_model(config.model, data.num_classes, data.in_channels, image_size=data.image_size).to(device)
+    model_kwargs: dict[str, Any] = {}  # extra backbone constructor arguments; checkpoints record them
+    model_kwargs["image_size"] = list(data.image_size)  # picks the stem (CIFAR/ImageNet) or the ViT's patch grid
+    model = create_model(config.model, data.num_classes, data.in_channels, **model_kwargs).to(device)
     # A pretrained backbone for fresh runs (a resumed run restores its own weights below); before the EMA copy.
     init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resume else None
     if config.channels_last:
@@ -215,6 +217,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                 "split": split.to_json(), "class_names": list(data.class_names), "best_acc": best_acc,
                 "wall_s": wall_before + time.perf_counter() - t0, "sums": sums.cpu(),
                 "rng": {"torch": torch.get_rng_state()}, "nonfinite_steps": guard.skipped,
+                **checkpoint_fields(config.model, model_kwargs, data),  # the model description
                 "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict()}
 
     logger = RunLogger(run_dir, config.steps, start_step, config.progress)

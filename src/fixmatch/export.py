@@ -1,0 +1,130 @@
+"""`fixmatch export`: a trained model as TorchScript, ONNX or safetensors, written atomically.
+
+TorchScript and ONNX files hold the whole ``inference.Classifier``: images (N, C, H, W), uint8 in
+[0, 255] or float in [0, 1], of any height and width, are resized to the input size and standardised
+inside the graph; the output is the logits (N, num_classes). The model description (class names,
+input size, normalisation: ``ModelSpec``) travels with every file: TorchScript in the extra file
+``fixmatch.json``, ONNX in the metadata property ``fixmatch``, safetensors in its header metadata
+``fixmatch``. A safetensors file holds the backbone's state dict only (no preprocessing): load it with
+``fixmatch.load(FILE)`` or into ``create_model(name, num_classes, in_channels, **kwargs)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fixmatch.config import ConfigError
+from fixmatch.inference import FixMatchModel, load
+
+EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
+ONNX_INPUT_DTYPES = ("uint8", "float32")  # an ONNX graph has one input type, fixed when it is exported
+ONNX_OPSET = 18  # the first opset whose Resize has the antialias attribute the preprocessing needs
+
+
+def export_model(checkpoint: str | Path, fmt: str, out: str | Path, weights: str = "ema",
+                 input_dtype: str = "uint8", data_dir: str | Path | None = None) -> Path:
+    """Export the checkpoint's ``weights`` ("ema" or "raw") to ``out`` in ``fmt``; returns ``out``."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if input_dtype not in ONNX_INPUT_DTYPES:
+        raise ConfigError(f"unknown input dtype {input_dtype!r}; use one of {', '.join(ONNX_INPUT_DTYPES)}")
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name such as {out / ('model.' + _SUFFIX[fmt])}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
+    writer = {"torchscript": _torchscript, "onnx": lambda m, p: _onnx(m, p, input_dtype),
+              "safetensors": _safetensors}[fmt]
+    _check_dependencies(fmt)
+    model = load(checkpoint, weights=weights, device="cpu", data_dir=data_dir)
+    _write_atomic(out, lambda tmp: writer(model, tmp))  # type: ignore[operator]
+    return out
+
+
+_SUFFIX = {"torchscript": "pt", "onnx": "onnx", "safetensors": "safetensors"}
+
+
+def _check_dependencies(fmt: str) -> None:
+    needed = {"onnx": ("onnx", "onnxscript"), "safetensors": ("safetensors",)}.get(fmt, ())
+    for module in needed:
+        try:
+            __import__(module)
+        except ImportError:
+            raise ConfigError(f"{fmt} export needs the {module!r} package: pip install 'fixmatch[export]'") from None
+
+
+def _write_atomic(out: Path, write: Callable[[Path], None]) -> None:
+    """Write into a temporary file beside ``out``, then rename: ``out`` is either complete or untouched."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + out.suffix, dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; give the usual permissions
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _example_input(model: FixMatchModel, dtype: torch.dtype) -> torch.Tensor:
+    # Two images (a batch of one would let a tracer treat the batch size as a constant) at the input size.
+    h, w = model.spec.input_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, model.spec.in_channels, h, w), dtype=torch.uint8, generator=gen)
+    return x if dtype == torch.uint8 else x.float() / 255
+
+
+def _torchscript(model: FixMatchModel, path: Path) -> None:
+    classifier = model.module
+    x = classifier.preprocess(_example_input(model, torch.uint8))
+    # The backbone is traced (any registered network is a static graph), the preprocessing scripted (its
+    # uint8/float branch must stay a branch), and the two composed in one scripted module.
+    # TorchScript is deprecated in favour of torch.export, but it is still the format C++ (libtorch) and
+    # mobile runtimes load; the warning is about the API, not the file.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        backbone = torch.jit.trace(classifier.backbone, x)
+        scripted = torch.jit.script(type(classifier)(classifier.preprocess, backbone))
+        torch.jit.save(scripted, str(path), _extra_files={"fixmatch.json": model.spec.to_json()})
+
+
+def _onnx(model: FixMatchModel, path: Path, input_dtype: str) -> None:
+    import onnx
+
+    dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
+    dims = ({0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")},)
+    # The exporter narrates its passes on stdout and warns about optional packages (torchvision) it does
+    # not need here; the command prints its own one-line result instead.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            program = torch.onnx.export(model.module, (_example_input(model, dtype),), dynamo=True, verbose=False,
+                                        input_names=["images"], output_names=["logits"], dynamic_shapes=dims,
+                                        opset_version=ONNX_OPSET)
+        finally:
+            onnx_log.setLevel(level)
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "fixmatch", model.spec.to_json()
+    onnx.save(proto, str(path))
+
+
+def _safetensors(model: FixMatchModel, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # clone(): save_file refuses tensors that share memory, and a state dict may hold views.
+    state = {k: v.detach().clone().contiguous() for k, v in model.module.backbone.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "fixmatch": model.spec.to_json()})

@@ -243,13 +243,14 @@ class CTAugment:
         used only for the positions of the Cutout squares. Returns float32 in
         [0, 1]; the input is not modified.
         """
-        x = ops.to_float(x)
+        x = ops.to_float(x, copy=True)  # one buffer of our own, updated in place by every layer
         op_idx, values = choices.ops.to(x.device), choices.values.to(x.device, x.dtype)
         parametric = [k for k, spec in enumerate(self.ops) if spec.bins]  # all but Identity
         for layer in range(choices.ops.shape[1]):
             v = values[:, layer]
             x = ops.apply_grouped(x, op_idx[:, layer], parametric,
-                                  lambda k, xs, idx, v=v: self.ops[k].fn(xs, self.ops[k].params(v[idx]), generator))
+                                  lambda k, xs, idx, v=v: self.ops[k].fn(xs, self.ops[k].params(v[idx]), generator),
+                                  inplace=True)
         if cutout and self.cutout > 0:
             x = ops.cutout(x, round(self.cutout * min(x.shape[2:])), generator, fill=self.fill)
         return x

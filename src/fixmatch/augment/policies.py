@@ -51,32 +51,43 @@ from . import ops
 __all__ = ["weak_augment", "RandAugment", "RandAugmentChoices"]
 
 
+def _reflect(i: Tensor, size: int) -> Tensor:
+    """Maps indices in [-size + 1, 2 size - 2] into the image the way reflect padding does (no edge repeat)."""
+    i = i.abs()
+    return torch.where(i > size - 1, 2 * (size - 1) - i, i)
+
+
 def weak_augment(
     x: Tensor, generator: torch.Generator, flip: bool = True, translate: float = 0.125
 ) -> Tensor:
     """Applies a random horizontal flip (p = 0.5) and a random integer shift with reflect padding.
 
     Each axis is shifted by at most ``round(translate * side)`` pixels,
-    uniformly, independently for each sample. The image is reflect-padded by
-    that many pixels and a random window of the original size is cropped. x
-    is uint8 or float in [0, 1] with shape (N, C, H, W). The result is
-    float32 in [0, 1].
+    uniformly, independently for each sample: the result equals flipping,
+    reflect-padding by that many pixels and cropping a random window of the
+    original size. x is uint8 or float in [0, 1] with shape (N, C, H, W). The
+    result is float32 in [0, 1].
+
+    The padded image is never built: each output pixel's source pixel
+    (flip, shift and reflection folded into one index) is gathered directly,
+    in the input's dtype, so uint8 batches move a quarter of the bytes and
+    are converted to float once.
     """
-    x = ops.to_float(x)
     n, c, h, w = x.shape
-    if flip:
-        flipped = torch.rand(n, generator=generator, device=x.device) < 0.5
-        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
+    dev = x.device
+    flipped = torch.rand(n, generator=generator, device=dev) < 0.5 if flip else torch.zeros(n, dtype=torch.bool,
+                                                                                             device=dev)
     ph, pw = round(translate * h), round(translate * w)
     if ph == 0 and pw == 0:
-        return x
-    padded = F.pad(x, (pw, pw, ph, ph), mode="reflect")
-    oy = torch.randint(0, 2 * ph + 1, (n, 1), generator=generator, device=x.device)
-    ox = torch.randint(0, 2 * pw + 1, (n, 1), generator=generator, device=x.device)
-    # The crop is two gathers: rows first, then columns, with each sample using its own offsets.
-    rows = (oy + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pw)
-    cols = (ox + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
-    return padded.gather(2, rows).gather(3, cols)
+        return ops.to_float(torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x))
+    # The draws keep their order (flip, then rows, then columns) so a seed gives the same views as ever.
+    oy = torch.randint(0, 2 * ph + 1, (n, 1), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * pw + 1, (n, 1), generator=generator, device=dev)
+    rows = _reflect(oy - ph + torch.arange(h, device=dev), h)  # (N, H) source row of each output row
+    cols = _reflect(ox - pw + torch.arange(w, device=dev), w)  # (N, W) source column in the flipped image
+    cols = torch.where(flipped.view(-1, 1), w - 1 - cols, cols)
+    src = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    return ops.to_float(x.reshape(n, c, h * w).gather(2, src).view(n, c, h, w))
 
 
 class _Op(NamedTuple):
@@ -85,6 +96,10 @@ class _Op(NamedTuple):
     lo: float
     hi: float
     fmt: str | None  # how describe() prints the value; None means the op takes no parameter
+    coeffs: Callable[[Tensor, int, int], Tensor] | None = None  # geometric ops: value -> affine coefficients
+
+
+_GEOMETRIC = -2  # the group of all geometric ops: one affine transform per layer for all of them
 
 
 @dataclass
@@ -104,29 +119,33 @@ class RandAugment:
     are transformed together, each with its own magnitude.
     """
 
-    def __init__(self, num_ops: int = 2, prob: float = 0.5, cutout: float = 0.5, fill: float = 0.5) -> None:
+    def __init__(self, num_ops: int = 2, prob: float = 0.5, cutout: float = 0.5, fill: float = 0.5,
+                 geometric_fill: float | None = None) -> None:
         self.num_ops = num_ops
         self.prob = prob
         self.cutout = cutout
-        self.fill = fill
-        geo = dict(fill=fill)
+        self.fill = fill  # Cutout's fill; also the geometric ops' unless geometric_fill is given
+        self.geometric_fill = fill if geometric_fill is None else geometric_fill
+        geo = dict(fill=self.geometric_fill)
         self.ops: list[_Op] = [
             _Op("Identity", ops.identity, 0, 0, None),
             _Op("AutoContrast", ops.auto_contrast, 0, 0, None),
             _Op("Equalize", ops.equalize, 0, 0, None),
-            _Op("Rotate", partial(ops.rotate, **geo), -30, 30, "{:+.1f}"),
+            _Op("Rotate", partial(ops.rotate, **geo), -30, 30, "{:+.1f}", ops.rotate_coeffs),
             _Op("Solarize", ops.solarize, 0, 1, "{:.2f}"),
             _Op("Color", ops.color, 0.05, 0.95, "{:.2f}"),
             _Op("Contrast", ops.contrast, 0.05, 0.95, "{:.2f}"),
             _Op("Brightness", ops.brightness, 0.05, 0.95, "{:.2f}"),
             _Op("Sharpness", ops.sharpness, 0.05, 0.95, "{:.2f}"),
-            _Op("ShearX", partial(ops.shear_x, **geo), -0.3, 0.3, "{:+.2f}"),
-            _Op("ShearY", partial(ops.shear_y, **geo), -0.3, 0.3, "{:+.2f}"),
-            _Op("TranslateX", partial(ops.translate_x, **geo), -0.3, 0.3, "{:+.2f}"),
-            _Op("TranslateY", partial(ops.translate_y, **geo), -0.3, 0.3, "{:+.2f}"),
+            _Op("ShearX", partial(ops.shear_x, **geo), -0.3, 0.3, "{:+.2f}", ops.shear_x_coeffs),
+            _Op("ShearY", partial(ops.shear_y, **geo), -0.3, 0.3, "{:+.2f}", ops.shear_y_coeffs),
+            _Op("TranslateX", partial(ops.translate_x, **geo), -0.3, 0.3, "{:+.2f}", ops.translate_x_coeffs),
+            _Op("TranslateY", partial(ops.translate_y, **geo), -0.3, 0.3, "{:+.2f}", ops.translate_y_coeffs),
             _Op("Posterize", ops.posterize, 4, 8, "{:.0f}"),
         ]
         self._parametric = [k for k, spec in enumerate(self.ops) if spec.fn is not ops.identity]
+        self._geometric = [k for k in self._parametric if self.ops[k].coeffs is not None]
+        self._groups = [k for k in self._parametric if k not in self._geometric] + [_GEOMETRIC]
 
     def value(self, op: int, level: Tensor) -> Tensor:
         """Maps magnitude levels (any shape) to the parameter of op number ``op``."""
@@ -150,14 +169,31 @@ class RandAugment:
 
         The generator is used only for the positions of the cutout squares.
         """
-        x = ops.to_float(x)
+        x = ops.to_float(x, copy=True)  # one buffer of our own, updated in place by every layer
+        geometric = torch.tensor(self._geometric, device=x.device)
         for layer in range(self.num_ops):
             chosen = torch.where(choices.applied[:, layer], choices.ops[:, layer], -1)
             levels = choices.levels[:, layer]
-            x = ops.apply_grouped(x, chosen, self._parametric,
-                                  lambda k, xs, idx, levels=levels: self.ops[k].fn(xs, self.value(k, levels[idx])))
+            groups = torch.where(torch.isin(chosen, geometric), _GEOMETRIC, chosen)
+
+            def transform(k: int, xs: Tensor, idx: Tensor, chosen: Tensor = chosen, levels: Tensor = levels) -> Tensor:
+                if k == _GEOMETRIC:
+                    return ops.affine(xs, self._affine_coeffs(chosen[idx], levels[idx], *xs.shape[2:]),
+                                      self.geometric_fill)
+                return self.ops[k].fn(xs, self.value(k, levels[idx]))
+
+            x = ops.apply_grouped(x, groups, self._groups, transform, inplace=True)
         size = round(self.cutout * min(x.shape[2:]))
         return ops.cutout(x, size, generator, fill=self.fill)
+
+    def _affine_coeffs(self, op: Tensor, level: Tensor, h: int, w: int) -> Tensor:
+        """Gives the affine coefficients (N, 6) of samples that each drew one of the geometric ops."""
+        coeffs = torch.empty(op.shape[0], 6, device=op.device)
+        for k in self._geometric:
+            sel = op == k
+            if bool(sel.any()):
+                coeffs[sel] = self.ops[k].coeffs(self.value(k, level[sel]), h, w)
+        return coeffs
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Augments a batch: sample() followed by apply()."""

@@ -179,14 +179,15 @@ class RandAugmentVariant:
 
         The generator is used only for the positions of the Cutout squares.
         """
-        x = ops.to_float(x)
+        x = ops.to_float(x, copy=True)  # one buffer of our own, updated in place by every layer
         parametric = [k for k, spec in enumerate(self.ops) if spec.fn is not ops.identity]
         for layer in range(self.num_ops):
             chosen = torch.where(choices.applied[:, layer], choices.ops[:, layer], -1)
             mags, signs = choices.magnitudes[:, layer], choices.signs[:, layer]
             x = ops.apply_grouped(
                 x, chosen, parametric,
-                lambda k, xs, idx, mags=mags, signs=signs: self.ops[k].fn(xs, self.value(k, mags[idx], signs[idx])))
+                lambda k, xs, idx, mags=mags, signs=signs: self.ops[k].fn(xs, self.value(k, mags[idx], signs[idx])),
+                inplace=True)
         if self.cutout > 0:
             sizes = (choices.cutout * min(x.shape[2:])).round()
             x = ops.cutout_per_sample(x, sizes, generator, fill=self.fill)

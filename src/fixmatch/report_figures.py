@@ -86,6 +86,9 @@ def best_vs_labels(groups: list[Group], path: Path) -> str:
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                     capsize=3, label=name)
     ax.set_xscale("log")
+    counts = sorted({p[0] for points in series.values() for p in points})
+    ax.set_xticks(counts, [str(c) for c in counts])  # the label counts themselves, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("labeled images (log scale)")
     ax.set_ylabel("best test accuracy (%)")
     ax.grid(alpha=0.3, which="both")

@@ -47,6 +47,7 @@ def _study(tmp_path):
                   method="supervised")
     _fake_run(root, "fm250-s0", [80.0, 90.0], macro_f1=85.0, num_labels=250, seed=0)
     _fake_run(root, "unfinished", [10.0], num_labels=250, seed=1, finished=False)
+    (root / "sweep.json").write_text(json.dumps({"command": "fixmatch sweep studies/s.yaml --out runs/s"}))
     return root
 
 
@@ -68,6 +69,7 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     md = (tmp_path / "report" / "results.md").read_text()
     assert "| 40 | fixmatch | 30 | 0, 1, 2 | 62.00 ± 2.00 | 72.00 ± 2.00 | 38.00 ± 2.00 | 44.00 ± 2.00 | 30 |" in md
     assert "Not finished, left out: unfinished." in md
+    assert f"Reproduce: fixmatch sweep studies/s.yaml --out runs/s; fixmatch report {tmp_path / 'study'} --out " in md
     page = index.read_text()
     assert "62.00 ± 2.00" in page and "No confusion matrix" in page  # fake runs have no checkpoints
     for png in ("accuracy_vs_step.png", "best_vs_labels.png", "losses.png", "mask_rate.png",

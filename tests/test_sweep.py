@@ -108,6 +108,7 @@ def test_sweep_runs_skips_records_failures_and_resumes(tmp_path):
         assert "divisible" in result.failed[name]
     assert any(line.startswith("FAILED num_labels=25,seed=0") for line in lines)
     assert (out / "study.yaml").is_file() and (out / "logs" / f"{good[0]}.log").is_file()
+    assert json.loads((out / "sweep.json").read_text())["command"] == f"fixmatch sweep {study} --out {out}"
 
     # Again: finished runs are skipped (untouched), failed ones are tried again.
     mtime = (out / good[0] / "summary.json").stat().st_mtime_ns

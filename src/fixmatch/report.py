@@ -329,13 +329,26 @@ def write_report(paths: list[str | Path], out: str | Path, title: str | None = N
         notes.append(f"Paper: accuracy = 100 - error rate of {PAPER_CITATION}, for the same data set, labels and "
                      f"model, RandAugment or CTAugment as the run's strong augmentation.")
     header, rows, raw = table_rows(groups)
-    (out / "results.md").write_text(markdown_table(header, rows) + "\n" + "".join(f"- {n}\n" for n in notes))
     (out / "results.csv").write_text(csv_text(raw))
     figures = make_figures(groups, out, notes)
+    notes.append("Reproduce: " + "; ".join(_sweep_commands(paths) + [
+        "fixmatch report " + " ".join(map(str, paths)) + f" --out {out}"]) + ".")
+    (out / "results.md").write_text(markdown_table(header, rows) + "\n" + "".join(f"- {n}\n" for n in notes))
     description = _study_description(paths)
     page = html_page(title or "FixMatch study report", description, header, rows, notes, figures)
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+def _sweep_commands(paths: list[str | Path]) -> list[str]:
+    """The `fixmatch sweep` commands that made the given study folders (sweep.json), where recorded."""
+    commands = []
+    for p in map(Path, paths):
+        try:
+            commands.append(json.loads((p / "sweep.json").read_text())["command"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return commands
 
 
 def _study_description(paths: list[str | Path]) -> str:

@@ -24,6 +24,7 @@ RUN_DIR/error.txt and the others go on. The output of run NAME is in STUDY_DIR/l
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -206,6 +207,8 @@ def run_sweep(study_path: str | Path, out: str | Path, workers: int = 1,
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     shutil.copyfile(study.path, out / "study.yaml")  # the report shows what the study asked for
+    # The command as given (relative paths stay relative), so that a report can say how its runs were made.
+    (out / "sweep.json").write_text(json.dumps({"command": f"fixmatch sweep {study_path} --out {out}"}) + "\n")
     result = SweepResult()
     todo: list[PlannedRun] = []
     for run in study.runs:

@@ -105,6 +105,9 @@ class Config:
                        lambda v: v in STRONG_AUGMENTS, ", ".join(STRONG_AUGMENTS), default="randaugment")
     cutout: float = _key("Cutout square side as a fraction of the image side after RandAugment; 0 = off",
                          _unit_interval, "a number in [0, 1]", default=0.5)
+    fill: float | None = _key("value in [0, 1] of the pixels that Cutout and the strong policy's geometric ops leave "
+                              "empty; null = the policy's own (0.5 grey for the paper's RandAugment)",
+                              lambda v: v is None or _unit_interval(v), "a number in [0, 1] or null", default=None)
     # --- optimisation -----------------------------------------------------------------------
     steps: int = _key("K: total optimiser steps, also the K of the cosine schedule (the paper's 2^20)",
                       _positive_int, "a positive integer", default=2**20)

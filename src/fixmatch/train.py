@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
+from fixmatch.augment.visualize import AugmentGrids
 from fixmatch.checkpoint import load_checkpoint, save_checkpoint
 from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config
 from fixmatch.data.batches import IndexStream
@@ -30,8 +31,8 @@ from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predic
 from fixmatch.fixmatch import fixmatch_loss
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.models import create_model
-from fixmatch.model_spec import checkpoint_fields
 from fixmatch.models.pretrained import load_init_weights
+from fixmatch.model_spec import checkpoint_fields
 from fixmatch.nonfinite import NonFiniteGuard
 from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
 from fixmatch.optim import LRSchedule, make_optimizer, set_lr
@@ -167,7 +168,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
     mean, std = channel_stats(data.mean, data.std, device)
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
     weak = functools.partial(weak_augment, flip=flip, translate=config.weak_translate)
-    strong = make_strong_augment(config.strong, cutout=config.cutout)
+    fills = {} if config.fill is None else {"fill": config.fill, "geometric_fill": config.fill}
+    strong = make_strong_augment(config.strong, cutout=config.cutout, **fills)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
 
@@ -177,7 +179,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
     model_kwargs["image_size"] = list(data.image_size)  # picks the stem (CIFAR/ImageNet) or the ViT's patch grid
     model = create_model(config.model, data.num_classes, data.in_channels, **model_kwargs).to(device)
     # A pretrained backbone for fresh runs (a resumed run restores its own weights below); before the EMA copy.
-    init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resume else None
+    init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resumed else None
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config.lr, config.momentum, config.nesterov, config.wd, config.optimizer)
@@ -221,6 +223,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                 "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict()}
 
     logger = RunLogger(run_dir, config.steps, start_step, config.progress)
+    # Grids of original/weak/strong views for TensorBoard, drawn with their own generator (results unchanged).
+    grids = AugmentGrids(data.train_images, weak, strong, config.seed, config.eval_every, device)
     logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, {config.model}, "
                  f"{config.steps} steps on {device}; run directory {run_dir}")
     if init_report is not None:
@@ -290,6 +294,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                     row["nonfinite_steps"] = guard.skipped
                     sums.zero_()
                     logger.evaluation(row)
+                    if grids.due(step) and logger.writer is not None:
+                        logger.image("augment/views", grids.render(step), step)
                     improved = row["test_acc"] > best_acc
                     best_acc = max(best_acc, row["test_acc"])
                     schedule.observe(row["test_acc"])  # plateau: before the checkpoint, which saves its state

@@ -95,7 +95,7 @@ def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp
                 # Widen the window between a complete temporary file and its rename, then kill inside it,
                 # at the first or second checkpoint write of this launch.
                 stale = {p.name for p in (run / "checkpoints").glob(".*.pt.*.tmp")}  # removed at start-up
-                pid = server.start(argv, log, {TEST_PAUSE_ENV: "0.5"})
+                pid = server.start(argv, log, {TEST_PAUSE_ENV: "1.0"})
                 target, seen, deadline = rng.randint(1, 2), set(), time.time() + 120
                 while len(seen) < target and not server.exited():
                     assert time.time() < deadline, log.read_text()

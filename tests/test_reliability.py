@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 
@@ -250,7 +251,9 @@ def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
 
 def test_second_writer_is_refused_while_the_first_holds_the_run_directory(tmp_path, capsys):
     run = tmp_path / "run"
-    fixmatch.train(Config(**QUICK, steps=10), out=run)
+    (run / "checkpoints").mkdir(parents=True)  # a run directory as a training leaves it (no need to train)
+    (run / "config.yaml").write_text(yaml.safe_dump(Config(**QUICK, steps=10).to_dict()))
+    (run / "checkpoints" / "last.pt").write_bytes(b"checkpoint bytes")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from fixmatch.rundir import lock_run_dir\n"
                                "with lock_run_dir(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()",

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fixmatch.config import PRESETS, Config, ConfigError, describe_keys, resolve_config
+from fixmatch.config import PRESETS, STRONG_AUGMENTS, Config, ConfigError, describe_keys, resolve_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +130,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show_augment(args: argparse.Namespace) -> int:
+    from fixmatch.augment.visualize import show_augment
+
+    path = show_augment(args.dataset, args.out, args.strong, args.num_images, args.seed, args.data_dir, args.cutout)
+    print(f"augmentation grid written: {path}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     defaults = {name: default for name, default, _ in describe_keys()}
     for name, values in PRESETS.items():
@@ -214,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="STUDY_DIR_OR_RUN_DIR", help="study folders and/or run directories")
     p.add_argument("--out", metavar="REPORT_DIR", required=True, help="folder for the report")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("show-augment", help="draw original, weak and strong views of a few training images (PNG)",
+                       description="Write a grid of original, weak and strong views of training images; each strong "
+                                   "view is captioned with the ops and magnitudes applied to it.")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="data set name (as for train --dataset)")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
+    p.add_argument("--strong", default="randaugment", choices=STRONG_AUGMENTS, help="strong policy (default: randaugment)")
+    p.add_argument("--cutout", type=float, default=0.5, help="Cutout side as a fraction of the image side (default: 0.5)")
+    p.add_argument("--num-images", type=int, default=6, help="images in the grid, 1 to 64 (default: 6)")
+    p.add_argument("--seed", type=int, default=0, help="picks the images and draws the views (default: 0)")
+    p.add_argument("--data-dir", default="data", help="where the data set lives (default: data)")
+    p.set_defaults(func=_cmd_show_augment)
 
     p = sub.add_parser("presets", help="list the presets and their values")
     p.set_defaults(func=_cmd_presets)

@@ -68,6 +68,11 @@ class RunLogger:
             f"top-5 {row['test_top5']:6.2f}%) | Ls {row['loss_s']:.3f} Lu {row['loss_u']:.3f} | "
             f"mask {row['mask_rate']:.3f} pl-acc {row['pseudo_label_acc']:6.2f}% | lr {row['lr']:.5f}")
 
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """Logs an RGB uint8 image (H, W, 3) to TensorBoard (e.g. the augmentation grid)."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+
     def write(self, message: str) -> None:
         self.bar.write(message)
 

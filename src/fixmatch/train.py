@@ -19,6 +19,7 @@ import yaml
 
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.augment.visualize import AugmentGrids
+from fixmatch.augment.visualize import AugmentGrids
 from fixmatch.checkpoint import load_checkpoint, save_checkpoint
 from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config
 from fixmatch.data.batches import IndexStream
@@ -225,6 +226,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
     logger = RunLogger(run_dir, config.steps, start_step, config.progress)
     # Grids of original/weak/strong views for TensorBoard, drawn with their own generator (results unchanged).
     grids = AugmentGrids(data.train_images, weak, strong, config.seed, config.eval_every, device)
+    # Grids of original/weak/strong views for TensorBoard, drawn with their own generator (results unchanged).
+    grids = AugmentGrids(data.train_images, weak, strong, config.seed, config.eval_every, device)
     logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, {config.model}, "
                  f"{config.steps} steps on {device}; run directory {run_dir}")
     if init_report is not None:
@@ -294,6 +297,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                     row["nonfinite_steps"] = guard.skipped
                     sums.zero_()
                     logger.evaluation(row)
+                    if grids.due(step) and logger.writer is not None:
+                        logger.image("augment/views", grids.render(step), step)
                     if grids.due(step) and logger.writer is not None:
                         logger.image("augment/views", grids.render(step), step)
                     improved = row["test_acc"] > best_acc

@@ -53,7 +53,7 @@ def bench(model_name: str, shape: tuple[int, int, int], batch_size: int, mu: int
         idx_lb, idx_ulb = stream_lb.batch(it), stream_ulb.batch(it)
         x_lb = weak_augment(images[idx_lb].to(device), gen)
         u = images[idx_ulb].to(device)
-        x = normalize(torch.cat([x_lb, weak_augment(u, gen), strong(u, gen)]), mean, std, channels_last)
+        x = normalize(torch.cat([x_lb, weak_augment(u, gen), strong(weak_augment(u, gen), gen)]), mean, std, channels_last)
         y = labels[idx_lb].to(device)
         _sync(device)
         t1 = time.perf_counter()

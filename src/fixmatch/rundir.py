@@ -46,7 +46,7 @@ def _open_locked(path: Path) -> int | None:
         if not _try_lock(fd):
             os.close(fd)
             return None
-        try:  # the file may have been removed (by a refused run cleaning up) between open and lock
+        try:  # the previous holder removes the file on release: it may have gone between open and lock
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return fd
         except FileNotFoundError:

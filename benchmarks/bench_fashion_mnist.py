@@ -12,6 +12,8 @@ speed is measured first on a short calibration run, and K = budget * steps/s.
 
     python benchmarks/bench_fashion_mnist.py --out bench-runs --num-labels 40 --seeds 0 1 2
     python benchmarks/bench_fashion_mnist.py --out bench-runs --num-labels 250 --seeds 0 --methods fixmatch
+    python benchmarks/bench_fashion_mnist.py --out bench-runs --seeds 0 --methods fixmatch --steps 1000 \
+        --set eval_every=250 weak_no_grad=true --tag weak-no-grad
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import json
 import shutil
 import statistics
 from pathlib import Path
+
+import yaml
 
 import fixmatch
 from fixmatch.config import resolve_config
@@ -41,8 +45,8 @@ def supervised_steps_for(budget_s: float, out: Path, num_labels: int, calibratio
     return max(1, int(budget_s * summary["steps"] / summary["wall_s"]))
 
 
-def run_one(out: Path, method: str, num_labels: int, seed: int, extra: dict) -> dict:
-    run_dir = out / f"{method}-{num_labels}-seed{seed}"
+def run_one(out: Path, method: str, num_labels: int, seed: int, extra: dict, tag: str = "") -> dict:
+    run_dir = out / f"{method}-{num_labels}-seed{seed}{'-' + tag if tag else ''}"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
@@ -59,10 +63,18 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["fixmatch", "supervised"])
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps for FixMatch")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every run (YAML values), e.g. eval_every=250 weak_no_grad=true")
+    p.add_argument("--tag", default="", help="suffix of the run directories' names (for runs with --set)")
     p.add_argument("--budget-s", type=float, default=600.0,
                    help="wall-clock budget that sets the supervised baseline's steps (0: same steps as FixMatch)")
     args = p.parse_args()
     extra = {"steps": args.steps} if args.steps else {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        extra[key] = yaml.safe_load(value)
 
     rows = []
     for num_labels in args.num_labels:
@@ -73,7 +85,7 @@ def main() -> None:
                 # Evaluate about as often as the FixMatch run does (10 evaluations per run).
                 method_extra.update(steps=steps, eval_every=max(1, steps // 10))
             for seed in args.seeds:
-                rows.append(run_one(args.out, method, num_labels, seed, method_extra))
+                rows.append(run_one(args.out, method, num_labels, seed, method_extra, args.tag))
 
     print("| method | labels | seed | steps | wall s | steps/s | images/s | last % | median last 20 % | best % |")
     print("|---|---|---|---|---|---|---|---|---|---|")

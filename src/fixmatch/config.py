@@ -155,13 +155,24 @@ class Config:
     on_nonfinite: str = _key("a NaN/inf loss or gradient: stop (naming the step and the last good checkpoint) "
                              "or skip the step and count it in nonfinite_steps (nonfinite.py)",
                              lambda v: v in ("stop", "skip"), "stop or skip", default="stop")
+    # --- speed and several processes (speed.py, step.py, distributed.py) -------------------------
+    amp: str = _key("mixed precision of the forward pass: none (fp32), bf16 (CUDA; CPUs with bf16 units) or fp16 "
+                    "(CUDA, with loss scaling)", lambda v: v in ("none", "bf16", "fp16"), "none, bf16 or fp16",
+                    default="none")
+    compile: bool = _key("torch.compile the model (needs a C++ compiler on the CPU); the first steps are slow",
+                         lambda v: isinstance(v, bool), "true or false", default=False)
+    weak_no_grad: bool = _key("run the weak unlabeled view in its own no-grad forward: about a third less compute; "
+                              "BatchNorm then normalises it with its own batch statistics (step.py)",
+                              lambda v: isinstance(v, bool), "true or false", default=False)
+    sync_bn: bool = _key("several processes (torchrun) on CUDA: BatchNorm statistics over all processes' batches",
+                         lambda v: isinstance(v, bool), "true or false", default=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # Keys that may differ when a run is resumed: they change where and how it runs, not what it computes.
-RESUME_MUTABLE_KEYS = frozenset({"data_dir", "device", "progress", "on_nonfinite"})
+RESUME_MUTABLE_KEYS = frozenset({"data_dir", "device", "progress", "on_nonfinite", "compile"})
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's CIFAR-10 setting: WRN-28-2, B=64, mu=7, 2^20 steps, evaluation every 1024 steps.

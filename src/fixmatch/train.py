@@ -2,10 +2,14 @@
 
 dataset -> split -> index streams -> weak/strong augmentation on the device -> one forward pass
 -> fixmatch_loss -> SGD + cosine schedule -> EMA -> evaluation -> metrics, checkpoint, summary.
+Under torchrun every process runs this loop on its slice of each global batch; rank 0 alone evaluates
+and writes (distributed.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import math
 import signal
 import statistics
@@ -17,8 +21,8 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from fixmatch import distributed
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
-from fixmatch.augment.visualize import AugmentGrids
 from fixmatch.augment.visualize import AugmentGrids
 from fixmatch.checkpoint import load_checkpoint, save_checkpoint
 from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config
@@ -29,7 +33,6 @@ from fixmatch.data.pool import gather_pool, pool_labels
 from fixmatch.data.split import Split, fold_split, load_split, save_split, unlabeled_pool
 from fixmatch.ema import EMA
 from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
-from fixmatch.fixmatch import fixmatch_loss
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.models import create_model
 from fixmatch.models.pretrained import load_init_weights
@@ -37,6 +40,8 @@ from fixmatch.model_spec import checkpoint_fields
 from fixmatch.nonfinite import NonFiniteGuard
 from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
 from fixmatch.optim import LRSchedule, make_optimizer, set_lr
+from fixmatch.speed import check_amp, check_compile, compile_module, make_grad_scaler
+from fixmatch.step import forward_loss
 
 # Data sets whose weak view has no horizontal flip (digits and text are not mirror-symmetric).
 NO_FLIP_DATASETS = frozenset({"svhn", "mnist"})
@@ -139,16 +144,34 @@ def train(config: Config | None = None, out: str | Path | None = None, resume: b
         raise ConfigError("resuming needs the run directory (--out RUN_DIR)")
     if config is None and not resume:
         raise ConfigError("train() needs a Config unless it resumes a run")
-    run_dir = Path(out) if out is not None else default_run_dir(config)  # type: ignore[arg-type]
-    with lock_run_dir(run_dir):  # one writer per run directory; the OS releases it even if the process is killed
-        return _train(config, run_dir, resume)
+    env = distributed.read_env()  # several processes under torchrun (distributed.py), else rank 0 of 1
+    device_name = config.device if config is not None else load_run_config(Path(out)).device  # type: ignore[arg-type]
+    device = distributed.process_device(resolve_device(device_name), env)
+    with distributed.process_group(env, device):
+        # Every rank uses rank 0's run directory (a default one is named after the time).
+        run_dir = distributed.broadcast_object(Path(out) if out is not None else default_run_dir(config), env)
+        # One writer per run directory (rank 0); the OS releases the lock even if the process is killed.
+        with lock_run_dir(run_dir) if env.is_main else contextlib.nullcontext():
+            return _train(config, run_dir, resume, env, device)
 
 
-def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]:
+def _check_processes_and_speed(config: Config, env: distributed.DistEnv, device: torch.device) -> None:
+    """Options that this device or number of processes cannot run: refused before anything is written."""
+    distributed.check_batch_sizes(config.batch_size, env.world_size)
+    check_amp(config.amp, device)
+    check_compile(config.compile, device)
+    distributed.check_sync_bn(config.sync_bn, device)
+    if env.enabled and config.strong == "ctaugment":
+        raise ConfigError("--strong ctaugment learns its magnitudes in one process and cannot run on several "
+                          "processes yet; use one process or another --strong policy")
+
+
+def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.DistEnv,
+           device: torch.device) -> dict[str, Any]:
     _prepare_run_dir(run_dir, resume)
     config = _resume_config(run_dir, config) if resume else config
     config = check_config(config)
-    device = resolve_device(config.device)
+    _check_processes_and_speed(config, env, device)
 
     # --- data and split: everything that can fail on bad input happens before anything is written
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
@@ -160,6 +183,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
         raise DatasetError(f"{config.dataset} has {n_pool} unlabeled images (labeled ones included) but each step "
                            f"draws mu*B = {config.batch_size * config.mu}; add unlabeled images or lower --mu or "
                            "--batch-size")
+    # Global batches (B and mu*B in all, whatever the number of processes): each rank takes its slice.
     stream_lb = IndexStream(split.labeled, config.batch_size, config.seed, stream_id=0)
     # The unlabeled stream draws from the split's training images plus the data set's separate unlabeled images.
     stream_ulb = IndexStream(unlabeled_pool(split, data.train_labels.numel(), data.num_unlabeled_extra),
@@ -189,9 +213,11 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
     ema = EMA(model, config.ema)
     aug_gen = torch.Generator(device=device)
     guard = NonFiniteGuard(config.on_nonfinite, device, run_dir / "checkpoints" / "last.pt")
+    scaler = make_grad_scaler(config.amp, device)  # fp16 only
 
     start_step, best_acc, wall_before = 0, -math.inf, 0.0
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss_s, loss_u, mask, pl_correct, steps, pl_known
+    distributed.barrier(env)  # every rank has checked the run directory before rank 0 writes to it
     if resumed:
         state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
         guard.skipped = state.get("nonfinite_steps", 0)
@@ -200,13 +226,17 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         start_step, best_acc, wall_before = state["step"], state["best_acc"], state["wall_s"]
-        sums.copy_(state["sums"])
+        if env.is_main:  # the saved sums are over all ranks: summed again at the next evaluation
+            sums.copy_(state["sums"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if cta is not None:
             cta.load_state_dict(state["ctaugment"])
         if state.get("schedule") is not None:
             schedule.load_state_dict(state["schedule"])
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    else:
+        if env.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    elif env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # config.yaml last: it marks the folder as a run. A start killed before its first checkpoint is redone
         # from step 0 (by --resume), so the rows it logged go.
@@ -221,17 +251,23 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                 "wall_s": wall_before + time.perf_counter() - t0, "sums": sums.cpu(),
                 "rng": {"torch": torch.get_rng_state()}, "nonfinite_steps": guard.skipped,
                 **checkpoint_fields(config.model, model_kwargs, data),  # the model description
-                "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict()}
+                "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None}
 
-    logger = RunLogger(run_dir, config.steps, start_step, config.progress)
+    # What the step calls: the model inside DistributedDataParallel with several processes, compiled on request.
+    # `model` itself (unwrapped) is what EMA, evaluation and checkpoints use.
+    train_model = distributed.wrap_model(model, env, device, config.sync_bn)
+    if config.compile:
+        train_model = compile_module(train_model, device)
+    logger = RunLogger(run_dir, config.steps, start_step, config.progress and env.is_main, tensorboard=env.is_main)
     # Grids of original/weak/strong views for TensorBoard, drawn with their own generator (results unchanged).
     grids = AugmentGrids(data.train_images, weak, strong, config.seed, config.eval_every, device)
-    # Grids of original/weak/strong views for TensorBoard, drawn with their own generator (results unchanged).
-    grids = AugmentGrids(data.train_images, weak, strong, config.seed, config.eval_every, device)
-    logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, {config.model}, "
-                 f"{config.steps} steps on {device}; run directory {run_dir}")
-    if init_report is not None:
-        logger.write(init_report.summary())
+    if env.is_main:
+        processes = f" x {env.world_size} processes" if env.enabled else ""
+        logger.write(f"fixmatch: {config.method} on {config.dataset} with {config.num_labels} labels, "
+                     f"{config.model}, {config.steps} steps on {device}{processes}; run directory {run_dir}")
+        if init_report is not None:
+            logger.write(init_report.summary())
     t0 = time.perf_counter()
     model.train()
     step = start_step
@@ -240,31 +276,36 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
             while step < config.steps:
                 lr = schedule.lr(step)
                 set_lr(optimizer, lr)
-                # The augmentation stream is reseeded from (seed, step): a resumed run draws the same views.
-                aug_gen.manual_seed(config.seed * 2**32 + step)
+                # The augmentation stream is reseeded from (seed, step, rank): a resumed run draws the same views.
+                aug_gen.manual_seed(distributed.augment_seed(config.seed, step, env.rank))
 
-                idx_lb = stream_lb.batch(step)
-                x_lb = weak(train_images[idx_lb].to(device, non_blocking=True), aug_gen)
+                # uint8 batches (pinned on CUDA, copied asynchronously), augmented on the device; each rank
+                # takes its slice of the global index batch.
+                idx_lb = distributed.shard(stream_lb.batch(step), env)
+                x_lb = weak(gather_pool(train_images, None, idx_lb).to(device, non_blocking=True), aug_gen)
                 y_lb = data.train_labels[idx_lb].to(device, non_blocking=True)
-                batches = [x_lb]
+                x_ulb_w = x_ulb_s = None
                 if fixmatch:
-                    idx_ulb = stream_ulb.batch(step)
+                    idx_ulb = distributed.shard(stream_ulb.batch(step), env)
                     u = gather_pool(train_images, data.unlabeled_images, idx_ulb).to(device, non_blocking=True)
                     # Strong view = its own flip/translate, then RandAugment and Cutout (as the PyTorch ports do).
-                    batches += [weak(u, aug_gen), strong(weak(u, aug_gen), aug_gen)]
-                # One forward pass over labeled, weak and strong images: BatchNorm sees all of them.
-                logits = model(normalize(torch.cat(batches), mean, std, config.channels_last))
-                n_lb, n_ulb = x_lb.shape[0], config.batch_size * config.mu
-                logits_w = logits[n_lb:n_lb + n_ulb] if fixmatch else None
-                logits_s = logits[n_lb + n_ulb:] if fixmatch else None
-                loss, stats = fixmatch_loss(logits[:n_lb], y_lb, logits_w, logits_s, config.tau, config.lambda_u,
-                                            config.T, config.lu_norm)
+                    x_ulb_w, x_ulb_s = weak(u, aug_gen), strong(weak(u, aug_gen), aug_gen)
+                loss, stats = forward_loss(train_model, x_lb, y_lb, x_ulb_w, x_ulb_s, mean, std, tau=config.tau,
+                                           lambda_u=config.lambda_u, T=config.T, lu_norm=config.lu_norm,
+                                           channels_last=config.channels_last, weak_no_grad=config.weak_no_grad,
+                                           amp=config.amp, bn_model=model)
 
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                finite = guard.step_is_finite(step + 1, loss, model.parameters())  # False: skip (on_nonfinite)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                # With fp16 loss scaling, overflowing gradients are the scaler's to skip: only the loss is checked.
+                grads_checked = model.parameters() if scaler is None else []
+                finite = guard.step_is_finite(step + 1, loss, grads_checked)  # False: skip (on_nonfinite)
                 if finite:
-                    optimizer.step()
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
                     ema.update(model)
                 if cta is not None and finite:
                     # CTAugment's bin weights follow how well the EMA model classifies labeled images under
@@ -287,41 +328,61 @@ def _train(config: Config | None, run_dir: Path, resume: bool) -> dict[str, Any]
                                          pl_known.double()])
                 if step % LOG_EVERY == 0 or step == config.steps:
                     guard.raise_if_failed()
-                    logger.step(step - logger.bar.n, stats.loss_s.item(), stats.loss_u.item(),
-                                stats.mask_rate.item(), lr, step)
+                    shown = torch.stack([stats.loss_s.float(), stats.loss_u.float(), stats.mask_rate.float()])
+                    loss_s, loss_u, mask_rate = (distributed.all_reduce_sum_(shown, env) / env.world_size).tolist()
+                    logger.step(step - logger.bar.n, loss_s, loss_u, mask_rate, lr, step)
 
                 if step % config.eval_every == 0 or step == config.steps:
                     guard.check_weights(step, model, ema.module)  # nothing non-finite reaches a checkpoint
-                    row = _evaluate_step(model, ema, data, mean, std, config, sums, step, lr,
-                                         wall_before + time.perf_counter() - t0)
-                    row["nonfinite_steps"] = guard.skipped
+                    distributed.all_reduce_sum_(sums, env)  # statistics over every rank's slice of the batches
+                    test_acc = None
+                    if env.is_main:  # rank 0 evaluates and writes; the others wait for its test accuracy
+                        row = _evaluate_step(model, ema, data, mean, std, config, sums, step, lr,
+                                             wall_before + time.perf_counter() - t0)
+                        row["nonfinite_steps"] = guard.skipped
+                        logger.evaluation(row)
+                        if grids.due(step) and logger.writer is not None:
+                            logger.image("augment/views", grids.render(step), step)
+                        test_acc = row["test_acc"]
+                        improved = test_acc > best_acc
+                        best_acc = max(best_acc, test_acc)
+                        schedule.observe(test_acc)  # plateau: before the checkpoint, which saves its state
+                        state = checkpoint_state(step)
+                        if improved:  # best before last: a crash between the two redoes this evaluation
+                            save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
+                        save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+                    test_acc = distributed.broadcast_object(test_acc, env)
+                    if not env.is_main:
+                        schedule.observe(test_acc)
                     sums.zero_()
-                    logger.evaluation(row)
-                    if grids.due(step) and logger.writer is not None:
-                        logger.image("augment/views", grids.render(step), step)
-                    if grids.due(step) and logger.writer is not None:
-                        logger.image("augment/views", grids.render(step), step)
-                    improved = row["test_acc"] > best_acc
-                    best_acc = max(best_acc, row["test_acc"])
-                    schedule.observe(row["test_acc"])  # plateau: before the checkpoint, which saves its state
-                    state = checkpoint_state(step)
-                    if improved:  # best before last: a crash between the two redoes this evaluation
-                        save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
-                    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
-                if stop:
+                # Several processes agree on stopping where they sync anyway, so that all stop at the same step.
+                stop_now = bool(stop) if not env.enabled else (
+                    step % LOG_EVERY == 0 and distributed.any_rank(bool(stop), env, device))
+                if stop_now:
                     guard.check_weights(step, model, ema.module)
-                    save_checkpoint(checkpoint_state(step), run_dir / "checkpoints" / "last.pt")
+                    distributed.all_reduce_sum_(sums, env)
+                    if env.is_main:
+                        save_checkpoint(checkpoint_state(step), run_dir / "checkpoints" / "last.pt")
+                    distributed.barrier(env)
                     raise TrainingInterrupted(run_dir, step)
     finally:
         logger.close()
 
     wall_s = wall_before + time.perf_counter() - t0
+    if not env.is_main:  # rank 0 writes the summary; the others return it once it is there
+        distributed.barrier(env)
+        return read_summary(run_dir)
     summary = summarize(run_dir, config, wall_s)
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"done: test accuracy {summary['test_acc_last']:.2f}% (best {summary['test_acc_best']:.2f}%, "
           f"median of last 20 evaluations {summary['test_acc_median_last20']:.2f}%) in {wall_s:.0f} s; "
           f"results in {run_dir}")
+    distributed.barrier(env)
     return summary
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def _evaluate_step(model, ema, data, mean, std, config: Config, sums: torch.Tensor, step: int, lr: float,

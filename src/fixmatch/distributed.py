@@ -1,0 +1,174 @@
+"""Several processes, one run: torchrun's environment, the process group, and each rank's share of a step.
+
+``torchrun --nproc-per-node N -m fixmatch train ...`` starts N processes and gives each RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them a run is one process and nothing here does anything.
+
+What several processes mean for a run:
+
+- ``batch_size`` (B) and ``mu`` are GLOBAL: a step uses B labeled and mu*B unlabeled images in all, whatever the
+  number of processes W. Every rank draws the same global index batch from IndexStream (a pure function of seed
+  and step) and keeps its contiguous W-th of it (``shard``), so the data order does not depend on W and a run
+  may be resumed with another W. B must be divisible by W.
+- Gradients are averaged over ranks by DistributedDataParallel. Every loss term is a mean over equally sized
+  per-rank slices, so the averaged gradient is the gradient of the global batch's loss, except for
+  ``lu_norm: masked`` (each rank divides by its own masked count) and BatchNorm, whose batch statistics are per
+  rank unless ``sync_bn`` (CUDA only) makes them global.
+- Augmentation: each rank augments only its slice, with a generator seeded from (seed, step, rank)
+  (``augment_seed``; rank 0 uses exactly the single-process seed). A run with W processes therefore draws
+  other random views than a run with one, from the same images in the same order; results differ across
+  process counts through those draws, BatchNorm statistics and float summation order only.
+- Rank 0 alone writes (run directory, metrics, checkpoints, progress bar, TensorBoard) and evaluates; the other
+  ranks wait for it at their next collective. Training statistics are summed over ranks before logging.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fixmatch.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands among the run's processes (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them; absent = a single process."""
+    environ = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in environ and "RANK" not in environ:
+        return DistEnv()
+    values = {}
+    for name, default in (("RANK", None), ("WORLD_SIZE", None), ("LOCAL_RANK", "0")):
+        text = environ.get(name, default)
+        if text is None or not text.strip().isdigit():
+            raise ConfigError(f"environment variable {name}={text!r} is not a non-negative integer; start "
+                              f"several processes with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK")
+        values[name] = int(text)
+    env = DistEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+    if env.world_size < 1 or env.rank >= env.world_size:
+        raise ConfigError(f"RANK={env.rank} is not below WORLD_SIZE={env.world_size}; start the processes "
+                          f"with torchrun")
+    return env
+
+
+def process_device(device: torch.device, env: DistEnv) -> torch.device:
+    """Each process of a CUDA run takes the GPU of its LOCAL_RANK (torchrun's one GPU per process)."""
+    if not env.enabled or device.type != "cuda":
+        return device
+    if env.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK {env.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                          f"start at most that many processes per node (--nproc-per-node)")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
+@contextmanager
+def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
+    """Joins the run's process group (NCCL for CUDA, gloo for CPU) and leaves it at the end."""
+    if not env.enabled or dist.is_initialized():  # a caller that set up its own group keeps it
+        yield
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Rank 0 evaluates and writes checkpoints while the others wait at their next collective: allow long waits.
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(hours=2),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def check_batch_sizes(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                          f"{world_size} processes; choose a multiple of {world_size}")
+
+
+def shard(batch: Tensor, env: DistEnv) -> Tensor:
+    """This rank's contiguous 1/W of a global batch (W divides its length)."""
+    if not env.enabled:
+        return batch
+    n = batch.shape[0] // env.world_size
+    return batch[env.rank * n:(env.rank + 1) * n]
+
+
+def augment_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of a rank's augmentation generator at ``step``: rank 0 draws what a single process draws."""
+    base = seed * 2**32 + step
+    return base if rank == 0 else (base * 1_000_003 + rank) % 2**63
+
+
+def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, sync_bn: bool) -> nn.Module:
+    """The module the step calls: DistributedDataParallel around ``model`` (which stays the one to save).
+
+    sync_bn converts BatchNorm layers of ``model`` in place, so the saved model holds the same parameters and
+    buffers under the same names (SyncBatchNorm's state dict is BatchNorm's).
+    """
+    check_sync_bn(sync_bn, device)
+    if not env.enabled:
+        return model
+    if sync_bn:
+        _convert_sync_bn_in_place(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
+    if sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; leave --sync-bn off "
+                          "on the CPU (each process then normalises with its own batch statistics)")
+
+
+def _convert_sync_bn_in_place(model: nn.Module) -> None:
+    # convert_sync_batchnorm returns a new root when the root itself is a BatchNorm; models here never are.
+    for name, child in model.named_children():
+        setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
+def all_reduce_sum_(t: Tensor, env: DistEnv) -> Tensor:
+    """In place: the sum of ``t`` over ranks (unchanged with one process)."""
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any (e.g. a stop request that reached one process)."""
+    if not env.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(value: Any, env: DistEnv) -> Any:
+    """Rank 0's ``value`` on every rank (a path, a test accuracy)."""
+    if not env.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()

@@ -1,0 +1,224 @@
+"""Several processes (gloo on the CPU): one step on 2 ranks equals one step on 1 process with the same global
+batch; a 2-process run writes one set of outputs, stops on a signal and resumes with 2 or with 1 process.
+Speed options that cannot run here are refused in one line before anything is written."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fixmatch
+from fixmatch import distributed
+from fixmatch.checkpoint import load_checkpoint
+from fixmatch.config import Config, ConfigError
+from fixmatch.ema import EMA
+from fixmatch.optim import make_optimizer
+from fixmatch.step import forward_loss, frozen_running_stats
+
+QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
+             eval_every=20, eval_batch_size=512, progress=False, device="cpu")
+B, MU = 8, 3
+# Two ranks sum their halves' gradients in another order than one process: float32 rounding only.
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+def test_env_absent_is_one_process_and_torchrun_env_is_read():
+    assert distributed.read_env({}) == distributed.DistEnv(0, 1, 0)
+    env = distributed.read_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.is_main, env.enabled) == (3, 4, 1, False, True)
+    with pytest.raises(ConfigError, match="RANK"):
+        distributed.read_env({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="not below WORLD_SIZE"):
+        distributed.read_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_shards_tile_the_global_batch_and_rank0_augments_as_one_process():
+    batch = torch.arange(12)
+    parts = [distributed.shard(batch, distributed.DistEnv(r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat(parts), batch)
+    assert torch.equal(distributed.shard(batch, distributed.DistEnv()), batch)
+    assert distributed.augment_seed(7, 123, 0) == 7 * 2**32 + 123  # the single-process seed
+    seeds = {distributed.augment_seed(7, 123, r) for r in range(4)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ConfigError, match="divisible"):
+        distributed.check_batch_sizes(30, 4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(sync_bn=True), "sync-bn needs CUDA"),
+    (dict(amp="fp16"), "fp16 needs CUDA"),
+])
+def test_options_this_device_cannot_run_are_refused_before_writing(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        fixmatch.train(Config(**QUICK, steps=20, **overrides), out=tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_compile_without_a_cpu_compiler_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++/c++/clang++ there
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler") as e:
+        fixmatch.train(Config(**QUICK, steps=20, compile=True), out=tmp_path / "run")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_frozen_running_stats_normalise_with_the_batch_and_leave_running_stats():
+    bn = nn.BatchNorm2d(3).train()
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    before = [t.clone() for t in bn.buffers()]
+    with frozen_running_stats(bn):
+        y = bn(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn.buffers()))
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)  # batch statistics were used
+    bn(x)
+    assert not torch.equal(bn.running_mean, before[0]) and bn.num_batches_tracked == 1
+
+
+# ---------------------------------------------------------------- one step on 2 ranks == one step on 1
+
+class NoBatchNormNet(nn.Module):
+    """BatchNorm-free, so per-rank batch statistics cannot make two ranks differ from one process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(1)
+    x_lb, x_w = torch.rand(B, 3, 8, 8, generator=g), torch.rand(B * MU, 3, 8, 8, generator=g)
+    x_s = (x_w + 0.3 * torch.rand(x_w.shape, generator=g)).clamp(0, 1)
+    return x_lb, torch.randint(0, 10, (B,), generator=g), x_w, x_s
+
+
+def _one_step(env, weak_no_grad):
+    """One optimiser + EMA step on this rank's share of the global batch; returns the new weights and EMA."""
+    torch.manual_seed(0)
+    model = NoBatchNormNet()
+    optimizer = make_optimizer(model, 0.1, 0.9, True, 5e-4)
+    ema = EMA(model, 0.5)
+    train_model = distributed.wrap_model(model, env, torch.device("cpu"), sync_bn=False)
+    x_lb, y_lb, x_w, x_s = (distributed.shard(t, env) for t in _global_batch())
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    # tau 0.1: most unlabeled samples pass the threshold, so Lu contributes to the gradient.
+    loss, stats = forward_loss(train_model, x_lb, y_lb, x_w, x_s, mean, std, tau=0.1, lambda_u=1.0, T=1.0,
+                               lu_norm="all", channels_last=False, weak_no_grad=weak_no_grad, bn_model=model)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    ema.update(model)
+    return {k: v.clone() for k, v in model.state_dict().items()}, ema.state_dict(), float(stats.mask_rate)
+
+
+def _rank_main(rank, world_size, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        env = distributed.DistEnv(rank, world_size)
+        results = {wng: _one_step(env, wng) for wng in (False, True)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_step_on_two_ranks_equals_one_step_on_one_process(tmp_path):
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    initial = NoBatchNormNet().state_dict()
+    for weak_no_grad in (False, True):
+        weights, ema, mask_rate = _one_step(distributed.DistEnv(), weak_no_grad)
+        assert mask_rate > 0.5
+        for rank in range(2):
+            r_weights, r_ema, _ = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[weak_no_grad]
+            for k in weights:
+                assert not torch.allclose(weights[k], initial[k], **TOLERANCE)  # the step moved every tensor
+                torch.testing.assert_close(r_weights[k], weights[k], **TOLERANCE)
+                torch.testing.assert_close(r_ema[k], ema[k], **TOLERANCE)
+
+
+def test_weak_no_grad_is_the_same_loss_without_batchnorm():
+    """Without BatchNorm, the separate no-grad weak forward gives the default step's gradient exactly."""
+    a, _, _ = _one_step(distributed.DistEnv(), False)
+    b, _, _ = _one_step(distributed.DistEnv(), True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TOLERANCE)
+
+
+# ---------------------------------------------------------------- a 2-process run: outputs, stop, resume
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ranks(world_size, argv):
+    """What torchrun does for one node: one process per rank with RANK, WORLD_SIZE, MASTER_ADDR/PORT set."""
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "fixmatch", "train", *argv], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _flags(**config):
+    flags = []
+    for k, v in config.items():
+        flags += ["--no-progress"] if k == "progress" else ["--" + k.replace("_", "-"), str(v)]
+    return flags
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_process_run_writes_once_stops_and_resumes_with_two_or_one_process(tmp_path):
+    run, steps = tmp_path / "run", 60
+    procs = _start_ranks(2, [*_flags(**QUICK, steps=steps), "--out", str(run)])
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGINT)  # a signal that reaches one rank stops both at the same step
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [130, 130], outputs
+    stopped_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 20 <= stopped_at < steps and stopped_at % 10 == 0
+    assert outputs[0][0].count("step      20 |") == 1 and "step" not in outputs[1][0]  # rank 0 alone reports
+    assert [r["step"] for r in _rows(run)] == list(range(20, stopped_at + 1, 20))
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer
+    shutil.copytree(run, tmp_path / "one", ignore=shutil.ignore_patterns(".lock"))
+
+    procs = _start_ranks(2, ["--out", str(run), "--resume", "--no-progress"])
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert [r["step"] for r in _rows(run)] == [20, 40, 60]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert not any(k.startswith("module.") for k in state["model"])  # the unwrapped model is saved
+    assert fixmatch.evaluate(run, device="cpu")["test_acc"] == pytest.approx(_rows(run)[-1]["test_acc"])
+
+    one = fixmatch.train(None, out=tmp_path / "one", resume=True)  # this process: no RANK, one process
+    assert one["steps"] == steps
+    rows_one, rows_two = _rows(tmp_path / "one"), _rows(run)
+    assert [r["step"] for r in rows_one] == [20, 40, 60]
+    assert rows_one[0] == rows_two[0]  # written before the stop, kept by both resumes
+    assert one["test_acc_last"] > 30.0 and summary["test_acc_last"] > 30.0  # both went on learning (chance 10%)

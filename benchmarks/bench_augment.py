@@ -157,8 +157,9 @@ def main() -> None:
     if baseline is not None:
         print(f"batched now / batched at {args.baseline_ref}: {r['baseline_ms'] / r['batched_ms']:.1f}x")
     if args.step_model:
-        s = bench_step.bench(args.step_model, shape, args.step_batch_size, args.step_mu, args.step_iters, 1,
-                             device, True)  # type: ignore[arg-type]
+        # The training step's default path: fp32, no compilation, weak and strong views in one forward pass.
+        s = bench_step.bench("fast", args.step_model, shape, args.step_batch_size, args.step_mu, args.step_iters, 1,
+                             device, "none", False, False)  # type: ignore[arg-type]
         print(f"{args.step_model} step (B={args.step_batch_size}, mu={args.step_mu}): {s['step']:.1f} ms, "
               f"data+augmentation {s['data+augment']:.1f} ms = {100 * s['data+augment'] / s['step']:.2f}% "
               f"of the step")

@@ -81,6 +81,23 @@ def macro_f1(confusion: Tensor) -> float:
     return 100.0 * (2 * tp[present] / denom[present]).mean().item()
 
 
+def draw_confusion(ax: Any, confusion: Tensor, class_names: list[str]) -> None:
+    """Draws a confusion matrix on a matplotlib Axes: colour = fraction of the true class, cells = counts."""
+    c = confusion.double()
+    rates = (c / c.sum(1, keepdim=True).clamp_min(1)).numpy()
+    n = len(class_names)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 30:  # beyond that the numbers are unreadable
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8 if n <= 12 else 7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+
+
 def plot_confusion(confusion: Tensor, class_names: list[str], path: str | Path, title: str = "") -> None:
     """Row-normalised confusion matrix as a PNG (counts in the cells), written atomically."""
     try:
@@ -95,23 +112,11 @@ def plot_confusion(confusion: Tensor, class_names: list[str], path: str | Path, 
         raise ConfigError(f"the confusion matrix is written as PNG; give a file name ending in .png, not {path.name}")
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: folder {path.parent} does not exist")
-    c = confusion.double()
-    rates = (c / c.sum(1, keepdim=True).clamp_min(1)).numpy()
-    n = len(class_names)
-    side = max(4.0, 0.55 * n + 2)
+    side = max(4.0, 0.55 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    draw_confusion(ax, confusion, class_names)
     if title:
         ax.set_title(title)
-    if n <= 30:  # beyond that the numbers are unreadable
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fixmatch.evaluate import draw_confusion  # noqa: E402
 
 if TYPE_CHECKING:
     from fixmatch.report import Group, Run
@@ -164,20 +167,9 @@ def ema_vs_raw(groups: list[Group], path: Path) -> str:
 
 
 def confusion(run: Run, matrix: list[list[int]], class_names: list[str], path: Path) -> str:
-    n = len(class_names)
-    rates = [[c / max(sum(row), 1) for c in row] for row in matrix]
-    side = max(4.5, 0.55 * n + 2.5)
+    side = max(4.5, 0.55 * len(class_names) + 2.5)
     fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if n <= 30:  # beyond that the counts are unreadable
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=7,
-                        color="white" if rates[i][j] > 0.5 else "black")
+    draw_confusion(ax, torch.tensor(matrix), class_names)
     ax.set_title(f"{run.path.name}: best checkpoint", fontsize=9)
     _save(fig, path)
     return (f"Confusion matrix (counts; colour: fraction of the true class) of the best run, {run.path.name}, "

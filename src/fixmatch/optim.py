@@ -44,7 +44,6 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, nesterov: bool,
     raise ValueError(f"unknown optimizer {name!r}; expected sgd, adam or adamw")
 
 
-
 def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
     """lr(k) = lr0 * cos(7*pi*k / (16*K)): decays to lr0 * cos(7*pi/16) ~ 0.2 * lr0 at k = K, never to 0."""
     return base_lr * math.cos(7 * math.pi * step / (16 * total_steps))

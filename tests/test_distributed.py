@@ -1,6 +1,7 @@
 """Several processes (gloo on the CPU): one step on 2 ranks equals one step on 1 process with the same global
 batch; a 2-process run writes one set of outputs, stops on a signal and resumes with 2 or with 1 process.
 Speed options that cannot run here are refused in one line before anything is written."""
+import gc
 import json
 import os
 import shutil
@@ -127,12 +128,12 @@ def _one_step(env, weak_no_grad):
 def _rank_main(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        env = distributed.DistEnv(rank, world_size)
-        results = {wng: _one_step(env, wng) for wng in (False, True)}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    env = distributed.DistEnv(rank, world_size)
+    results = {wng: _one_step(env, wng) for wng in (False, True)}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    gc.collect()  # the DDP wrappers go before their process group
+    dist.barrier()  # neither rank closes its connections while the other still uses them
+    dist.destroy_process_group()
 
 
 def test_one_step_on_two_ranks_equals_one_step_on_one_process(tmp_path):

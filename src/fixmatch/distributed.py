@@ -94,8 +94,13 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
                             device_id=device if device.type == "cuda" else None)
     try:
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other ranks may be gone
+        raise
+    # A rank that tears down its connections while a peer still reads from them can abort the peer
+    # (gloo's "terminate called without an active exception"): leave together.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def check_batch_sizes(batch_size: int, world_size: int) -> None:

@@ -5,32 +5,8 @@ policies (RandAugment variants, CTAugment) by name via make_strong_augment.
 """
 
 from .ctaugment import CTAChoices, CTAugment
-from .ops import (
-    RESCALE_METHODS,
-    auto_contrast,
-    blend,
-    blur,
-    brightness,
-    color,
-    contrast,
-    cutout,
-    cutout_mask,
-    cutout_per_sample,
-    equalize,
-    identity,
-    invert,
-    posterize,
-    rescale,
-    rotate,
-    sharpness,
-    shear_x,
-    shear_y,
-    smooth,
-    solarize,
-    to_float,
-    translate_x,
-    translate_y,
-)
+from . import ops
+from .ops import *  # noqa: F403  (the ops' public names, listed once in ops.__all__)
 from .policies import RandAugment, RandAugmentChoices, weak_augment
 from .randaugment_variants import (
     STRONG_AUGMENTS,
@@ -57,28 +33,4 @@ __all__ = [
     "randaugment_tf",
     "randaugment_fixed",
     "randaugment_3op",
-    "to_float",
-    "identity",
-    "auto_contrast",
-    "equalize",
-    "rotate",
-    "shear_x",
-    "shear_y",
-    "translate_x",
-    "translate_y",
-    "solarize",
-    "posterize",
-    "brightness",
-    "color",
-    "contrast",
-    "sharpness",
-    "cutout",
-    "cutout_mask",
-    "blend",
-    "invert",
-    "smooth",
-    "blur",
-    "rescale",
-    "RESCALE_METHODS",
-    "cutout_per_sample",
-]
+] + ops.__all__

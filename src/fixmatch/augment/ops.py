@@ -49,7 +49,7 @@ __all__ = [
     "sharpness",
     "cutout",
     "cutout_mask",
-    # added for CTAugment
+    # the extra ops of CTAugment
     "blend",
     "invert",
     "smooth",

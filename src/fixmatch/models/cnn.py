@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fixmatch.models import register_model
+from fixmatch.models.wideresnet import init_official_weights
 
 
 class SmallCNN(nn.Module):
@@ -58,15 +59,7 @@ class SmallCNN(nn.Module):
 
     def _init_weights(self) -> None:
         # Same scheme as the Wide ResNet, so both models start from comparable scales.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_official_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding of shape (N, widths[-1])."""

@@ -41,6 +41,23 @@ from fixmatch.models import register_model
 BN_EPS = 1e-3
 
 
+def init_official_weights(model: nn.Module) -> None:
+    """The official code's initialisation, applied to every convolution, BatchNorm and linear layer."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            # Official: normal(stddev = rsqrt(0.5 * k * k * filters)) = sqrt(2 / fan_out),
+            # i.e. Kaiming-normal fan_out with gain sqrt(2) (leaky_relu with a=0).
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            # Official: tf.glorot_normal_initializer (a truncated normal in TF1); the
+            # PyTorch ports use the untruncated Xavier-normal, as we do. Bias zero.
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlock(nn.Module):
     """Pre-activation residual block (official ``residual()``).
 
@@ -134,19 +151,7 @@ class WideResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # Official: normal(stddev = rsqrt(0.5 * k * k * filters)) = sqrt(2 / fan_out),
-                # i.e. Kaiming-normal fan_out with gain sqrt(2) (leaky_relu with a=0).
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                # Official: tf.glorot_normal_initializer (a truncated normal in TF1); the
-                # PyTorch ports use the untruncated Xavier-normal, as we do. Bias zero.
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_official_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding of shape (N, 16 * widen_factor * 2**(num_groups - 1))."""

@@ -89,6 +89,16 @@ def test_paper_numbers_for_matching_settings_only():
     assert PAPER_ERROR_RATES[("stl10", 1000, "wrn37_2")]["ctaugment"] == (5.17, 0.63)
 
 
+def test_a_study_with_one_label_count_gets_a_bar_per_configuration(tmp_path):
+    for seed in (0, 1):
+        _fake_run(tmp_path / "s", f"ra-s{seed}", [60.0, 70.0 + seed], num_labels=40, seed=seed)
+        _fake_run(tmp_path / "s", f"cta-s{seed}", [50.0, 65.0 + seed], num_labels=40, seed=seed, strong="ctaugment")
+    page = write_report([tmp_path / "s"], tmp_path / "r").read_text()
+    assert (tmp_path / "r" / "best_by_configuration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'src="best_by_configuration.png"' in page and "best_vs_labels" not in page
+    assert not (tmp_path / "r" / "best_vs_labels.png").exists()
+
+
 def test_paper_column_in_the_table(tmp_path):
     _fake_run(tmp_path / "s", "c10", [80.0, 85.0], dataset="cifar10", model="wrn28_2", num_labels=250, steps=20)
     _fake_run(tmp_path / "s", "c10-sup", [60.0], dataset="cifar10", model="wrn28_2", num_labels=250,

@@ -58,20 +58,26 @@ def accuracy_vs_step(groups: list[Group], path: Path) -> str:
     models = sorted({g.config["model"] for g in groups})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False, sharey=True)
     labels = sorted({g.config["num_labels"] for g in groups})
-    cmap = plt.get_cmap("viridis")
+    by_labels = len(labels) > 1  # else one colour per configuration: a single label count says nothing
+
+    def colour(g: Group) -> Any:
+        if by_labels:
+            return plt.get_cmap("viridis")(labels.index(g.config["num_labels"]) / (len(labels) - 1) * 0.9)
+        return plt.get_cmap("tab10")(groups.index(g) % 10)
+
     for ax, model in zip(axes[0], models):
         members = [g for g in groups if g.config["model"] == model]
         for g in members:
             steps, acc = mean_curve(g.runs, "test_acc")
-            colour = cmap(labels.index(g.config["num_labels"]) / max(len(labels) - 1, 1) * 0.9)
-            ax.plot(steps, acc, LINESTYLES.get(g.config["method"], ":"), color=colour, label=g.label)
+            ax.plot(steps, acc, LINESTYLES.get(g.config["method"], ":"), color=colour(g), label=g.label)
         ax.set_title(model)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         _legend(ax, len(members))
     axes[0][0].set_ylabel("test accuracy (%), mean over seeds")
     _save(fig, path)
-    return "Test accuracy (EMA) against step; colour: number of labels, solid: FixMatch, dashed: supervised."
+    what = "number of labels" if by_labels else "configuration"
+    return f"Test accuracy (EMA) against step; colour: {what}, solid: FixMatch, dashed: supervised."
 
 
 def best_vs_labels(groups: list[Group], path: Path) -> str:
@@ -193,10 +199,36 @@ def _best_run_confusion(groups: list[Group], out: Path, notes: list[str]) -> tup
     return "confusion_best.png", confusion(best, metrics["confusion"], names, out / "confusion_best.png")
 
 
+def best_by_configuration(groups: list[Group], path: Path) -> str:
+    """For a study with one label count: a bar per configuration, error bars = std over seeds."""
+    from fixmatch.report import mean_std
+
+    stats = [(g.label, *mean_std([r.summary["test_acc_best"] for r in g.runs])) for g in groups]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(stats) + 1.4))
+    y = list(range(len(stats)))
+    ax.barh(y, [m for _, m, _ in stats], xerr=[sd or 0.0 for _, _, sd in stats], capsize=3,
+            color=[plt.get_cmap("tab10")(i % 10) for i in y])
+    for i, (_, m, _) in enumerate(stats):
+        ax.text(m / 2, i, f"{m:.2f}", va="center", ha="center", fontsize=8, color="white")
+    ax.set_yticks(y, [name for name, _, _ in stats], fontsize=8)
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set_xlabel("best test accuracy (%), mean ± std over seeds")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    return "Best test accuracy of each configuration (mean ± std over seeds)."
+
+
+def best_figure(groups: list[Group], out: Path) -> tuple[str, str]:
+    """Best accuracy against the label count, or by configuration where the study has a single label count."""
+    if len({g.config["num_labels"] for g in groups}) > 1:
+        return "best_vs_labels.png", best_vs_labels(groups, out / "best_vs_labels.png")
+    return "best_by_configuration.png", best_by_configuration(groups, out / "best_by_configuration.png")
+
+
 def make_figures(groups: list[Group], out: Path, notes: list[str]) -> list[tuple[str, str]]:
     """Write every figure the runs allow into ``out``; returns (file name, caption) in page order."""
     figures = [("accuracy_vs_step.png", accuracy_vs_step(groups, out / "accuracy_vs_step.png")),
-               ("best_vs_labels.png", best_vs_labels(groups, out / "best_vs_labels.png")),
+               best_figure(groups, out),
                ("losses.png", losses(groups, out / "losses.png"))]
     semi = [g for g in groups if g.config["method"] == "fixmatch"]
     if semi:

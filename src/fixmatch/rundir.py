@@ -56,7 +56,7 @@ def _open_locked(path: Path) -> int | None:
 
 
 def _remove_stale_temp_files(run_dir: Path) -> None:
-    """Temporary files (.NAME[.XXXX].tmp) left by a writer that was killed before its rename.
+    """Temporary files (.NAME[.RANDOM].tmp) left by a writer that was killed before its rename.
 
     Only called with the lock held: no other process can be writing them.
     """

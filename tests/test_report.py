@@ -60,6 +60,7 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     # medians of [50, 70, 60] + shift = 60, 62, 64: mean 62, sample std 2
     assert (float(fm["median_last20_mean"]), float(fm["median_last20_std"])) == (62.0, 2.0)
     assert (float(fm["best_mean"]), float(fm["error_rate_mean"])) == (72.0, 38.0)
+    assert (float(fm["last_mean"]), float(fm["last_std"])) == (62.0, 2.0)
     # macro-F1 of each run's best evaluation (row 2: 40 + shift + 2): 42, 44, 46
     assert (float(fm["macro_f1_mean"]), float(fm["macro_f1_std"])) == (44.0, 2.0)
     assert fm["seeds"] == "0, 1, 2" and fm["n"] == "3" and fm["steps_run"] == "30"
@@ -67,7 +68,8 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     single = by[("250", "fixmatch")]
     assert single["median_last20_std"] == "" and float(single["median_last20_mean"]) == 85.0
     md = (tmp_path / "report" / "results.md").read_text()
-    assert "| 40 | fixmatch | 30 | 0, 1, 2 | 62.00 ± 2.00 | 72.00 ± 2.00 | 38.00 ± 2.00 | 44.00 ± 2.00 | 30 |" in md
+    # last evaluations 60, 62, 64: mean 62, std 2
+    assert "| 40 | fixmatch | 30 | 0, 1, 2 | 62.00 ± 2.00 | 72.00 ± 2.00 | 62.00 ± 2.00 | 38.00 ± 2.00 | 44.00 ± 2.00 | 30 |" in md
     assert "Not finished, left out: unfinished." in md
     assert f"Reproduce: fixmatch sweep studies/s.yaml --out runs/s; fixmatch report {tmp_path / 'study'} --out " in md
     page = index.read_text()
@@ -105,7 +107,7 @@ def test_paper_column_in_the_table(tmp_path):
               method="supervised", steps=20)
     write_report([tmp_path / "s"], tmp_path / "r")
     md = (tmp_path / "r" / "results.md").read_text()
-    assert "| fixmatch | 0 | 82.50 | 85.00 | 17.50 |" in md and "| 94.93 ± 0.65 |" in md
+    assert "| fixmatch | 0 | 82.50 | 85.00 | 85.00 | 17.50 |" in md and "| 94.93 ± 0.65 |" in md
     assert md.count("94.93") == 1  # the supervised row has no paper number
     assert "Sohn et al., 2020, Table 2" in md
 

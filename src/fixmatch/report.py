@@ -200,7 +200,7 @@ def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
         notes.append("Macro-F1 left empty for: " + "; ".join(failed) + ".")
 
 
-TABLE_COLUMNS = ["seeds", "median last 20 (%)", "best (%)", "error rate (%)", "macro-F1 (%)", "steps run",
+TABLE_COLUMNS = ["seeds", "median last 20 (%)", "best (%)", "last (%)", "error rate (%)", "macro-F1 (%)", "steps run",
                  "wall time (s)", "paper (%)"]
 
 
@@ -212,6 +212,7 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[di
     for g in groups:
         med = mean_std([r.summary["test_acc_median_last20"] for r in g.runs])
         best = mean_std([r.summary["test_acc_best"] for r in g.runs])
+        last = mean_std([r.summary["test_acc_last"] for r in g.runs])
         err = mean_std([100.0 - r.summary["test_acc_median_last20"] for r in g.runs])
         f1s = [r.macro_f1 for r in g.runs if r.macro_f1 is not None]
         f1 = mean_std(f1s) if len(f1s) == len(g.runs) else (math.nan, None)
@@ -220,11 +221,11 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[di
         paper = paper_accuracy(g.config)
         seeds = ", ".join(str(r.config["seed"]) for r in g.runs)
         rows.append([str(g.values[k]) for k in varying] + [
-            seeds, fmt(*med), fmt(*best), fmt(*err), fmt(*f1), "/".join(map(str, steps)), fmt(wall[0], None, 0),
+            seeds, fmt(*med), fmt(*best), fmt(*last), fmt(*err), fmt(*f1), "/".join(map(str, steps)), fmt(wall[0], None, 0),
             fmt(*paper) if paper else ""])
         raw.append({**{k: g.values[k] for k in varying}, "seeds": seeds, "n": len(g.runs),
                     "median_last20_mean": med[0], "median_last20_std": med[1], "best_mean": best[0],
-                    "best_std": best[1], "error_rate_mean": err[0], "error_rate_std": err[1],
+                    "best_std": best[1], "last_mean": last[0], "last_std": last[1], "error_rate_mean": err[0], "error_rate_std": err[1],
                     "macro_f1_mean": f1[0] if f1s else None, "macro_f1_std": f1[1], "steps_run": steps[-1],
                     "wall_s_mean": wall[0], "paper_acc": paper[0] if paper else None,
                     "paper_std": paper[1] if paper else None})
@@ -319,8 +320,8 @@ def write_report(paths: list[str | Path], out: str | Path, title: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     notes = [f"{len(runs)} finished runs in {len(group_runs(runs))} configurations. Accuracy is the EMA model's "
              f"top-1 test accuracy; 'median last 20' is the median over a run's last 20 evaluations (the paper's "
-             f"statistic), 'best' its highest evaluation; mean ± sample std (n - 1) over seeds; error rate = "
-             f"100 - median last 20."]
+             f"statistic), 'best' its highest evaluation, 'last' the last; mean ± sample std (n - 1) over seeds; "
+             f"error rate = 100 - median last 20."]
     if unfinished:
         notes.append("Not finished, left out: " + ", ".join(d.name for d in unfinished) + ".")
     fill_macro_f1(runs, notes)

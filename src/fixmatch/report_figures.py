@@ -49,6 +49,18 @@ def mean_curve(runs: list[Run], key: str, transform: Callable[[Run, dict], float
     return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
 
 
+def several_label_counts(groups: list[Group]) -> bool:
+    """Whether the label count varies: else figures by label count say nothing and show configurations."""
+    return len({g.config["num_labels"] for g in groups}) > 1
+
+
+def best_mean_std(group: Group) -> tuple[float, float | None]:
+    """Mean and sample std over the group's seeds of each run's best test accuracy."""
+    from fixmatch.report import mean_std
+
+    return mean_std([r.summary["test_acc_best"] for r in group.runs])
+
+
 def _legend(ax: Any, n: int) -> None:
     if n:
         ax.legend(fontsize=7, loc="best")
@@ -58,7 +70,7 @@ def accuracy_vs_step(groups: list[Group], path: Path) -> str:
     models = sorted({g.config["model"] for g in groups})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False, sharey=True)
     labels = sorted({g.config["num_labels"] for g in groups})
-    by_labels = len(labels) > 1  # else one colour per configuration: a single label count says nothing
+    by_labels = several_label_counts(groups)
 
     def colour(g: Group) -> Any:
         if by_labels:
@@ -82,12 +94,10 @@ def accuracy_vs_step(groups: list[Group], path: Path) -> str:
 
 def best_vs_labels(groups: list[Group], path: Path) -> str:
     """One line per configuration apart from the label count (method, model, ...), error bars = std over seeds."""
-    from fixmatch.report import mean_std
-
     series: dict[str, list[tuple[int, float, float]]] = {}
     for g in groups:
         name = ", ".join(f"{k}={v}" for k, v in g.values.items() if k != "num_labels") or g.config["method"]
-        mean, std = mean_std([r.summary["test_acc_best"] for r in g.runs])
+        mean, std = best_mean_std(g)
         series.setdefault(name, []).append((g.config["num_labels"], mean, std or 0.0))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, points in sorted(series.items()):
@@ -201,9 +211,7 @@ def _best_run_confusion(groups: list[Group], out: Path, notes: list[str]) -> tup
 
 def best_by_configuration(groups: list[Group], path: Path) -> str:
     """For a study with one label count: a bar per configuration, error bars = std over seeds."""
-    from fixmatch.report import mean_std
-
-    stats = [(g.label, *mean_std([r.summary["test_acc_best"] for r in g.runs])) for g in groups]
+    stats = [(g.label, *best_mean_std(g)) for g in groups]
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(stats) + 1.4))
     y = list(range(len(stats)))
     ax.barh(y, [m for _, m, _ in stats], xerr=[sd or 0.0 for _, _, sd in stats], capsize=3,
@@ -220,7 +228,7 @@ def best_by_configuration(groups: list[Group], path: Path) -> str:
 
 def best_figure(groups: list[Group], out: Path) -> tuple[str, str]:
     """Best accuracy against the label count, or by configuration where the study has a single label count."""
-    if len({g.config["num_labels"] for g in groups}) > 1:
+    if several_label_counts(groups):
         return "best_vs_labels.png", best_vs_labels(groups, out / "best_vs_labels.png")
     return "best_by_configuration.png", best_by_configuration(groups, out / "best_by_configuration.png")
 

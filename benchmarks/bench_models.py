@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
           f"median of up to {args.iters} after {args.warmup} warmup\n")
     print("| model | params | input | memory format | iterations | ms / step | images / s |")
     print("|---|---:|---|---|---:|---:|---:|")
-    channels, size, width = (int(v) for v in args.shape.split(","))
+    try:
+        channels, size, width = (int(v) for v in args.shape.split(","))
+    except ValueError:
+        parser.error(f"--shape {args.shape}: give channels,height,width as three integers, e.g. 3,32,32")
     if size != width:
         parser.error(f"--shape {args.shape}: the models are built for square inputs; give equal height and width")
     for name in args.models:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fixmatch.data import DatasetError, download, list_datasets, load_dataset
+from fixmatch.data import cifar
 from fixmatch.data import datasets as ds
 from fixmatch.data.download import download_file, file_md5
 
@@ -162,15 +163,15 @@ def test_cifar_missing_without_download(tmp_path):
         load_dataset("cifar10", tmp_path, download=False)
     msg = str(e.value)
     assert str(tmp_path / "cifar-10-batches-py") in msg and str(tmp_path / "cifar-10-python.tar.gz") in msg
-    assert ds.CIFAR10_URL in msg and "\n" not in msg
+    assert cifar.CIFAR10_URL in msg and "\n" not in msg
 
 
 def test_cifar_download(tmp_path, monkeypatch):
     src = tmp_path / "src"
     ref = write_cifar_folder(src)
     tar = make_cifar_tar(src / "cifar-10-batches-py", tmp_path / "upstream.tar.gz")
-    monkeypatch.setattr(ds, "CIFAR10_URL", tar.as_uri())
-    monkeypatch.setattr(ds, "CIFAR10_MD5", file_md5(tar))
+    monkeypatch.setattr(cifar, "CIFAR10_URL", tar.as_uri())
+    monkeypatch.setattr(cifar, "CIFAR10_MD5", file_md5(tar))
     data_dir = tmp_path / "data"
     _check_cifar(load_dataset("cifar10", data_dir), ref)
     assert (data_dir / "cifar-10-python.tar.gz").is_file()

@@ -15,6 +15,7 @@ import torch
 import fixmatch
 from fixmatch.config import Config, ConfigError
 from fixmatch.data import DatasetError, load_dataset
+from fixmatch.data import cifar
 from fixmatch.data import paper_datasets as pd
 from fixmatch.data.array_cache import open_npy_mmap, write_npy_atomic
 from fixmatch.data.download import file_md5
@@ -142,13 +143,13 @@ def test_cifar100_archive_is_read_without_extracting(tmp_path):
 def test_cifar100_download_and_checksum_failure(tmp_path, monkeypatch):
     ref = write_cifar100(tmp_path / "src" / "cifar-100-python")
     upstream = tar_folder(tmp_path / "src" / "cifar-100-python", "cifar-100-python", tmp_path / "up.tar.gz")
-    monkeypatch.setattr(pd, "CIFAR100_URL", upstream.as_uri())
-    monkeypatch.setattr(pd, "CIFAR100_MD5", "0" * 32)
+    monkeypatch.setattr(cifar, "CIFAR100_URL", upstream.as_uri())
+    monkeypatch.setattr(cifar, "CIFAR100_MD5", "0" * 32)
     with pytest.raises(DatasetError) as e:
         load_dataset("cifar100", tmp_path / "data")
     one_line(e, "checksum mismatch", upstream.as_uri())
     assert list((tmp_path / "data").iterdir()) == []  # nothing half-written
-    monkeypatch.setattr(pd, "CIFAR100_MD5", file_md5(upstream))
+    monkeypatch.setattr(cifar, "CIFAR100_MD5", file_md5(upstream))
     check_cifar100(load_dataset("cifar100", tmp_path / "data"), ref)
 
 
@@ -195,7 +196,7 @@ def test_cifar100_coarse_only_labels_refused(tmp_path):
 def test_cifar100_missing(tmp_path):
     with pytest.raises(DatasetError) as e:
         load_dataset("cifar100", tmp_path, download=False)
-    one_line(e, str(tmp_path / "cifar-100-python"), pd.CIFAR100_URL)
+    one_line(e, str(tmp_path / "cifar-100-python"), cifar.CIFAR100_URL)
 
 
 # ---------------------------------------------------------------------- SVHN

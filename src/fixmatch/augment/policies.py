@@ -43,7 +43,6 @@ from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops

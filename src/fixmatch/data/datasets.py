@@ -1,27 +1,26 @@
 """In-memory image classification data sets read from their official file formats.
 
 Every data set is decoded once into uint8 (N, C, H, W) CPU tensors; augmentation
-and batching happen elsewhere.
+and batching happen elsewhere. This module holds the ``Dataset`` record, ``load_dataset``,
+Fashion-MNIST and the synthetic test set; CIFAR-10 and CIFAR-100 are read by cifar.py, the
+paper's other benchmarks by paper_datasets.py.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib
 import os
-import pickle
 import struct
-import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .download import DatasetError, download_file
-from .safe_archive import safe_tar_files
-from .safe_pickle import safe_load_pickle
 
 __all__ = ["Dataset", "DatasetError", "load_dataset", "list_datasets", "default_data_dir"]
 
@@ -152,97 +151,6 @@ def _make(name: str, train: _Arrays, test: _Arrays, classes: list[str], **extra:
         class_names=classes,
         **extra,  # unlabeled_images, unlabeled_labels, folds
     )
-
-
-# --------------------------------------------------------------------- CIFAR-10
-
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-_CIFAR10_DIR = "cifar-10-batches-py"
-_CIFAR10_TAR = "cifar-10-python.tar.gz"
-_CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
-_CIFAR10_MEMBERS = [*_CIFAR10_TRAIN, "test_batch", "batches.meta"]
-
-
-def _load_cifar10(data_dir: Path, download: bool) -> Dataset:
-    folder, archive = data_dir / _CIFAR10_DIR, data_dir / _CIFAR10_TAR
-    if all((folder / m).is_file() for m in _CIFAR10_MEMBERS):
-        raw = _read_cifar_folder(folder)
-    else:
-        if not archive.is_file():
-            if not download:
-                raise DatasetError(
-                    f"CIFAR-10 not found: expected the folder {folder} or the archive {archive}; "
-                    f"download {CIFAR10_URL} into {data_dir} or pass download=True"
-                )
-            download_file(CIFAR10_URL, archive, CIFAR10_MD5)
-        raw = _read_cifar_tar(archive)
-    train = [_cifar_batch(*raw[m]) for m in _CIFAR10_TRAIN]
-    test = _cifar_batch(*raw["test_batch"])
-    meta, meta_src = raw["batches.meta"]
-    names = meta.get(b"label_names") if isinstance(meta, dict) else None
-    if not isinstance(names, list) or len(names) != 10:
-        raise _bad_cifar(meta_src, "no list of 10 b'label_names'")
-    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
-    images = np.concatenate([x for x, _ in train]).reshape(-1, 3, 32, 32)  # rows are CHW-ordered
-    labels = np.concatenate([y for _, y in train])
-    return _make("cifar10", (images, labels), (test[0].reshape(-1, 3, 32, 32), test[1]), classes)
-
-
-def _read_cifar_folder(folder: Path) -> dict[str, tuple[object, str]]:
-    """member name -> (unpickled object, source shown in errors)"""
-    raw = {}
-    for m in _CIFAR10_MEMBERS:
-        with open(folder / m, "rb") as f:
-            raw[m] = (_unpickle(f, str(folder / m)), str(folder / m))
-    return raw
-
-
-def _read_cifar_tar(archive: Path) -> dict[str, tuple[object, str]]:
-    # One forward pass over the gzip stream (no seeking back), reading only the
-    # expected member names: nothing is extracted to disk.
-    wanted = {f"{_CIFAR10_DIR}/{m}": m for m in _CIFAR10_MEMBERS}
-    raw = {}
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for info in safe_tar_files(tar):  # skips absolute and '..' member names, links and devices
-                m = wanted.get(info.name)
-                if m is None or not info.isfile():
-                    continue
-                src = f"{archive}:{info.name}"
-                raw[m] = (_unpickle(tar.extractfile(info), src), src)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DatasetError(f"{archive} is corrupt ({e}); delete it and re-download {CIFAR10_URL}") from None
-    missing = [n for n, m in wanted.items() if m not in raw]
-    if missing:
-        raise DatasetError(f"{archive} lacks {', '.join(missing)}; delete it and re-download {CIFAR10_URL}")
-    return raw
-
-
-def _unpickle(f: IO[bytes] | None, src: str) -> object:
-    try:
-        return safe_load_pickle(f)  # type: ignore[arg-type]
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise _bad_cifar(src, str(e)) from None
-
-
-def _cifar_batch(batch: object, src: str) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(batch, dict):
-        raise _bad_cifar(src, "not a dict")
-    data, labels = batch.get(b"data"), batch.get(b"labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise _bad_cifar(src, "b'data' is not a uint8 (N, 3072) array")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        y = np.zeros(0, dtype=np.int64)  # reported just below
-    if y.shape != (data.shape[0],) or (y.size and (y.min() < 0 or y.max() > 9)):
-        raise _bad_cifar(src, f"b'labels' must be {data.shape[0]} ints in [0, 9]")
-    return data, y
-
-
-def _bad_cifar(src: str, why: str) -> DatasetError:
-    return DatasetError(f"{src} is not a valid CIFAR-10 file ({why}); delete it and re-download {CIFAR10_URL}")
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -389,19 +297,19 @@ def _synthetic_images(rng: np.random.Generator, n: int, size: int = 16) -> tuple
     return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels.astype(np.int64)
 
 
-def _paper_loader(name: str) -> Callable[..., Dataset]:
-    def load(data_dir: Path, download: bool, **options: Any) -> Dataset:
-        from . import paper_datasets  # imported on first use: it builds on Dataset and _make above
+def _deferred_loader(module: str, name: str) -> Callable[..., Dataset]:
+    """A loader imported from ``module`` on first use: those modules build on Dataset and _make above."""
 
-        return paper_datasets.LOADERS[name](data_dir, download, **options)
+    def load(data_dir: Path, download: bool, **options: Any) -> Dataset:
+        return importlib.import_module(f"{__package__}.{module}").LOADERS[name](data_dir, download, **options)
 
     return load
 
 
 _LOADERS: dict[str, Callable[..., Dataset]] = {
-    "cifar10": _load_cifar10,
     "fashion-mnist": _load_fashion_mnist,
     "synthetic": _load_synthetic,
-    **{name: _paper_loader(name) for name in ("cifar100", "mnist", "stl10", "svhn")},
+    **{name: _deferred_loader("cifar", name) for name in ("cifar10", "cifar100")},
+    **{name: _deferred_loader("paper_datasets", name) for name in ("mnist", "stl10", "svhn")},
 }
 _LOADER_OPTIONS: dict[str, set[str]] = {"svhn": {"extra"}}  # keyword options each loader accepts

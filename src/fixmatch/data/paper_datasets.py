@@ -1,10 +1,10 @@
-"""The paper's other benchmarks, read from their official files: CIFAR-100, SVHN, STL-10 and MNIST.
+"""The paper's other benchmarks, read from their official files: SVHN, STL-10 and MNIST (CIFAR-10 and
+CIFAR-100 are in cifar.py).
 
 Each loader looks in the data directory for the layout torchvision uses (so existing downloads are
 found); when the files are absent it downloads the official archive and checks its MD5. Parsing never
-runs code from a file: CIFAR-100's pickles go through the restricted unpickler (safe_pickle.py), SVHN's
-MATLAB files through ``scipy.io.loadmat`` (a parser of the MAT format), STL-10 and MNIST are raw bytes.
-STL-10's unlabeled split and SVHN's extra set are decoded once into a uint8 .npy cache next to the
+runs code from a file: SVHN's MATLAB files go through ``scipy.io.loadmat`` (a parser of the MAT
+format), STL-10 and MNIST are raw bytes. STL-10's unlabeled split and SVHN's extra set are decoded once into a uint8 .npy cache next to the
 files and memory-mapped from it (array_cache.py). One small reader per format; every reader checks
 sizes and values and names the bad file and the fix in a one-line ``DatasetError``.
 """
@@ -12,100 +12,20 @@ sizes and values and names the bad file and the fix in a one-line ``DatasetError
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
 import zlib
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .array_cache import cache_is_fresh, open_npy_mmap, write_npy_atomic
 from .datasets import Dataset, _find_idx_files, _make, _read_idx
 from .download import DatasetError, download_file
-from .safe_pickle import safe_load_pickle
 
-__all__ = ["LOADERS", "load_cifar100", "load_mnist", "load_stl10", "load_svhn"]
-
-
-# -------------------------------------------------------------------- CIFAR-100
-
-CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-_CIFAR100_DIR = "cifar-100-python"
-_CIFAR100_MEMBERS = ("train", "test", "meta")
-
-
-def load_cifar100(data_dir: Path, download: bool) -> Dataset:
-    """CIFAR-100 with its 100 fine labels (the coarse super-classes are not used)."""
-    folder, archive = data_dir / _CIFAR100_DIR, data_dir / "cifar-100-python.tar.gz"
-    if all((folder / m).is_file() for m in _CIFAR100_MEMBERS):
-        raw = {}
-        for m in _CIFAR100_MEMBERS:
-            with open(folder / m, "rb") as f:
-                raw[m] = (_unpickle_cifar100(f, str(folder / m)), str(folder / m))
-    else:
-        if not archive.is_file():
-            if not download:
-                raise DatasetError(f"CIFAR-100 not found: expected the folder {folder} or the archive {archive}; "
-                                   f"download {CIFAR100_URL} into {data_dir} or pass download=True")
-            download_file(CIFAR100_URL, archive, CIFAR100_MD5)
-        raw = _read_cifar100_tar(archive)
-    meta, meta_src = raw["meta"]
-    names = meta.get(b"fine_label_names") if isinstance(meta, dict) else None
-    if not isinstance(names, list) or len(names) != 100:
-        raise _bad_cifar100(meta_src, "no list of 100 b'fine_label_names'")
-    classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
-    train, test = (_cifar100_batch(*raw[m]) for m in ("train", "test"))
-    return _make("cifar100", train, test, classes)
-
-
-def _read_cifar100_tar(archive: Path) -> dict[str, tuple[object, str]]:
-    # One forward pass over the gzip stream reading only the expected member names: nothing is extracted.
-    wanted = {f"{_CIFAR100_DIR}/{m}": m for m in _CIFAR100_MEMBERS}
-    raw = {}
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for info in tar:
-                m = wanted.get(info.name)
-                if m is not None and info.isfile():
-                    src = f"{archive}:{info.name}"
-                    raw[m] = (_unpickle_cifar100(tar.extractfile(info), src), src)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DatasetError(f"{archive} is corrupt or truncated ({e}); delete it and re-download {CIFAR100_URL}"
-                           ) from None
-    missing = [n for n, m in wanted.items() if m not in raw]
-    if missing:
-        raise DatasetError(f"{archive} lacks {', '.join(missing)}; delete it and re-download {CIFAR100_URL}")
-    return raw
-
-
-def _unpickle_cifar100(f: IO[bytes] | None, src: str) -> object:
-    try:
-        return safe_load_pickle(f)  # type: ignore[arg-type]
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise _bad_cifar100(src, str(e)) from None
-
-
-def _cifar100_batch(batch: object, src: str) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(batch, dict):
-        raise _bad_cifar100(src, "not a dict")
-    data = batch.get(b"data")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise _bad_cifar100(src, "b'data' is not a uint8 (N, 3072) array")
-    try:
-        y = np.asarray(batch.get(b"fine_labels"), dtype=np.int64)
-    except (TypeError, ValueError):
-        y = np.zeros(0, dtype=np.int64)  # reported just below
-    if y.shape != (data.shape[0],) or (y.size and (y.min() < 0 or y.max() > 99)):
-        raise _bad_cifar100(src, f"b'fine_labels' must be {data.shape[0]} ints in [0, 99]")
-    return data.reshape(-1, 3, 32, 32), y  # rows are channel-major: 1024 red, 1024 green, 1024 blue
-
-
-def _bad_cifar100(src: str, why: str) -> DatasetError:
-    return DatasetError(f"{src} is not a valid CIFAR-100 file ({why}); delete it and re-download {CIFAR100_URL}")
+__all__ = ["LOADERS", "load_mnist", "load_stl10", "load_svhn"]
 
 
 # ------------------------------------------------------------------------- SVHN
@@ -389,7 +309,6 @@ def _bad_mnist(path: Path, why: str) -> DatasetError:
 
 
 LOADERS: dict[str, Callable[..., Dataset]] = {
-    "cifar100": load_cifar100,
     "mnist": load_mnist,
     "stl10": load_stl10,
     "svhn": load_svhn,

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -77,7 +78,7 @@ def _images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
 
 
 def bench(n: int, shape: tuple[int, int, int], repeats: int, warmup: int, workers: int,
-          device: torch.device, clock=time.perf_counter, baseline: ModuleType | None = None) -> dict[str, float]:
+          device: torch.device, clock: Callable[[], float] = time.perf_counter, baseline: ModuleType | None = None) -> dict[str, float]:
     u = _images(n, shape)
     u_dev = u.to(device)
     u_hwc = u.permute(0, 2, 3, 1).contiguous().numpy()

@@ -385,8 +385,8 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _evaluate_step(model, ema, data, mean, std, config: Config, sums: torch.Tensor, step: int, lr: float,
-                   wall_s: float) -> dict[str, Any]:
+def _evaluate_step(model: torch.nn.Module, ema: EMA, data: Dataset, mean: torch.Tensor, std: torch.Tensor,
+                   config: Config, sums: torch.Tensor, step: int, lr: float, wall_s: float) -> dict[str, Any]:
     ema_logits = predict_logits(ema.module, data.test_images, mean, std, config.eval_batch_size,
                                 config.channels_last)
     # ema = 0: the EMA is an exact copy of the weights (lerp with weight 1), so the raw pass would repeat it.

@@ -20,7 +20,7 @@ from fixmatch.augment import (
     randaugment_tf,
 )
 
-SHAPES = [(6, 1, 28, 28), (6, 3, 32, 32), (4, 3, 24, 40)]
+SHAPES = [(6, 1, 28, 28), (6, 3, 32, 32), (4, 3, 24, 40), (3, 1, 17, 9)]
 
 
 def _gen(seed: int) -> torch.Generator:

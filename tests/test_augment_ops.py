@@ -28,10 +28,6 @@ The ops are compared with Pillow's functions on the 0..255 scale, applied to
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
-import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
@@ -39,27 +35,12 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from fixmatch.augment import ops
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+from pil_images import fashion_mnist, photo, to_array, to_numpy, to_tensor
+
 FILL = 128  # Pillow's fillcolor; the ops get fill=128/255 so the two match exactly
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def _photo(size: tuple[int, int]) -> Image.Image:
-    img = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, 0, (w - s) // 2 + s, s))
-    return img.resize(size, Image.BILINEAR)
-
-
-def _fmnist(n: int = 4) -> list[Image.Image]:
-    if not FMNIST.exists():
-        pytest.skip(f"{FMNIST} not available")
-    with gzip.open(FMNIST, "rb") as f:
-        pixels = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    return [Image.fromarray(pixels[i], mode="L") for i in range(n)]
 
 
 @pytest.fixture(
@@ -68,26 +49,11 @@ def _fmnist(n: int = 4) -> list[Image.Image]:
 def images(request) -> list[Image.Image]:
     """Gives the images that cases cycle through in one batch: one photo, or several Fashion-MNIST images."""
     return {
-        "photo32": lambda: [_photo((32, 32))],
-        "photo64": lambda: [_photo((64, 64))],
-        "photo48x40": lambda: [_photo((48, 40))],
-        "fmnist28": _fmnist,
+        "photo32": lambda: [photo((32, 32))],
+        "photo64": lambda: [photo((64, 64))],
+        "photo48x40": lambda: [photo((48, 40))],
+        "fmnist28": fashion_mnist,
     }[request.param]()
-
-
-def _to_array(imgs: list[Image.Image]) -> np.ndarray:
-    """Stacks images into (N, H, W, C) uint8."""
-    arrays = [np.asarray(im) for im in imgs]
-    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
-
-
-def _to_tensor(imgs: list[Image.Image]) -> torch.Tensor:
-    return torch.from_numpy(_to_array(imgs)).permute(0, 3, 1, 2).float() / 255
-
-
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    """Converts an (N, C, H, W) tensor in [0, 1] to (N, H, W, C) float64 on the 0..255 scale, without rounding."""
-    return x.permute(0, 2, 3, 1).double().numpy() * 255
 
 
 def _run(op, pil_fn, imgs: list[Image.Image], values: list[float], **kw) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +62,8 @@ def _run(op, pil_fn, imgs: list[Image.Image], values: list[float], **kw) -> tupl
     Sample i of the batch is imgs[i % len(imgs)] with parameter values[i].
     """
     batch = [imgs[i % len(imgs)] for i in range(len(values))]
-    ours = _to_numpy(op(_to_tensor(batch), torch.tensor(values, dtype=torch.float32), **kw))
-    ref = _to_array([pil_fn(im, v) for im, v in zip(batch, values)]).astype(np.float64)
+    ours = to_numpy(op(to_tensor(batch), torch.tensor(values, dtype=torch.float32), **kw))
+    ref = to_array([pil_fn(im, v) for im, v in zip(batch, values)]).astype(np.float64)
     return ours, ref
 
 
@@ -237,7 +203,7 @@ def test_per_sample_parameters(name: str) -> None:
     It also checks that the parameters change the result.
     """
     op, v = ALL_OPS[name]
-    x = _to_tensor([_photo((32, 32))] * 3)
+    x = to_tensor([photo((32, 32))] * 3)
     params = {"posterize": [1.0, 4.0, 7.0]}.get(name, [v, 0.5 * v, -0.3 * v])
     params = torch.tensor(params)
     batched = op(x, params)
@@ -270,7 +236,7 @@ def test_constant_channels_unchanged() -> None:
 
 
 def test_degenerate_factors() -> None:
-    x = _to_tensor([_photo((32, 32))])
+    x = to_tensor([photo((32, 32))])
     grey = ops.color(x, 0.0)
     assert torch.allclose(grey[:, 0], grey[:, 1]) and torch.allclose(grey[:, 1], grey[:, 2])
     flat = ops.contrast(x, 0.0)

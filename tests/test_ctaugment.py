@@ -1,6 +1,6 @@
 """Tests for the ops added for CTAugment (against Pillow) and for CTAugment itself.
 
-Images, as in test_augment_ops.py: the Grace Hopper photo from matplotlib
+Images from pil_images.py: the Grace Hopper photo from matplotlib
 (32x32, 48x40 RGB) and four Fashion-MNIST test images (28x28 grey, skipped
 when the file is absent). Ops run on ``uint8 / 255`` and are compared with
 Pillow on the 0..255 scale; d = ours * 255 - Pillow. Tolerances:
@@ -22,11 +22,8 @@ Pillow on the 0..255 scale; d = ours * 255 - Pillow. Tolerances:
 
 from __future__ import annotations
 
-import gzip
 import io
-from pathlib import Path
 
-import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
@@ -34,45 +31,18 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from fixmatch.augment import CTAChoices, CTAugment, make_strong_augment, ops
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+from pil_images import fashion_mnist, photo, to_array, to_numpy, to_tensor
+
 PIL_METHODS = (Image.LANCZOS, Image.BICUBIC, Image.BILINEAR, Image.BOX, Image.HAMMING, Image.NEAREST)
 
 
 # ----------------------------------------------------------------------------- images
 
 
-def _photo(size: tuple[int, int]) -> Image.Image:
-    img = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    return img.crop(((w - s) // 2, 0, (w - s) // 2 + s, s)).resize(size, Image.BILINEAR)
-
-
-def _fmnist(n: int = 4) -> list[Image.Image]:
-    if not FMNIST.exists():
-        pytest.skip(f"{FMNIST} not available")
-    with gzip.open(FMNIST, "rb") as f:
-        pixels = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    return [Image.fromarray(pixels[i], mode="L") for i in range(n)]
-
-
 @pytest.fixture(scope="module", params=["photo32", "photo48x40", "fmnist28"])
 def images(request) -> list[Image.Image]:
-    return {"photo32": lambda: [_photo((32, 32))], "photo48x40": lambda: [_photo((48, 40))],
-            "fmnist28": _fmnist}[request.param]()  # fmt: skip
-
-
-def _to_array(imgs: list[Image.Image]) -> np.ndarray:
-    arrays = [np.asarray(im) for im in imgs]
-    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
-
-
-def _to_tensor(imgs: list[Image.Image]) -> torch.Tensor:
-    return torch.from_numpy(_to_array(imgs)).permute(0, 3, 1, 2).float() / 255
-
-
-def _to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).double().numpy() * 255
+    return {"photo32": lambda: [photo((32, 32))], "photo48x40": lambda: [photo((48, 40))],
+            "fmnist28": fashion_mnist}[request.param]()  # fmt: skip
 
 
 def _batch(imgs: list[Image.Image], n: int) -> list[Image.Image]:
@@ -108,8 +78,8 @@ POINT_OPS = {
 def test_point_op_matches_pil(name: str, images: list[Image.Image]) -> None:
     op, pil_fn, values, (lo, hi) = POINT_OPS[name]
     batch = _batch(images, len(values))
-    ours = _to_numpy(op(_to_tensor(batch), torch.tensor(values)))
-    ref = _to_array([pil_fn(im, v) for im, v in zip(batch, values)]).astype(np.float64)
+    ours = to_numpy(op(to_tensor(batch), torch.tensor(values)))
+    ref = to_array([pil_fn(im, v) for im, v in zip(batch, values)]).astype(np.float64)
     d = ours - ref
     assert d.min() >= lo - 1e-3 and d.max() <= hi + 1e-3, (d.min(), d.max())
     assert np.abs(d).mean() < 0.6
@@ -123,20 +93,20 @@ RESCALE_CROPS = [0.0, 0.03, 0.078125, 0.1, 0.17, 0.2, 0.25]
 def test_rescale_matches_pil(method: int, images: list[Image.Image]) -> None:
     crops = [float(np.float32(c)) for c in RESCALE_CROPS]  # Pillow gets the float32 value the op sees
     batch = _batch(images, len(crops))
-    ours = _to_numpy(ops.rescale(_to_tensor(batch), torch.tensor(crops), method))
+    ours = to_numpy(ops.rescale(to_tensor(batch), torch.tensor(crops), method))
     ref = []
     for im, c in zip(batch, crops):
         w, h = im.size
         ref.append(im.crop((c * w, c * h, w * (1 - c), h * (1 - c))).resize(im.size, PIL_METHODS[method]))
-    d = ours - _to_array(ref)
+    d = ours - to_array(ref)
     name = ops.RESCALE_METHODS[method]
     bound = {"nearest": 0.0, "box": 0.0, "lanczos": 1.5, "bicubic": 1.5}.get(name, 1.0)
     assert np.abs(d).max() <= bound + 1e-3, np.abs(d).max()
-    assert np.abs(d).mean() < 0.5 and np.abs(np.round(ours) - _to_array(ref)).max() <= 1
+    assert np.abs(d).mean() < 0.5 and np.abs(np.round(ours) - to_array(ref)).max() <= 1
 
 
 def test_rescale_per_sample_methods_and_identity() -> None:
-    x = _to_tensor([_photo((32, 32))] * 6)
+    x = to_tensor([photo((32, 32))] * 6)
     crops, methods = torch.full((6,), 0.2), torch.arange(6)
     batched = ops.rescale(x, crops, methods)
     single = torch.cat([ops.rescale(x[i : i + 1], crops[i], int(methods[i])) for i in range(6)])
@@ -191,9 +161,9 @@ def test_cta_op_matches_official(name: str, images: list[Image.Image]) -> None:
     levels = [float(np.float32(v)) for v in levels]
     batch = _batch(images, len(levels))
     values = torch.tensor([[v, 0.0] for v in levels])
-    x = _to_tensor(batch)
-    ours = _to_numpy(cta.ops[k].fn(x, cta.ops[k].params(values), _gen(0)))
-    ref = _to_array([OFFICIAL[name](im, v) for im, v in zip(batch, levels)]).astype(np.float64)
+    x = to_tensor(batch)
+    ours = to_numpy(cta.ops[k].fn(x, cta.ops[k].params(values), _gen(0)))
+    ref = to_array([OFFICIAL[name](im, v) for im, v in zip(batch, levels)]).astype(np.float64)
     if name in GEOMETRIC:
         differs = (np.round(ours) != ref).any(axis=-1)
         assert differs.mean(axis=(1, 2)).max() <= 0.002
@@ -207,13 +177,13 @@ def test_cta_rescale_and_cutout_match_official(images: list[Image.Image]) -> Non
     k = [op.name for op in cta.ops].index("Rescale")
     values = torch.tensor([[0.1, 0.05], [0.5, 0.2], [0.7, 0.4], [0.9, 0.6], [0.3, 0.8], [1.0, 1.0]])
     batch = _batch(images, len(values))
-    ours = _to_numpy(cta.ops[k].fn(_to_tensor(batch), cta.ops[k].params(values), _gen(0)))
+    ours = to_numpy(cta.ops[k].fn(to_tensor(batch), cta.ops[k].params(values), _gen(0)))
     ref = []
     for im, (scale, method) in zip(batch, values.tolist()):  # libml/ctaugment.py rescale()
         s, scale = im.size, float(np.float32(scale)) * 0.25
         crop = (scale * s[0], scale * s[1], s[0] * (1 - scale), s[1] * (1 - scale))
         ref.append(im.crop(crop).resize(im.size, PIL_METHODS[int(method * 5.99)]))
-    assert np.abs(np.round(ours) - _to_array(ref)).max() <= 2
+    assert np.abs(np.round(ours) - to_array(ref)).max() <= 2
 
     # Cutout: side 2 * ((1 + int(l * min * 0.499)) // 2) of grey, centred anywhere (clipped at the border).
     k = [op.name for op in cta.ops].index("Cutout")
@@ -227,7 +197,7 @@ def test_cta_rescale_and_cutout_match_official(images: list[Image.Image]) -> Non
 def test_cta_translate_is_a_fraction_of_the_side() -> None:
     """The paper's TranslateX: l = 1 moves the content 0.3 of the width right (the official code: 0.3 px)."""
     cta = CTAugment(geometric_fill=0.5)
-    x = _to_tensor([_photo((40, 40))])
+    x = to_tensor([photo((40, 40))])
     k = [op.name for op in cta.ops].index("TranslateX")
     out = cta.ops[k].fn(x, cta.ops[k].params(torch.tensor([[1.0, 0.0]])), _gen(0))
     assert torch.allclose(out[..., 12:], x[..., :28], atol=1e-6) and (out[..., :12] == 0.5).all()
@@ -301,7 +271,7 @@ def test_sample_structure_and_values() -> None:
 
 def test_seed_reproduces_a_batch() -> None:
     cta = CTAugment()
-    x = (_to_tensor([_photo((32, 32))] * 16) * 255).round().to(torch.uint8)
+    x = (to_tensor([photo((32, 32))] * 16) * 255).round().to(torch.uint8)
     x_float = x.float() / 255
     x_copy = x_float.clone()
     out = cta(x, _gen(2))
@@ -314,7 +284,7 @@ def test_seed_reproduces_a_batch() -> None:
 
 def test_batched_apply_equals_per_sample() -> None:
     cta = CTAugment(cutout=0.0)
-    x = _to_tensor([_photo((32, 32))] * 48)
+    x = to_tensor([photo((32, 32))] * 48)
     ch = cta.sample(48, _gen(4))
     out = cta.apply(x, ch, _gen(5))
     cutout_op = [op.name for op in cta.ops].index("Cutout")

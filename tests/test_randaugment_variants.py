@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,8 @@ from fixmatch.augment import (
     randaugment_tf,
 )
 
+from pil_images import photo
+
 SHAPES = [(6, 1, 28, 28), (6, 3, 32, 32), (4, 3, 24, 40), (3, 1, 17, 9)]
 
 
@@ -34,11 +35,6 @@ def _images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8)
 
 
-def _photo() -> Image.Image:
-    img = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    return img.crop(((w - s) // 2, 0, (w - s) // 2 + s, s)).resize((32, 32), Image.BILINEAR)
 
 
 def _choices(policy, names: list[str], mags: list[float], signs: list[float] | None = None) -> VariantChoices:
@@ -143,7 +139,7 @@ def test_tf_sampling() -> None:
 def test_tf_ops_match_official_pil() -> None:
     """Runs randaugment-tf's ops and the official augmentations.py definitions on a photo."""
     tf = randaugment_tf(cutout=0.0)
-    img = _photo()
+    img = photo((32, 32))
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[None].repeat(5, 1, 1, 1) / 255
     ch = _choices(tf, ["Posterize", "Solarize", "Brightness", "TranslateX", "Rotate"], [5, 3, 7, 4, 6],
                   [1, 1, 1, -1, 1])  # fmt: skip

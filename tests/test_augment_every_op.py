@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fixmatch.augment import (
     CTAChoices,
@@ -22,14 +21,13 @@ from fixmatch.augment import (
     randaugment_tf,
 )
 
+from sample_images import smooth_images
+
 N = 9  # samples per case: magnitudes 1..9, or 9 values spread over [0, 1]
 
 
 def _images(channels: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(channels)
-    x = torch.rand(N, channels, 6, 6, generator=g)
-    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
-    return (x * 255).round().to(torch.uint8)
+    return smooth_images((N, channels, 20, 20), seed=channels)
 
 
 def _check(apply, x: torch.Tensor, parametric: bool) -> None:

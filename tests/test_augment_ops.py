@@ -35,7 +35,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from fixmatch.augment import ops
 
-from pil_images import fashion_mnist, photo, to_array, to_numpy, to_tensor
+from sample_images import fashion_mnist, photo, to_array, to_numpy, to_tensor
 
 FILL = 128  # Pillow's fillcolor; the ops get fill=128/255 so the two match exactly
 

@@ -8,18 +8,9 @@ import torch.nn.functional as F
 
 from fixmatch.augment import RandAugment, RandAugmentChoices, weak_augment
 
+from sample_images import generator, smooth_images
+
 SHAPES = [(4, 1, 28, 28), (4, 3, 32, 32), (3, 3, 24, 40), (3, 1, 17, 9)]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Gives random uint8 images. They are smooth-ish so that the ops do visible things."""
-    x = torch.rand(shape[0], shape[1], shape[2] // 4 + 1, shape[3] // 4 + 1, generator=_gen(seed))
-    x = F.interpolate(x, size=shape[2:], mode="bilinear", align_corners=False)
-    return (x * 255).round().to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- weak_augment
@@ -28,7 +19,7 @@ def _images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 def test_weak_translation_is_a_reflect_padded_crop_within_bound() -> None:
     n, h, w = 128, 28, 28
     x = torch.arange(n * h * w, dtype=torch.float32).view(n, 1, h, w) / (n * h * w)  # all values distinct
-    out = weak_augment(x, _gen(0), flip=False)
+    out = weak_augment(x, generator(0), flip=False)
     p = round(0.125 * h)  # = 4
     padded = F.pad(x, (p, p, p, p), mode="reflect")
     shifts = []
@@ -48,8 +39,8 @@ def test_weak_translation_is_a_reflect_padded_crop_within_bound() -> None:
 
 
 def test_weak_flip_about_half() -> None:
-    x = torch.rand(2000, 1, 6, 5, generator=_gen(1))
-    out = weak_augment(x, _gen(2), translate=0.0)
+    x = torch.rand(2000, 1, 6, 5, generator=generator(1))
+    out = weak_augment(x, generator(2), translate=0.0)
     same = (out == x).flatten(1).all(1)
     flipped = (out == x.flip(-1)).flatten(1).all(1)
     assert (same ^ flipped).all()
@@ -57,18 +48,18 @@ def test_weak_flip_about_half() -> None:
 
 
 def test_weak_identity_when_disabled() -> None:
-    x = _images((4, 3, 32, 32))
-    assert torch.equal(weak_augment(x, _gen(0), flip=False, translate=0.0), x.float() / 255)
+    x = smooth_images((4, 3, 32, 32))
+    assert torch.equal(weak_augment(x, generator(0), flip=False, translate=0.0), x.float() / 255)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_weak_shapes_dtype_determinism(shape: tuple[int, ...]) -> None:
-    x = _images(shape)
-    out = weak_augment(x, _gen(3))
+    x = smooth_images(shape)
+    out = weak_augment(x, generator(3))
     assert out.shape == x.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
-    assert torch.equal(out, weak_augment(x.float() / 255, _gen(3)))  # uint8 and float input agree
-    assert torch.equal(out, weak_augment(x, _gen(3)))  # the same seed gives the same batch
+    assert torch.equal(out, weak_augment(x.float() / 255, generator(3)))  # uint8 and float input agree
+    assert torch.equal(out, weak_augment(x, generator(3)))  # the same seed gives the same batch
 
 
 # ----------------------------------------------------------------------------- RandAugment
@@ -95,7 +86,7 @@ def test_value_mapping_table() -> None:
 
 def test_sample_distribution() -> None:
     ra = RandAugment(num_ops=2, prob=0.5)
-    ch = ra.sample(20000, _gen(0))
+    ch = ra.sample(20000, generator(0))
     assert ch.ops.shape == ch.levels.shape == ch.applied.shape == (20000, 2)
     freq = torch.bincount(ch.ops.flatten(), minlength=14).float() / ch.ops.numel()
     assert freq.numel() == 14 and (freq - 1 / 14).abs().max() < 0.01
@@ -106,9 +97,9 @@ def test_sample_distribution() -> None:
 def test_batch_gets_different_ops_and_matches_per_sample_application() -> None:
     """Checks that grouping samples by op gives the same result as applying each sample's ops one at a time."""
     ra = RandAugment(num_ops=2, prob=0.8, cutout=0.0)
-    x = _images((48, 3, 32, 32)).float() / 255
-    ch = ra.sample(48, _gen(5))
-    out = ra.apply(x, ch, _gen(6))
+    x = smooth_images((48, 3, 32, 32)).float() / 255
+    ch = ra.sample(48, generator(5))
+    out = ra.apply(x, ch, generator(6))
     assert ch.ops[ch.applied].unique().numel() >= 10 and ch.levels.unique().numel() == 9
     for i in range(48):
         y = x[i : i + 1]
@@ -124,14 +115,14 @@ def test_randaugment_cutout() -> None:
     """Checks that with no ops applied, the only change is one grey square of side round(0.5 * min(H, W)) per sample."""
     ra = RandAugment(prob=0.0, cutout=0.5, fill=0.5)
     x = torch.zeros(64, 3, 24, 40)
-    out = ra(x, _gen(9))
+    out = ra(x, generator(9))
     size = 12
     mask = out[:, 0] != 0
     assert torch.equal(out, mask[:, None].expand_as(out).float() * 0.5)
     areas = mask.sum(dim=(1, 2))
     assert areas.max() == size * size and (areas < size * size).any()
     assert torch.equal(areas, mask.any(2).sum(1) * mask.any(1).sum(1))  # each one is a rectangle
-    assert torch.equal(RandAugment(prob=0.0, cutout=0.0)(x, _gen(9)), x)
+    assert torch.equal(RandAugment(prob=0.0, cutout=0.0)(x, generator(9)), x)
 
 
 def test_describe() -> None:
@@ -148,7 +139,7 @@ def test_describe() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda() -> None:
-    x = _images((16, 3, 32, 32)).cuda()
+    x = smooth_images((16, 3, 32, 32)).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
     for out in (RandAugment()(x, g), weak_augment(x, g)):
         assert out.is_cuda and out.shape == x.shape and 0 <= out.min() and out.max() <= 1

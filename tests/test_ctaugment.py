@@ -1,6 +1,6 @@
 """Tests for the ops added for CTAugment (against Pillow) and for CTAugment itself.
 
-Images from pil_images.py: the Grace Hopper photo from matplotlib
+Images from sample_images.py: the Grace Hopper photo from matplotlib
 (32x32, 48x40 RGB) and four Fashion-MNIST test images (28x28 grey, skipped
 when the file is absent). Ops run on ``uint8 / 255`` and are compared with
 Pillow on the 0..255 scale; d = ours * 255 - Pillow. Tolerances:
@@ -31,7 +31,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from fixmatch.augment import CTAChoices, CTAugment, make_strong_augment, ops
 
-from pil_images import fashion_mnist, photo, to_array, to_numpy, to_tensor
+from sample_images import fashion_mnist, generator, photo, to_array, to_numpy, to_tensor
 
 PIL_METHODS = (Image.LANCZOS, Image.BICUBIC, Image.BILINEAR, Image.BOX, Image.HAMMING, Image.NEAREST)
 
@@ -47,10 +47,6 @@ def images(request) -> list[Image.Image]:
 
 def _batch(imgs: list[Image.Image], n: int) -> list[Image.Image]:
     return [imgs[i % len(imgs)] for i in range(n)]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- new ops vs Pillow
@@ -121,11 +117,11 @@ def test_rescale_per_sample_methods_and_identity() -> None:
 def test_cutout_per_sample_sizes() -> None:
     x = torch.zeros(6, 1, 20, 20)
     sizes = torch.tensor([0, 1, 4, 7, 10, 20])
-    out = ops.cutout_per_sample(x, sizes, _gen(0), fill=1.0)
+    out = ops.cutout_per_sample(x, sizes, generator(0), fill=1.0)
     areas = out.sum(dim=(1, 2, 3))
     assert areas[0] == 0 and (areas <= sizes**2).all() and areas[1] == 1
     # A constant size gives cutout()'s result from the same generator state.
-    assert torch.equal(ops.cutout_per_sample(x, 8, _gen(1), 0.3), ops.cutout(x, 8, _gen(1), 0.3))
+    assert torch.equal(ops.cutout_per_sample(x, 8, generator(1), 0.3), ops.cutout(x, 8, generator(1), 0.3))
 
 
 # ----------------------------------------------------------------------------- CTA ops vs the official PIL code
@@ -162,7 +158,7 @@ def test_cta_op_matches_official(name: str, images: list[Image.Image]) -> None:
     batch = _batch(images, len(levels))
     values = torch.tensor([[v, 0.0] for v in levels])
     x = to_tensor(batch)
-    ours = to_numpy(cta.ops[k].fn(x, cta.ops[k].params(values), _gen(0)))
+    ours = to_numpy(cta.ops[k].fn(x, cta.ops[k].params(values), generator(0)))
     ref = to_array([OFFICIAL[name](im, v) for im, v in zip(batch, levels)]).astype(np.float64)
     if name in GEOMETRIC:
         differs = (np.round(ours) != ref).any(axis=-1)
@@ -177,7 +173,7 @@ def test_cta_rescale_and_cutout_match_official(images: list[Image.Image]) -> Non
     k = [op.name for op in cta.ops].index("Rescale")
     values = torch.tensor([[0.1, 0.05], [0.5, 0.2], [0.7, 0.4], [0.9, 0.6], [0.3, 0.8], [1.0, 1.0]])
     batch = _batch(images, len(values))
-    ours = to_numpy(cta.ops[k].fn(to_tensor(batch), cta.ops[k].params(values), _gen(0)))
+    ours = to_numpy(cta.ops[k].fn(to_tensor(batch), cta.ops[k].params(values), generator(0)))
     ref = []
     for im, (scale, method) in zip(batch, values.tolist()):  # libml/ctaugment.py rescale()
         s, scale = im.size, float(np.float32(scale)) * 0.25
@@ -189,7 +185,7 @@ def test_cta_rescale_and_cutout_match_official(images: list[Image.Image]) -> Non
     k = [op.name for op in cta.ops].index("Cutout")
     x = torch.zeros(200, 1, 32, 32)
     for level, side in [(0.0, 0), (0.5, 8), (1.0, 16)]:
-        out = cta.ops[k].fn(x, cta.ops[k].params(torch.tensor([[level, 0.0]]).expand(200, 2)), _gen(1))
+        out = cta.ops[k].fn(x, cta.ops[k].params(torch.tensor([[level, 0.0]]).expand(200, 2)), generator(1))
         areas = (out > 0).sum(dim=(1, 2, 3))
         assert areas.max() == side * side and (out[out > 0] == cta.fill).all()
 
@@ -199,7 +195,7 @@ def test_cta_translate_is_a_fraction_of_the_side() -> None:
     cta = CTAugment(geometric_fill=0.5)
     x = to_tensor([photo((40, 40))])
     k = [op.name for op in cta.ops].index("TranslateX")
-    out = cta.ops[k].fn(x, cta.ops[k].params(torch.tensor([[1.0, 0.0]])), _gen(0))
+    out = cta.ops[k].fn(x, cta.ops[k].params(torch.tensor([[1.0, 0.0]])), generator(0))
     assert torch.allclose(out[..., 12:], x[..., :28], atol=1e-6) and (out[..., :12] == 0.5).all()
 
 
@@ -241,18 +237,18 @@ def test_threshold_masks_low_rate_bins() -> None:
     assert torch.allclose(p[rot, 0, 9:], torch.full((8,), 1 / (8 + 0.81 / 1.01)))
     assert (p[:, :, :].sum(-1)[cta.nbins > 0] - 1).abs().max() < 1e-6
 
-    ch = cta.sample(20000, _gen(0))
+    ch = cta.sample(20000, generator(0))
     rot_bins = ch.bins[..., 0][ch.ops == rot]
     assert rot_bins.min() == 8 and rot_bins.unique().numel() == 9
     assert (ch.bins[..., 1][ch.ops == resc] != 0).all()
     # Probe draws ignore the rates: every bin occurs.
-    probe = cta.sample(20000, _gen(0), probe=True)
+    probe = cta.sample(20000, generator(0), probe=True)
     assert probe.bins[..., 0][probe.ops == rot].unique().numel() == 17
 
 
 def test_sample_structure_and_values() -> None:
     cta = CTAugment()
-    ch = cta.sample(4000, _gen(1))
+    ch = cta.sample(4000, generator(1))
     assert ch.ops.shape == (4000, 2) and ch.bins.shape == ch.values.shape == (4000, 2, 2)
     assert ch.values.min() >= 0 and ch.values.max() <= 1
     nb = cta.nbins[ch.ops]  # (N, depth, 2)
@@ -274,19 +270,19 @@ def test_seed_reproduces_a_batch() -> None:
     x = (to_tensor([photo((32, 32))] * 16) * 255).round().to(torch.uint8)
     x_float = x.float() / 255
     x_copy = x_float.clone()
-    out = cta(x, _gen(2))
+    out = cta(x, generator(2))
     assert out.shape == x.shape and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
-    assert torch.equal(out, cta(x, _gen(2))) and torch.equal(out, cta(x_float, _gen(2)))
+    assert torch.equal(out, cta(x, generator(2))) and torch.equal(out, cta(x_float, generator(2)))
     assert torch.equal(x_float, x_copy)
-    assert not torch.equal(out, cta(x, _gen(3)))
+    assert not torch.equal(out, cta(x, generator(3)))
     assert len({tuple(out[i].flatten()[::7].tolist()) for i in range(16)}) == 16  # every sample differs
 
 
 def test_batched_apply_equals_per_sample() -> None:
     cta = CTAugment(cutout=0.0)
     x = to_tensor([photo((32, 32))] * 48)
-    ch = cta.sample(48, _gen(4))
-    out = cta.apply(x, ch, _gen(5))
+    ch = cta.sample(48, generator(4))
+    out = cta.apply(x, ch, generator(5))
     cutout_op = [op.name for op in cta.ops].index("Cutout")
     checked = 0
     for i in range(48):
@@ -296,7 +292,7 @@ def test_batched_apply_equals_per_sample() -> None:
         for layer in range(2):
             spec = cta.ops[int(ch.ops[i, layer])]
             if spec.bins:
-                y = spec.fn(y, spec.params(ch.values[i : i + 1, layer]), _gen(0))
+                y = spec.fn(y, spec.params(ch.values[i : i + 1, layer]), generator(0))
         assert torch.allclose(out[i : i + 1], y, atol=1e-5), cta.describe(ch, i)
         checked += 1
     assert checked > 30
@@ -304,11 +300,11 @@ def test_batched_apply_equals_per_sample() -> None:
 
 def test_strong_view_ends_with_cutout() -> None:
     cta = CTAugment(depth=0, cutout=0.5, fill=0.5)  # no policy ops: only the final Cutout
-    out = cta(torch.zeros(64, 3, 24, 40), _gen(6))
+    out = cta(torch.zeros(64, 3, 24, 40), generator(6))
     mask = out[:, 0] != 0
     assert torch.equal(out, mask[:, None].expand_as(out).float() * 0.5)
     assert mask.sum(dim=(1, 2)).max() == 12 * 12
-    probe, ch = cta.probe(torch.zeros(8, 3, 24, 40), _gen(6))
+    probe, ch = cta.probe(torch.zeros(8, 3, 24, 40), generator(6))
     assert (probe == 0).all()  # probes get no Cutout
 
 
@@ -368,14 +364,14 @@ def test_update_hand_computed() -> None:
 
 def test_update_matches_sequential_loop() -> None:
     cta = CTAugment()
-    cta.rates = torch.rand(cta.rates.shape, generator=_gen(7))
-    ch = cta.sample(64, _gen(8), probe=True)
+    cta.rates = torch.rand(cta.rates.shape, generator=generator(7))
+    ch = cta.sample(64, generator(8), probe=True)
     # Force repeats of the same cells, within a sample and across samples.
     ch.ops[:20] = 9
     ch.bins[:20] = torch.tensor([3, 1])
     ch.ops[5, 1], ch.bins[5, 1] = 9, torch.tensor([3, 2])
-    probs = torch.softmax(torch.randn(64, 10, generator=_gen(9)) * 3, 1)
-    labels = torch.randint(0, 10, (64,), generator=_gen(10))
+    probs = torch.softmax(torch.randn(64, 10, generator=generator(9)) * 3, 1)
+    labels = torch.randint(0, 10, (64,), generator=generator(10))
     expected = _sequential_update(cta.rates, ch, probs, labels, 0.99)
     cta.update(ch, probs, labels)
     assert torch.allclose(cta.rates, expected, atol=1e-6)
@@ -383,8 +379,8 @@ def test_update_matches_sequential_loop() -> None:
 
 def test_perfect_predictions_raise_or_keep_rates() -> None:
     cta = CTAugment()
-    ch = cta.sample(32, _gen(11), probe=True)
-    labels = torch.randint(0, 5, (32,), generator=_gen(12))
+    ch = cta.sample(32, generator(11), probe=True)
+    labels = torch.randint(0, 5, (32,), generator=generator(12))
     perfect = torch.nn.functional.one_hot(labels, 5).float()
     assert torch.equal(cta.update(ch, perfect, labels), torch.ones(32))
     assert torch.equal(cta.rates, torch.ones_like(cta.rates))  # 0.99 * 1 + 0.01 * 1 = 1
@@ -400,9 +396,9 @@ def test_perfect_predictions_raise_or_keep_rates() -> None:
 
 def test_state_dict_round_trip() -> None:
     cta = CTAugment()
-    cta.rates = torch.rand(cta.rates.shape, generator=_gen(14))  # as after long training: the threshold bites
-    ch = cta.sample(64, _gen(15), probe=True)
-    cta.update(ch, torch.softmax(torch.randn(64, 10, generator=_gen(16)), 1), torch.zeros(64, dtype=torch.long))
+    cta.rates = torch.rand(cta.rates.shape, generator=generator(14))  # as after long training: the threshold bites
+    ch = cta.sample(64, generator(15), probe=True)
+    cta.update(ch, torch.softmax(torch.randn(64, 10, generator=generator(16)), 1), torch.zeros(64, dtype=torch.long))
     buffer = io.BytesIO()
     torch.save(cta.state_dict(), buffer)
     buffer.seek(0)
@@ -410,7 +406,7 @@ def test_state_dict_round_trip() -> None:
     restored = CTAugment()
     restored.load_state_dict(state)
     assert torch.equal(restored.rates, cta.rates)
-    a, b, fresh = cta.sample(256, _gen(13)), restored.sample(256, _gen(13)), CTAugment().sample(256, _gen(13))
+    a, b, fresh = cta.sample(256, generator(13)), restored.sample(256, generator(13)), CTAugment().sample(256, generator(13))
     assert torch.equal(a.ops, b.ops) and torch.equal(a.bins, b.bins) and torch.equal(a.values, b.values)
     assert not torch.equal(a.bins, fresh.bins)  # the learned rates do change the sampling
     with pytest.raises(ValueError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from fixmatch.augment import (
@@ -19,22 +18,9 @@ from fixmatch.augment import (
     randaugment_tf,
 )
 
-from pil_images import photo
+from sample_images import generator, photo, smooth_images
 
 SHAPES = [(6, 1, 28, 28), (6, 3, 32, 32), (4, 3, 24, 40), (3, 1, 17, 9)]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Gives smooth-ish random uint8 images, so that the ops do visible things."""
-    x = torch.rand(shape[0], shape[1], shape[2] // 4 + 1, shape[3] // 4 + 1, generator=_gen(seed))
-    x = F.interpolate(x, size=shape[2:], mode="bilinear", align_corners=False)
-    return (x * 255).round().to(torch.uint8)
-
-
 
 
 def _choices(policy, names: list[str], mags: list[float], signs: list[float] | None = None) -> VariantChoices:
@@ -69,37 +55,37 @@ def test_factory() -> None:
     with pytest.raises(ValueError, match="unknown strong augmentation"):
         make_strong_augment("autoaugment", 0.5)
     # "randaugment" is the paper's policy, unchanged.
-    x = _images((8, 3, 32, 32))
-    assert torch.equal(make_strong_augment("randaugment", 0.5)(x, _gen(0)), RandAugment(cutout=0.5)(x, _gen(0)))
+    x = smooth_images((8, 3, 32, 32))
+    assert torch.equal(make_strong_augment("randaugment", 0.5)(x, generator(0)), RandAugment(cutout=0.5)(x, generator(0)))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", STRONG_AUGMENTS)
 def test_shape_range_determinism(name: str, shape: tuple[int, ...]) -> None:
     policy = make_strong_augment(name, cutout=0.5)
-    x = _images(shape)
+    x = smooth_images(shape)
     x_float = x.float() / 255
     x_copy = x_float.clone()
-    out = policy(x, _gen(1))
+    out = policy(x, generator(1))
     assert out.shape == x.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
-    assert torch.equal(out, policy(x, _gen(1)))  # the same seed gives the same batch
-    assert torch.equal(out, policy(x_float, _gen(1)))  # uint8 and float input agree
+    assert torch.equal(out, policy(x, generator(1)))  # the same seed gives the same batch
+    assert torch.equal(out, policy(x_float, generator(1)))  # uint8 and float input agree
     assert torch.equal(x_float, x_copy)  # the input is left untouched
-    assert not torch.equal(out, policy(x, _gen(2)))
+    assert not torch.equal(out, policy(x, generator(2)))
     same = x[:1].expand(shape[0], -1, -1, -1)  # one image repeated: every copy gets its own augmentation
-    views = policy(same, _gen(3))
+    views = policy(same, generator(3))
     assert len({tuple(views[i].flatten().tolist()) for i in range(shape[0])}) == shape[0]
-    ch = policy.sample(shape[0], _gen(4))
+    ch = policy.sample(shape[0], generator(4))
     assert all(isinstance(policy.describe(ch, i), str) for i in range(shape[0]))
 
 
 @pytest.mark.parametrize("name", ["randaugment-tf", "randaugment-fixed", "randaugment-3op"])
 def test_batched_apply_equals_per_sample(name: str) -> None:
     policy = make_strong_augment(name, cutout=0.0)
-    x = _images((40, 3, 32, 32)).float() / 255
-    ch = policy.sample(40, _gen(5))
-    out = policy.apply(x, ch, _gen(6))
+    x = smooth_images((40, 3, 32, 32)).float() / 255
+    ch = policy.sample(40, generator(5))
+    out = policy.apply(x, ch, generator(6))
     assert ch.ops.unique().numel() >= 12
     for i in range(40):
         y = x[i : i + 1]
@@ -128,7 +114,7 @@ def test_tf_mapping() -> None:
 
 
 def test_tf_sampling() -> None:
-    ch = randaugment_tf().sample(20000, _gen(7))
+    ch = randaugment_tf().sample(20000, generator(7))
     assert ch.magnitudes.min() == 1 and ch.magnitudes.max() == 9 and ch.magnitudes.unique().numel() == 9
     assert torch.equal(ch.magnitudes, ch.magnitudes.round())
     assert abs(ch.applied.float().mean().item() - 0.5) < 0.01
@@ -143,7 +129,7 @@ def test_tf_ops_match_official_pil() -> None:
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()[None].repeat(5, 1, 1, 1) / 255
     ch = _choices(tf, ["Posterize", "Solarize", "Brightness", "TranslateX", "Rotate"], [5, 3, 7, 4, 6],
                   [1, 1, 1, -1, 1])  # fmt: skip
-    ours = (tf.apply(x, ch, _gen(0)).permute(0, 2, 3, 1).numpy() * 255).astype(np.float64)
+    ours = (tf.apply(x, ch, generator(0)).permute(0, 2, 3, 1).numpy() * 255).astype(np.float64)
     grey = (128, 128, 128)
     ref = [
         ImageOps.posterize(img, 4 - int(5 * 4 / 10)),  # 2 bits
@@ -166,13 +152,13 @@ def test_tf_ops_match_official_pil() -> None:
 
 def test_fixed_magnitude_always_applied() -> None:
     fixed = randaugment_fixed(n=3, m=7)
-    ch = fixed.sample(500, _gen(8))
+    ch = fixed.sample(500, generator(8))
     assert ch.ops.shape == (500, 3) and ch.applied.all() and (ch.magnitudes == 7).all()
     assert _values(fixed, "Rotate", [7.0]) == [21.0] and _values(fixed, "Brightness", [7.0]) == [1.36]
     # m = 10, the end of every range: Posterize keeps 0 bits (black) and Solarize inverts every pixel.
     top = randaugment_fixed(m=10, cutout=0.0)
-    x = _images((2, 3, 16, 16)).float() / 255
-    out = top.apply(x, _choices(top, ["Posterize", "Solarize"], [10.0, 10.0]), _gen(0))
+    x = smooth_images((2, 3, 16, 16)).float() / 255
+    out = top.apply(x, _choices(top, ["Posterize", "Solarize"], [10.0, 10.0]), generator(0))
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.allclose(out[1], 1 - x[1])
 
 
@@ -187,7 +173,7 @@ def test_3op_mapping_and_sampling() -> None:
     assert _values(ra, "Color", [0.0, 0.5, 1.0]) == [0.05, 0.5, 0.95]
     assert _values(ra, "Posterize", u) == [4.0, 6.0, 7.0]
     assert _values(ra, "Solarize", u) == [0.0, 0.5, 0.99]
-    ch = ra.sample(5000, _gen(9))
+    ch = ra.sample(5000, generator(9))
     assert ch.ops.shape == (5000, 3) and ch.applied.all()
     assert 0 <= ch.magnitudes.min() < 0.01 and 0.99 < ch.magnitudes.max() < 1
     assert ch.magnitudes.unique().numel() > 14000  # continuous
@@ -196,9 +182,9 @@ def test_3op_mapping_and_sampling() -> None:
 
 def test_3op_cutout_sizes_vary() -> None:
     ra = randaugment_3op(cutout=0.5, fill=1.0)
-    ch = ra.sample(64, _gen(10))
+    ch = ra.sample(64, generator(10))
     ch.ops.zero_()  # Identity everywhere: only Cutout acts
-    out = ra.apply(torch.zeros(64, 1, 32, 32), ch, _gen(11))
+    out = ra.apply(torch.zeros(64, 1, 32, 32), ch, generator(11))
     sides = (ch.cutout * 32).round()
     areas = out.sum(dim=(1, 2, 3))
     assert (areas <= sides**2).all() and areas.unique().numel() > 20
@@ -217,7 +203,7 @@ def test_describe() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", STRONG_AUGMENTS)
 def test_cuda(name: str) -> None:
-    x = _images((16, 3, 32, 32)).cuda()
+    x = smooth_images((16, 3, 32, 32)).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
     out = make_strong_augment(name, 0.5)(x, g)
     assert out.is_cuda and out.shape == x.shape and 0 <= out.min() and out.max() <= 1

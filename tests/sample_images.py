@@ -1,5 +1,6 @@
-"""Real test images and conversions shared by the tests that compare the ops with Pillow.
+"""Test images shared by the augmentation tests, and the conversions used to compare the ops with Pillow.
 
+- ``smooth_images(shape, seed)``: a seeded random uint8 batch, smooth enough that every op visibly changes it;
 - ``photo(size)``: the Grace Hopper photo that ships with matplotlib, centre-cropped and resized (W x H), RGB;
 - ``fashion_mnist(n)``: the first n Fashion-MNIST test images (28x28 grey); the test is skipped when the
   data set's file is absent.
@@ -14,9 +15,21 @@ import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def smooth_images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """uint8 (N, C, H, W): uniform noise on a grid 4x coarser, bilinearly upsampled."""
+    x = torch.rand(shape[0], shape[1], shape[2] // 4 + 1, shape[3] // 4 + 1, generator=generator(seed))
+    x = F.interpolate(x, size=shape[2:], mode="bilinear", align_corners=False)
+    return (x * 255).round().to(torch.uint8)
 
 
 def photo(size: tuple[int, int]) -> Image.Image:

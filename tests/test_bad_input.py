@@ -9,7 +9,6 @@ import fixmatch
 from fixmatch.cli import main
 from fixmatch.config import Config
 from fixmatch.data import DatasetError, load_dataset
-from fixmatch.data import cifar
 from fixmatch.data import folder as fd
 from fixmatch.data.download import download_file
 from folder_images import RED, make_folder, solid, truncate
@@ -157,13 +156,6 @@ def test_wrong_checksum_and_truncated_archive(tmp_path):
     (data_dir / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\x00" * 20)
     with pytest.raises(DatasetError, match="cifar-10-python.tar.gz is corrupt .*re-download"):
         load_dataset("cifar10", data_dir, download=False)
-
-
-def test_missing_file_names_url_and_expected_path(tmp_path):
-    with pytest.raises(DatasetError) as err:
-        load_dataset("cifar10", tmp_path, download=False)
-    msg = one_line(err.value)
-    assert cifar.CIFAR10_URL in msg and str(tmp_path / "cifar-10-python.tar.gz") in msg
 
 
 QUICK = dict(model="cnn_small", num_labels=4, batch_size=2, mu=2, eval_every=2, eval_batch_size=64,

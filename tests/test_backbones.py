@@ -18,15 +18,7 @@ from fixmatch.optim import parameter_groups
 
 MODELS = list_models()
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tiny batches gain nothing from a second thread, and on a CPU shared with other processes
-    # OpenMP's waiting threads make them up to 100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def meta_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:

@@ -12,13 +12,7 @@ from fixmatch.config import Config
 from fixmatch.models import create_model
 from fixmatch.models.pretrained import InitWeightsError, load_init_weights, read_state_dict
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: a second thread only waits on a shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _imagenet_resnet18() -> dict[str, torch.Tensor]:

@@ -33,14 +33,7 @@ from fixmatch.rundir import RunDirError, append_line, lock_run_dir
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
              eval_every=10, eval_batch_size=500, progress=False, device="cpu", strong="randaugment")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared 2-core machine; the setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _cli(argv, capsys):

@@ -1,14 +1,14 @@
 """Atomic, weights-only-loadable checkpoints of a run."""
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from fixmatch.atomic import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -23,31 +23,21 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     ``CheckpointError`` in one line.
     """
     path = Path(path)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            writer = _ErrorKeepingWriter(f)
-            try:
-                torch.save(state, writer)
-            except RuntimeError:  # torch reports a failed write as a RuntimeError about the zip stream
-                if writer.error is None:
-                    raise
-                raise writer.error from None
-            f.flush()
-            os.fsync(f.fileno())
-        _test_pause_before_rename()
-        os.replace(tmp, path)
-        tmp = None
+        with atomic_path(path) as tmp:  # synced, then renamed over path (atomic.py)
+            with open(tmp, "wb") as f:
+                writer = _ErrorKeepingWriter(f)
+                try:
+                    torch.save(state, writer)
+                except RuntimeError:  # torch reports a failed write as a RuntimeError about the zip stream
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
+            _test_pause_before_rename()
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoint there, "
                               f"if any, is intact; free disk space or make the folder writable") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a folder; the file itself is synced
-        _fsync_dir(path.parent)  # make the rename itself survive a power cut
 
 
 class _ErrorKeepingWriter:
@@ -80,16 +70,6 @@ def _test_pause_before_rename() -> None:
     pause = os.environ.get(TEST_PAUSE_ENV)
     if pause:
         time.sleep(float(pause))
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # Windows cannot open a folder for fsync; its rename is durable on NTFS
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -4,13 +4,13 @@ The metric functions are pure (tensors in, numbers out); ``evaluate`` loads, pre
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fixmatch.atomic import atomic_path
 from fixmatch.config import ConfigError
 
 
@@ -118,13 +118,11 @@ def plot_confusion(confusion: Tensor, class_names: list[str], path: str | Path, 
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, Any]:

@@ -13,14 +13,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from fixmatch.atomic import atomic_path
 from fixmatch.config import ConfigError
 from fixmatch.inference import FixMatchModel, load
 
@@ -45,7 +43,8 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, weights: str
               "safetensors": _safetensors}[fmt]
     _check_dependencies(fmt)
     model = load(checkpoint, weights=weights, device="cpu", data_dir=data_dir)
-    _write_atomic(out, lambda tmp: writer(model, tmp))  # type: ignore[operator]
+    with atomic_path(out, suffix=".tmp" + out.suffix) as tmp:  # out is either complete or untouched
+        writer(model, tmp)  # type: ignore[operator]
     return out
 
 
@@ -59,21 +58,6 @@ def _check_dependencies(fmt: str) -> None:
             __import__(module)
         except ImportError:
             raise ConfigError(f"{fmt} export needs the {module!r} package: pip install 'fixmatch[export]'") from None
-
-
-def _write_atomic(out: Path, write: Callable[[Path], None]) -> None:
-    """Write into a temporary file beside ``out``, then rename: ``out`` is either complete or untouched."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + out.suffix, dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; give the usual permissions
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _example_input(model: FixMatchModel, dtype: torch.dtype) -> torch.Tensor:

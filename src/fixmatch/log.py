@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from fixmatch.rundir import append_line
+from fixmatch.rundir import append_line, write_text_atomic
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -19,19 +18,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """On resume, drop evaluations logged after the checkpoint we continue from (they will be redone)."""
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class RunLogger:

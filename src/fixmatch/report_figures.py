@@ -6,7 +6,6 @@ mask rate of a study of supervised runs only.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -16,6 +15,7 @@ import torch
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fixmatch.atomic import atomic_path  # noqa: E402
 from fixmatch.evaluate import draw_confusion  # noqa: E402
 
 if TYPE_CHECKING:
@@ -26,14 +26,12 @@ LINESTYLES = {"fixmatch": "-", "supervised": "--"}
 
 def _save(fig: Any, path: Path) -> None:
     """Atomic: a reader (or a browser) never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=90)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def mean_curve(runs: list[Run], key: str, transform: Callable[[Run, dict], float] | None = None

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from fixmatch.atomic import atomic_path
+
 LOCK_NAME = ".lock"
 
 
@@ -115,17 +117,12 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync, rename: ``path`` is whole or absent/old."""
+    """Replace ``path`` by a file holding ``text``, atomically (atomic.py): it is whole, or the old one, or absent."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise _write_error(path, e) from None
 
 

@@ -9,7 +9,6 @@ extra: ``pip install 'fixmatch[report]'``).
 """
 from __future__ import annotations
 
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_path
 from .ops import to_float
 from .randaugment_variants import StrongAugment
 
@@ -92,14 +92,9 @@ def grid_figure(views: AugmentViews, labels: Sequence[str] | None = None, title:
 
 
 def save_grid(fig: "Figure", path: str | Path) -> None:
-    """Writes the figure as a PNG atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Writes the figure as a PNG atomically (atomic.py): the file is whole or absent."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def grid_image(fig: "Figure", dpi: int = 80) -> np.ndarray:

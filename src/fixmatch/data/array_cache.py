@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..atomic import default_permissions
 from .download import DatasetError
 
 __all__ = ["cache_is_fresh", "write_npy_atomic", "open_npy_mmap"]
@@ -56,7 +57,7 @@ def write_npy_atomic(path: Path, shape: tuple[int, ...], chunks: Iterable[np.nda
                 rows += chunk.shape[0]
             if rows != shape[0]:
                 raise ValueError(f"decoder produced {rows} rows, expected {shape[0]}")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a cache is as readable as its data
+        os.chmod(tmp, default_permissions())  # mkstemp makes it private; a cache is as readable as its data
         os.replace(tmp, path)  # atomic within one folder
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -66,12 +67,6 @@ def write_npy_atomic(path: Path, shape: tuple[int, ...], chunks: Iterable[np.nda
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def open_npy_mmap(path: Path, shape: tuple[int, ...] | None = None, dtype: str = "|u1") -> torch.Tensor:

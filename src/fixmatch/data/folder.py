@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..atomic import atomic_path
 from .datasets import Dataset
 from .download import DatasetError
 
@@ -443,14 +444,8 @@ class _FolderCache:
         return _as_tensor(final), entries
 
     def _write_manifest(self, manifest: dict) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json.tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(manifest, f)
-            os.replace(tmp, self.manifest_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self.manifest_path) as tmp:
+            tmp.write_text(json.dumps(manifest))
         self.manifest = manifest
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_path
 
 __all__ = ["Split", "SplitError", "make_split", "save_split", "load_split"]
 
@@ -104,9 +105,8 @@ def make_split(labels: torch.Tensor | np.ndarray, num_labels: int, num_classes: 
 def save_split(split: Split, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # then rename: a crash never leaves a torn split.json
-    tmp.write_text(json.dumps(split.to_json()) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a crash never leaves a torn split.json
+        tmp.write_text(json.dumps(split.to_json()) + "\n")
     return path
 
 

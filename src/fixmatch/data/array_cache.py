@@ -9,8 +9,6 @@ twice. A cache is valid while it is newer than every file it was decoded from.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..atomic import default_permissions
+from ..atomic import atomic_path
 from .download import DatasetError
 
 __all__ = ["cache_is_fresh", "write_npy_atomic", "open_npy_mmap"]
@@ -41,12 +39,7 @@ def write_npy_atomic(path: Path, shape: tuple[int, ...], chunks: Iterable[np.nda
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as e:
-        raise DatasetError(f"cannot write the cache file {path} ({e}); make {path.parent} writable") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path, suffix=".part") as tmp, open(tmp, "wb") as f:  # removed on any failure
             header = {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(int(d) for d in shape)}
             np.lib.format.write_array_header_1_0(f, header)
             rows = 0
@@ -57,15 +50,9 @@ def write_npy_atomic(path: Path, shape: tuple[int, ...], chunks: Iterable[np.nda
                 rows += chunk.shape[0]
             if rows != shape[0]:
                 raise ValueError(f"decoder produced {rows} rows, expected {shape[0]}")
-        os.chmod(tmp, default_permissions())  # mkstemp makes it private; a cache is as readable as its data
-        os.replace(tmp, path)  # atomic within one folder
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DatasetError(f"cannot write the cache file {path} ({e}); free disk space or make "
                            f"{path.parent} writable") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

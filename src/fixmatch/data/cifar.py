@@ -14,7 +14,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .download import DatasetError, download_file
 from .safe_archive import safe_tar_files
 from .safe_pickle import safe_load_pickle
 
-__all__ = ["CIFAR10_MD5", "CIFAR10_URL", "CIFAR100_MD5", "CIFAR100_URL", "load_cifar10", "load_cifar100"]
+__all__ = ["LOADERS", "CIFAR10_MD5", "CIFAR10_URL", "CIFAR100_MD5", "CIFAR100_URL", "load_cifar10", "load_cifar100"]
 
 # Read when a loader is called (not bound at import), so that a mirror can be set before loading.
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -149,4 +149,4 @@ def _bad(fmt: _CifarFormat, src: str, why: str, url: str) -> DatasetError:
     return DatasetError(f"{src} is not a valid {fmt.title} file ({why}); delete it and re-download {url}")
 
 
-LOADERS = {"cifar10": load_cifar10, "cifar100": load_cifar100}
+LOADERS: dict[str, Callable[[Path, bool], Dataset]] = {"cifar10": load_cifar10, "cifar100": load_cifar100}

@@ -37,9 +37,10 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 
 def _fsync(path: Path) -> None:
-    if path.is_dir() and os.name != "posix":  # Windows cannot open a folder; its renames are durable on NTFS
+    folder = path.is_dir()
+    if folder and os.name != "posix":  # Windows cannot open a folder; its renames are durable on NTFS
         return
-    fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)  # Windows syncs only writable files
+    fd = os.open(path, os.O_RDONLY if folder else os.O_RDWR)  # Windows syncs only writable files
     try:
         os.fsync(fd)
     finally:

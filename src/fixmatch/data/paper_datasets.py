@@ -11,16 +11,15 @@ sizes and values and names the bad file and the fix in a one-line ``DatasetError
 
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .array_cache import cache_is_fresh, open_npy_mmap, write_npy_atomic
 from .datasets import Dataset, _find_idx_files, _make, _read_idx
 from .download import DatasetError, download_file
@@ -161,14 +160,8 @@ def _extract_members(archive: Path, top: str, names: list[str], folder: Path, ur
                 name = wanted.get(info.name)
                 if name is None or not info.isfile():
                     continue
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        shutil.copyfileobj(tar.extractfile(info), out, 1 << 20)  # type: ignore[misc]
-                    os.replace(tmp, folder / name)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+                with atomic_path(folder / name, suffix=".part") as tmp, open(tmp, "wb") as out:
+                    shutil.copyfileobj(tar.extractfile(info), out, 1 << 20)  # type: ignore[misc]
                 done.add(name)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DatasetError(f"{archive} is corrupt or truncated ({e}); delete it and re-download {url}") from None

@@ -78,7 +78,8 @@ def _images(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
 
 
 def bench(n: int, shape: tuple[int, int, int], repeats: int, warmup: int, workers: int,
-          device: torch.device, clock: Callable[[], float] = time.perf_counter, baseline: ModuleType | None = None) -> dict[str, float]:
+          device: torch.device, clock: Callable[[], float] = time.perf_counter,
+          baseline: ModuleType | None = None) -> dict[str, float]:
     u = _images(n, shape)
     u_dev = u.to(device)
     u_hwc = u.permute(0, 2, 3, 1).contiguous().numpy()

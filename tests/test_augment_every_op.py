@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sample_images import smooth_images
 
 from fixmatch.augment import (
     CTAChoices,
@@ -20,8 +21,6 @@ from fixmatch.augment import (
     randaugment_fixed,
     randaugment_tf,
 )
-
-from sample_images import smooth_images
 
 N = 9  # samples per case: magnitudes 1..9, or 9 values spread over [0, 1]
 

@@ -32,10 +32,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from sample_images import fashion_mnist, photo, to_array, to_numpy, to_tensor
 
 from fixmatch.augment import ops
-
-from sample_images import fashion_mnist, photo, to_array, to_numpy, to_tensor
 
 FILL = 128  # Pillow's fillcolor; the ops get fill=128/255 so the two match exactly
 

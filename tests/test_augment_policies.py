@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sample_images import generator, smooth_images
 
 from fixmatch.augment import RandAugment, RandAugmentChoices, weak_augment
-
-from sample_images import generator, smooth_images
 
 SHAPES = [(4, 1, 28, 28), (4, 3, 32, 32), (3, 3, 24, 40), (3, 1, 17, 9)]
 

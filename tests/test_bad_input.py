@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from folder_images import RED, make_folder, solid, truncate
 
 import fixmatch
 from fixmatch.cli import main
@@ -11,7 +12,6 @@ from fixmatch.config import Config
 from fixmatch.data import DatasetError, load_dataset
 from fixmatch.data import folder as fd
 from fixmatch.data.download import download_file
-from folder_images import RED, make_folder, solid, truncate
 
 
 def load(root, tmp_path, **kw):

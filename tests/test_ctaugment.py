@@ -28,10 +28,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from sample_images import fashion_mnist, generator, photo, to_array, to_numpy, to_tensor
 
 from fixmatch.augment import CTAChoices, CTAugment, make_strong_augment, ops
-
-from sample_images import fashion_mnist, generator, photo, to_array, to_numpy, to_tensor
 
 PIL_METHODS = (Image.LANCZOS, Image.BICUBIC, Image.BILINEAR, Image.BOX, Image.HAMMING, Image.NEAREST)
 

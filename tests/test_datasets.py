@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixmatch.data import DatasetError, download, list_datasets, load_dataset
-from fixmatch.data import cifar
+from fixmatch.data import DatasetError, cifar, download, list_datasets, load_dataset
 from fixmatch.data import datasets as ds
 from fixmatch.data.download import download_file, file_md5
 

@@ -3,8 +3,14 @@ import pytest
 import torch
 
 from fixmatch.config import ConfigError
-from fixmatch.evaluate import (accuracy_metrics, classification_metrics, confusion_matrix, macro_f1,
-                               per_class_accuracy, plot_confusion)
+from fixmatch.evaluate import (
+    accuracy_metrics,
+    classification_metrics,
+    confusion_matrix,
+    macro_f1,
+    per_class_accuracy,
+    plot_confusion,
+)
 
 # 3 classes, 6 images:        true 0 0 1 2 2 2      predicted 0 1 1 2 2 0
 LABELS = torch.tensor([0, 0, 1, 2, 2, 2])

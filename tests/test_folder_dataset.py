@@ -4,11 +4,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from folder_images import BLUE, GREEN, RED, make_folder, noise, solid
 from PIL import Image
 
 from fixmatch.data import DatasetError, load_dataset
 from fixmatch.data import folder as fd
-from folder_images import BLUE, GREEN, RED, make_folder, noise, solid
 
 
 def load(root, tmp_path, **kw):

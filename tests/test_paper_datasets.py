@@ -11,18 +11,16 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from test_datasets import py2_pickle  # Python 2 cPickle protocol-2 writer, as the CIFAR files were made
 
 import fixmatch
 from fixmatch.config import Config, ConfigError
-from fixmatch.data import DatasetError, load_dataset
-from fixmatch.data import cifar
+from fixmatch.data import DatasetError, cifar, load_dataset
 from fixmatch.data import paper_datasets as pd
 from fixmatch.data.array_cache import open_npy_mmap, write_npy_atomic
 from fixmatch.data.download import file_md5
 from fixmatch.data.pool import gather_pool, pool_labels
 from fixmatch.data.split import SplitError, fold_split, make_split, unlabeled_pool
-
-from test_datasets import py2_pickle  # Python 2 cPickle protocol-2 writer, as the CIFAR files were made
 
 # ------------------------------------------------------------------ writers
 

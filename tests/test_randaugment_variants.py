@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from sample_images import generator, photo, smooth_images
 
 from fixmatch.augment import (
     STRONG_AUGMENTS,
@@ -17,8 +18,6 @@ from fixmatch.augment import (
     randaugment_fixed,
     randaugment_tf,
 )
-
-from sample_images import generator, photo, smooth_images
 
 SHAPES = [(6, 1, 28, 28), (6, 3, 32, 32), (4, 3, 24, 40), (3, 1, 17, 9)]
 

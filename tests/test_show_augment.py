@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 import fixmatch
-from fixmatch.augment import STRONG_AUGMENTS, RandAugment, make_strong_augment, weak_augment
-from fixmatch.augment import visualize
+from fixmatch.augment import STRONG_AUGMENTS, RandAugment, make_strong_augment, visualize, weak_augment
 from fixmatch.augment.visualize import AugmentGrids, augment_views, grid_figure, grid_image, show_augment
 from fixmatch.config import Config, ConfigError
 

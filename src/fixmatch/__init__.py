@@ -11,6 +11,7 @@ Public API::
 from __future__ import annotations
 
 from fixmatch.config import Config, ConfigError, preset_names, resolve_config
+
 # The functions shadow their modules' names on the package, so that fixmatch.train(config) is the call.
 from fixmatch.evaluate import evaluate
 from fixmatch.inference import load

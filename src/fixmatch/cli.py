@@ -5,9 +5,10 @@ import argparse
 import errno
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from fixmatch.config import PRESETS, STRONG_AUGMENTS, Config, ConfigError, describe_keys, resolve_config
 
@@ -228,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "view is captioned with the ops and magnitudes applied to it.")
     p.add_argument("--dataset", required=True, metavar="NAME", help="data set name (as for train --dataset)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
-    p.add_argument("--strong", default="randaugment", choices=STRONG_AUGMENTS, help="strong policy (default: randaugment)")
-    p.add_argument("--cutout", type=float, default=0.5, help="Cutout side as a fraction of the image side (default: 0.5)")
+    p.add_argument("--strong", default="randaugment", choices=STRONG_AUGMENTS,
+                   help="strong policy (default: randaugment)")
+    p.add_argument("--cutout", type=float, default=0.5,
+                   help="Cutout side as a fraction of the image side (default: 0.5)")
     p.add_argument("--num-images", type=int, default=6, help="images in the grid, 1 to 64 (default: 6)")
     p.add_argument("--seed", type=int, default=0, help="picks the images and draws the views (default: 0)")
     p.add_argument("--data-dir", default="data", help="where the data set lives (default: data)")

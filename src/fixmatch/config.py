@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
-
 
 # The names of fixmatch.augment.STRONG_AUGMENTS, kept here so that reading a config does not import torch
 # (a test checks that the two agree).

@@ -6,9 +6,10 @@ the Python API, ``fixmatch predict`` and the TorchScript/ONNX exports all run th
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,5 +268,6 @@ def _load_safetensors(path: Path, device: torch.device) -> FixMatchModel:
     try:
         backbone.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit model {spec.name!r} ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: the weights do not fit model {spec.name!r} "
+                              f"({str(e).splitlines()[0]})") from None
     return FixMatchModel(spec, backbone, device, str(path))

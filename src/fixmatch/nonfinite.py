@@ -16,8 +16,8 @@ steps in between run on needlessly. ``skip`` must decide before the update, so i
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 

@@ -221,11 +221,13 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[di
         paper = paper_accuracy(g.config)
         seeds = ", ".join(str(r.config["seed"]) for r in g.runs)
         rows.append([str(g.values[k]) for k in varying] + [
-            seeds, fmt(*med), fmt(*best), fmt(*last), fmt(*err), fmt(*f1), "/".join(map(str, steps)), fmt(wall[0], None, 0),
+            seeds, fmt(*med), fmt(*best), fmt(*last), fmt(*err), fmt(*f1), "/".join(map(str, steps)),
+            fmt(wall[0], None, 0),
             fmt(*paper) if paper else ""])
         raw.append({**{k: g.values[k] for k in varying}, "seeds": seeds, "n": len(g.runs),
                     "median_last20_mean": med[0], "median_last20_std": med[1], "best_mean": best[0],
-                    "best_std": best[1], "last_mean": last[0], "last_std": last[1], "error_rate_mean": err[0], "error_rate_std": err[1],
+                    "best_std": best[1], "last_mean": last[0], "last_std": last[1], "error_rate_mean": err[0],
+                    "error_rate_std": err[1],
                     "macro_f1_mean": f1[0] if f1s else None, "macro_f1_std": f1[1], "steps_run": steps[-1],
                     "wall_s_mean": wall[0], "paper_acc": paper[0] if paper else None,
                     "paper_std": paper[1] if paper else None})

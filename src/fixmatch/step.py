@@ -15,8 +15,8 @@ the same loss either way.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

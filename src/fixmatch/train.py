@@ -14,9 +14,10 @@ import math
 import signal
 import statistics
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -34,12 +35,12 @@ from fixmatch.data.split import Split, fold_split, load_split, save_split, unlab
 from fixmatch.ema import EMA
 from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
+from fixmatch.model_spec import checkpoint_fields
 from fixmatch.models import create_model
 from fixmatch.models.pretrained import load_init_weights
-from fixmatch.model_spec import checkpoint_fields
 from fixmatch.nonfinite import NonFiniteGuard
-from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
 from fixmatch.optim import LRSchedule, make_optimizer, set_lr
+from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
 from fixmatch.speed import check_amp, check_compile, compile_module, make_grad_scaler
 from fixmatch.step import forward_loss
 

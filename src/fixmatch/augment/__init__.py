@@ -4,8 +4,8 @@ Weak: flip + shift. Strong: RandAugment + Cutout by default; other strong
 policies (RandAugment variants, CTAugment) by name via make_strong_augment.
 """
 
-from .ctaugment import CTAChoices, CTAugment
 from . import ops
+from .ctaugment import CTAChoices, CTAugment
 from .ops import *  # noqa: F403  (the ops' public names, listed once in ops.__all__)
 from .policies import RandAugment, RandAugmentChoices, weak_augment
 from .randaugment_variants import (

@@ -25,7 +25,7 @@ as in Pillow. Pixels that map outside the image are set to ``fill``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

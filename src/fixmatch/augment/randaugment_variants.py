@@ -65,9 +65,10 @@ in [0, 1], (N, C, H, W)) that returns float32 in [0, 1], with ``sample``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor

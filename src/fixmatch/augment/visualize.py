@@ -10,9 +10,10 @@ extra: ``pip install 'fixmatch[report]'``).
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def _to_hwc(x: Tensor) -> np.ndarray:
     return a[..., 0] if a.shape[-1] == 1 else a
 
 
-def grid_figure(views: AugmentViews, labels: Sequence[str] | None = None, title: str | None = None) -> "Figure":
+def grid_figure(views: AugmentViews, labels: Sequence[str] | None = None, title: str | None = None) -> Figure:
     """One row per image: original (with its label), weak view, strong view captioned with its ops."""
     from matplotlib.figure import Figure  # without pyplot: no global state, no display needed
 
@@ -91,13 +92,13 @@ def grid_figure(views: AugmentViews, labels: Sequence[str] | None = None, title:
     return fig
 
 
-def save_grid(fig: "Figure", path: str | Path) -> None:
+def save_grid(fig: Figure, path: str | Path) -> None:
     """Writes the figure as a PNG atomically (atomic.py): the file is whole or absent."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
 
 
-def grid_image(fig: "Figure", dpi: int = 80) -> np.ndarray:
+def grid_image(fig: Figure, dpi: int = 80) -> np.ndarray:
     """Renders the figure to an RGB uint8 array (H, W, 3), e.g. for SummaryWriter.add_image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -136,7 +137,10 @@ class AugmentGrids:
         self.eval_every, self.device, self.title = eval_every, device, title
 
     def due(self, step: int) -> bool:
-        """Whether the evaluation at this step gets a grid (evaluations are numbered from 1 by ceil(step / eval_every))."""
+        """Whether the evaluation at this step gets a grid.
+
+        Evaluations are numbered from 1 by ceil(step / eval_every).
+        """
         k = -(-step // self.eval_every)
         return self.every > 0 and (k == 1 or k % self.every == 0)
 

@@ -10,8 +10,8 @@ twice. A cache is valid while it is newer than every file it was decoded from.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch

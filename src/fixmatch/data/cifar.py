@@ -12,9 +12,10 @@ from __future__ import annotations
 import pickle
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import numpy as np
 

@@ -13,9 +13,10 @@ import importlib
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -243,7 +244,8 @@ def _bad_idx_file(path: Path, why: str, what: str, url: str) -> DatasetError:
 # -------------------------------------------------------------------- synthetic
 
 _SYNTHETIC_CLASSES = [
-    "h-stripes", "v-stripes", "h-stripes-fine", "v-stripes-fine", "checker", "rings", "blob", "two-blobs", "plus", "cross"
+    "h-stripes", "v-stripes", "h-stripes-fine", "v-stripes-fine", "checker", "rings", "blob", "two-blobs", "plus",
+    "cross",
 ]
 
 

@@ -4,9 +4,10 @@ CIFAR-100 are in cifar.py).
 Each loader looks in the data directory for the layout torchvision uses (so existing downloads are
 found); when the files are absent it downloads the official archive and checks its MD5. Parsing never
 runs code from a file: SVHN's MATLAB files go through ``scipy.io.loadmat`` (a parser of the MAT
-format), STL-10 and MNIST are raw bytes. STL-10's unlabeled split and SVHN's extra set are decoded once into a uint8 .npy cache next to the
-files and memory-mapped from it (array_cache.py). One small reader per format; every reader checks
-sizes and values and names the bad file and the fix in a one-line ``DatasetError``.
+format), STL-10 and MNIST are raw bytes. STL-10's unlabeled split and SVHN's extra set are decoded once
+into a uint8 .npy cache next to the files and memory-mapped from it (array_cache.py). One small reader
+per format; every reader checks sizes and values and names the bad file and the fix in a one-line
+``DatasetError``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import shutil
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Iterator
 
 __all__ = ["is_safe_member_name", "safe_tar_files"]
 

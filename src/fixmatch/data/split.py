@@ -45,7 +45,8 @@ class Split:
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise SplitError(f"not a {_FORMAT} JSON object; create the split with make_split/save_split")
         if d.get("version") != _VERSION:
-            raise SplitError(f"unsupported split version {d.get('version')!r} (expected {_VERSION}); recreate the split")
+            raise SplitError(f"unsupported split version {d.get('version')!r} (expected {_VERSION}); "
+                             "recreate the split")
         for key in ("seed", "num_labels", *(("num_train",) if "unlabeled" not in d else ())):
             if not _is_int(d.get(key)):
                 raise SplitError(f"split field '{key}' must be an integer, got {d.get(key)!r}; recreate the split")

@@ -9,7 +9,8 @@ at the bottom of this file so that importing the package fills the registry.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 

@@ -112,8 +112,9 @@ def load_init_weights(model: nn.Module, path: str | Path) -> LoadReport:
         else:
             to_load[key] = tensor
     if not to_load:
-        raise InitWeightsError(f"--init-weights: none of the {len(state)} tensors in {Path(path).name} has a name of "
-                               f"{type(model).__name__} (e.g. {next(iter(state))!r}); is it a checkpoint of this model?")
+        raise InitWeightsError(f"--init-weights: none of the {len(state)} tensors in {Path(path).name} has a name "
+                               f"of {type(model).__name__} (e.g. {next(iter(state))!r}); "
+                               "is it a checkpoint of this model?")
     report.loaded = sorted(to_load)
     report.missing = [k for k in own if k not in to_load and not k.startswith(head)]
     model.load_state_dict(to_load, strict=False)

@@ -9,9 +9,7 @@ first-stage maps (24x24 at 96) are then about as large as the CIFAR stem's at 32
 """
 from __future__ import annotations
 
-from typing import Union
-
-ImageSize = Union[int, tuple[int, int]]
+ImageSize = int | tuple[int, int]
 
 CIFAR_STEM_MAX_SIDE = 64
 STEMS = ("cifar", "imagenet")
@@ -29,6 +27,7 @@ def choose_stem(image_size: ImageSize, stem: str | None = None) -> str:
     """``stem`` if given ('cifar' or 'imagenet'), else the stem suited to ``image_size``."""
     if stem is not None:
         if stem not in STEMS:
-            raise ValueError(f"stem must be one of {', '.join(STEMS)} (or None to choose from image_size), got {stem!r}")
+            raise ValueError(f"stem must be one of {', '.join(STEMS)} (or None to choose from image_size), "
+                             f"got {stem!r}")
         return stem
     return "cifar" if image_side(image_size) <= CIFAR_STEM_MAX_SIDE else "imagenet"

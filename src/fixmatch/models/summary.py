@@ -7,9 +7,9 @@ built on the ``meta`` device, so nothing is allocated or computed: listing every
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn

@@ -184,8 +184,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # evaluation batches of 256 (faster on a CPU than 1024). No Cutout: on 28x28 garments a 14-pixel grey square hides
     # what tells shirt, pullover and coat apart (2.7 points on average over 3 seeds; no other strong policy beat plain
     # RandAugment: docs/results/fashion-mnist-augmentation). The weak view in its own no-grad forward (step.py) is
-    # 1.6-2.3x faster on a CPU, so 3500 steps fit, and was more accurate on every seed (studies/fashion-mnist-weak-no-
-    # grad.yaml, benchmarks/RESULTS.md).
+    # 1.6-2.3x faster on a CPU, so 3500 steps fit, and was more accurate on every seed
+    # (studies/fashion-mnist-weak-no-grad.yaml, benchmarks/RESULTS.md).
     "fashion-mnist": dict(dataset="fashion-mnist", model="cnn_small", num_labels=40, steps=3500, eval_every=250,
                           batch_size=32, mu=7, tau=0.95, lambda_u=1.0, lr=0.03, wd=5e-4, ema=0.99, cutout=0.0,
                           eval_batch_size=256, weak_no_grad=True),

@@ -1,6 +1,7 @@
 """Several processes (gloo on the CPU): one step on 2 ranks equals one step on 1 process with the same global
 batch; a 2-process run writes one set of outputs, stops on a signal and resumes with 2 or with 1 process.
 Speed options that cannot run here are refused in one line before anything is written."""
+import functools
 import gc
 import json
 import os
@@ -21,6 +22,7 @@ import fixmatch
 from fixmatch import distributed
 from fixmatch.checkpoint import load_checkpoint
 from fixmatch.config import Config, ConfigError
+from fixmatch.dist_align import DistributionAlignment
 from fixmatch.ema import EMA
 from fixmatch.optim import make_optimizer
 from fixmatch.step import forward_loss, frozen_running_stats
@@ -30,6 +32,8 @@ QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=1
 B, MU = 8, 3
 # Two ranks sum their halves' gradients in another order than one process: float32 rounding only.
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+# The one-step variants compared between 2 ranks and 1 process: (weak_no_grad, dist_align).
+VARIANTS = {"joint": (False, False), "weak_no_grad": (True, False), "dist_align": (False, True)}
 
 
 def test_env_absent_is_one_process_and_torchrun_env_is_read():
@@ -106,8 +110,11 @@ def _global_batch():
     return x_lb, torch.randint(0, 10, (B,), generator=g), x_w, x_s
 
 
-def _one_step(env, weak_no_grad):
-    """One optimiser + EMA step on this rank's share of the global batch; returns the new weights and EMA."""
+def _one_step(env, weak_no_grad, dist_align=False):
+    """One optimiser + EMA step on this rank's share of the global batch; returns the new weights and EMA.
+
+    ``dist_align``: with distribution alignment, whose p_model is the mean over ranks (as train.py builds it).
+    """
     torch.manual_seed(0)
     model = NoBatchNormNet()
     optimizer = make_optimizer(model, 0.1, 0.9, True, 5e-4)
@@ -116,8 +123,11 @@ def _one_step(env, weak_no_grad):
     x_lb, y_lb, x_w, x_s = (distributed.shard(t, env) for t in _global_batch())
     mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
     # tau 0.1: most unlabeled samples pass the threshold, so Lu contributes to the gradient.
+    align = DistributionAlignment(reduce=functools.partial(distributed.all_reduce_mean_, env=env)) if dist_align \
+        else None
     loss, stats = forward_loss(train_model, x_lb, y_lb, x_w, x_s, mean, std, tau=0.1, lambda_u=1.0, T=1.0,
-                               lu_norm="all", channels_last=False, weak_no_grad=weak_no_grad, bn_model=model)
+                               lu_norm="all", channels_last=False, weak_no_grad=weak_no_grad, bn_model=model,
+                               align=align)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -129,7 +139,7 @@ def _rank_main(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     env = distributed.DistEnv(rank, world_size)
-    results = {wng: _one_step(env, wng) for wng in (False, True)}
+    results = {name: _one_step(env, *options) for name, options in VARIANTS.items()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     gc.collect()  # the DDP wrappers go before their process group
     dist.barrier()  # neither rank closes its connections while the other still uses them
@@ -140,11 +150,14 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_process(tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     initial = NoBatchNormNet().state_dict()
-    for weak_no_grad in (False, True):
-        weights, ema, mask_rate = _one_step(distributed.DistEnv(), weak_no_grad)
+    single = {name: _one_step(distributed.DistEnv(), *options) for name, options in VARIANTS.items()}
+    # alignment changes the pseudo-labels of this batch, so a per-rank p_model would be noticed
+    assert any(not torch.allclose(single["joint"][0][k], single["dist_align"][0][k], **TOLERANCE)
+               for k in single["joint"][0])
+    for name, (weights, ema, mask_rate) in single.items():
         assert mask_rate > 0.5
         for rank in range(2):
-            r_weights, r_ema, _ = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[weak_no_grad]
+            r_weights, r_ema, _ = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[name]
             for k in weights:
                 assert not torch.allclose(weights[k], initial[k], **TOLERANCE)  # the step moved every tensor
                 torch.testing.assert_close(r_weights[k], weights[k], **TOLERANCE)

@@ -73,14 +73,16 @@ def _flags(steps, **extra):
     return flags
 
 
-@pytest.mark.parametrize("strong", ["randaugment", "ctaugment"])
-def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, strong):
+@pytest.mark.parametrize("extra", [{"strong": "randaugment"}, {"strong": "ctaugment"}, {"dist_align": True}],
+                         ids=["randaugment", "ctaugment", "dist_align"])
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, extra):
     steps = 300
-    fixmatch.train(Config(**{**QUICK, "steps": steps, "strong": strong}), out=tmp_path / "straight")
+    fixmatch.train(Config(**{**QUICK, "steps": steps, **extra}), out=tmp_path / "straight")
 
     run = tmp_path / "resumed"
-    proc = subprocess.Popen(_cli(*_flags(steps, strong=strong), "--out", str(run)), stderr=subprocess.PIPE,
-                            text=True)
+    flags = _flags(steps, **{k: v for k, v in extra.items() if k != "dist_align"})
+    flags += ["--dist-align"] if extra.get("dist_align") else []
+    proc = subprocess.Popen(_cli(*flags, "--out", str(run)), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert time.time() < deadline and proc.poll() is None, "training did not start"
@@ -100,9 +102,14 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, strong)
     b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-    if strong == "ctaugment":  # the learned bin weights are restored and continue identically
+    if extra.get("strong") == "ctaugment":  # the learned bin weights are restored and continue identically
         assert torch.equal(a["ctaugment"]["rates"], b["ctaugment"]["rates"])
         assert not torch.all(a["ctaugment"]["rates"] == 1)
+    if extra.get("dist_align"):  # p_model's history is restored and continues identically
+        assert torch.equal(a["dist_align"]["history"], b["dist_align"]["history"])
+        assert a["dist_align"]["history"].shape == (128, 10)
+    else:
+        assert a["dist_align"] is None
 
 
 def test_resume_refuses_changed_hyperparameters(tmp_path, capsys):

@@ -96,6 +96,9 @@ class Config:
                     default=1.0)
     lu_norm: str = _key("Lu's denominator: all = the mu*B unlabeled samples (the paper), masked = the samples "
                         "over tau only", lambda v: v in ("all", "masked"), "all or masked", default="all")
+    dist_align: bool = _key("distribution alignment (ReMixMatch): scale the weak view's probabilities by "
+                            "p_labeled / p_model before the threshold; not in the paper's FixMatch",
+                            lambda v: isinstance(v, bool), "true or false", default=False)
     # --- augmentation -----------------------------------------------------------------------
     weak_flip: bool | None = _key("random horizontal flip in the weak view; null = the data set's default",
                                   lambda v: v is None or isinstance(v, bool), "true, false or null", default=None)

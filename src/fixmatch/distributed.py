@@ -157,6 +157,14 @@ def all_reduce_sum_(t: Tensor, env: DistEnv) -> Tensor:
     return t
 
 
+def all_reduce_mean_(t: Tensor, env: DistEnv) -> Tensor:
+    """In place: the mean of ``t`` over ranks (unchanged with one process)."""
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= env.world_size
+    return t
+
+
 def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any (e.g. a stop request that reached one process)."""
     if not env.enabled:

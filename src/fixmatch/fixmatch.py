@@ -1,6 +1,7 @@
 """The FixMatch objective (Sohn et al., 2020, Eq. 1-4), as one pure function."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,8 @@ class LossStats:
 
 
 def fixmatch_loss(logits_lb: Tensor, y_lb: Tensor, logits_ulb_w: Tensor | None, logits_ulb_s: Tensor | None,
-                  tau: float = 0.95, lambda_u: float = 1.0, T: float = 1.0, lu_norm: str = "all"
-                  ) -> tuple[Tensor, LossStats]:
+                  tau: float = 0.95, lambda_u: float = 1.0, T: float = 1.0, lu_norm: str = "all",
+                  align: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, LossStats]:
     """Ls + lambda_u * Lu.
 
     Ls: cross-entropy of the (weakly augmented) labeled batch.
@@ -31,6 +32,9 @@ def fixmatch_loss(logits_lb: Tensor, y_lb: Tensor, logits_ulb_w: Tensor | None, 
         variant of the PyTorch SSL libraries.
         lu_norm "all": averaged over ALL mu*B unlabeled samples (masked-out ones count 0), as in the paper and
         the official code; "masked": averaged over the masked samples only (0 when none is).
+    align: maps the weak view's class probabilities before the threshold and the target (distribution
+        alignment, dist_align.py; None = the paper); soft targets are then the aligned probabilities
+        sharpened by T, p**(1/T) renormalised.
     The weak view gives no gradient: the target is fixed.
     With logits_ulb_w None (the supervised baseline), Lu = 0.
     """
@@ -43,10 +47,23 @@ def fixmatch_loss(logits_lb: Tensor, y_lb: Tensor, logits_ulb_w: Tensor | None, 
         return loss_s, LossStats(loss_s.detach(), zero, zero, empty, empty.bool())
     with torch.no_grad():
         weak = logits_ulb_w.detach().float()
-        confidence, pseudo_label = torch.softmax(weak, dim=1).max(dim=1)
+        probs = torch.softmax(weak, dim=1)
+        if align is not None:
+            probs = align(probs)
+        confidence, pseudo_label = probs.max(dim=1)
         mask = confidence >= tau
-        target = pseudo_label if T in (0, 1) else torch.softmax(weak / T, dim=1).to(logits_ulb_s.dtype)
+        if T in (0, 1):
+            target = pseudo_label
+        else:
+            soft = torch.softmax(weak / T, dim=1) if align is None else _sharpen(probs, T)
+            target = soft.to(logits_ulb_s.dtype)
     per_sample = F.cross_entropy(logits_ulb_s, target, reduction="none") * mask
     loss_u = per_sample.mean() if lu_norm == "all" else per_sample.sum() / mask.sum().clamp(min=1)
     loss = loss_s + lambda_u * loss_u
     return loss, LossStats(loss_s.detach(), loss_u.detach(), mask.float().mean(), pseudo_label, mask)
+
+
+def _sharpen(probs: Tensor, T: float) -> Tensor:
+    """probs**(1/T), renormalised: softmax(logits / T) for probabilities that are not a softmax of known logits."""
+    sharpened = probs.pow(1.0 / T)
+    return sharpened / sharpened.sum(dim=1, keepdim=True)

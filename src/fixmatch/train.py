@@ -32,6 +32,7 @@ from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.label_selection import select_labels
 from fixmatch.data.pool import gather_pool, pool_labels
 from fixmatch.data.split import Split, fold_split, load_split, save_split, unlabeled_pool
+from fixmatch.dist_align import DistributionAlignment
 from fixmatch.ema import EMA
 from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
@@ -198,6 +199,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     strong = make_strong_augment(config.strong, cutout=config.cutout, **fills)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
+    align = None
+    if fixmatch and config.dist_align:  # p_model averaged over every rank's slice of the unlabeled batch
+        p_target = DistributionAlignment.target_from_labels(data.train_labels[split.labeled], data.num_classes)
+        align = DistributionAlignment(p_target, reduce=functools.partial(distributed.all_reduce_mean_, env=env))
 
     # --- model, optimiser, EMA
     torch.manual_seed(config.seed)
@@ -233,6 +238,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
             scaler.load_state_dict(state["scaler"])
         if cta is not None:
             cta.load_state_dict(state["ctaugment"])
+        if align is not None:
+            align.load_state_dict(state["dist_align"], device)
         if state.get("schedule") is not None:
             schedule.load_state_dict(state["schedule"])
         if env.is_main:
@@ -253,6 +260,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                 "rng": {"torch": torch.get_rng_state()}, "nonfinite_steps": guard.skipped,
                 **checkpoint_fields(config.model, model_kwargs, data),  # the model description
                 "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict(),
+                "dist_align": align.state_dict() if align is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None}
 
     # What the step calls: the model inside DistributedDataParallel with several processes, compiled on request.
@@ -294,7 +302,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                 loss, stats = forward_loss(train_model, x_lb, y_lb, x_ulb_w, x_ulb_s, mean, std, tau=config.tau,
                                            lambda_u=config.lambda_u, T=config.T, lu_norm=config.lu_norm,
                                            channels_last=config.channels_last, weak_no_grad=config.weak_no_grad,
-                                           amp=config.amp, bn_model=model)
+                                           amp=config.amp, bn_model=model, align=align)
 
                 optimizer.zero_grad(set_to_none=True)
                 (scaler.scale(loss) if scaler is not None else loss).backward()

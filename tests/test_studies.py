@@ -50,3 +50,4 @@ def test_ablation_studies_vary_what_they_are_about():
         assert len(values(f"{d}-augmentation", "cutout")) >= 2
         assert len(values(f"{d}-backbones", "model")) >= 2
     assert values("fashion-mnist-weak-no-grad", "weak_no_grad") == {True, False}
+    assert values("fashion-mnist-dist-align", "dist_align") == {True, False}

@@ -86,3 +86,13 @@ def test_dist_align_is_a_boolean_key():
     assert Config(dist_align=True).dist_align is True
     with pytest.raises(ConfigError, match="dist_align"):
         check_config(Config(dist_align="yes"))
+
+
+def test_a_class_never_predicted_does_not_turn_the_probabilities_into_nan():
+    align = DistributionAlignment()
+    out = align(torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
+    out = align(torch.tensor([[1.0, 0.0]]))  # p_model of class 1 stays > 0 from the first batch
+    assert torch.isfinite(out).all()
+    never = DistributionAlignment()
+    out = never(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # class 1's p_model is exactly 0
+    assert torch.isfinite(out).all() and torch.allclose(out, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_WINDOW = 128  # batches averaged into p_model, as in ReMixMatch
+MIN_P_MODEL = 1e-6
 
 
 class DistributionAlignment:
@@ -52,7 +53,8 @@ class DistributionAlignment:
         if self.reduce is not None:
             batch_mean = self.reduce(batch_mean)
         self.history.append(batch_mean)
-        aligned = probs / self.p_model()
+        # A class whose probability underflows to 0 on every recent sample would divide by 0: floor p_model.
+        aligned = probs / self.p_model().clamp_min(MIN_P_MODEL)
         if self.p_target is not None:
             aligned = aligned * self.p_target.to(aligned.device)
         return aligned / aligned.sum(1, keepdim=True)

@@ -60,13 +60,15 @@ def test_alignment_gives_pseudo_labels_to_an_under_predicted_class():
     weak = torch.log(torch.tensor([[0.97, 0.02, 0.01], [0.50, 0.45, 0.05], [0.96, 0.02, 0.02]]))
     strong = torch.zeros(3, 3)
     lb, y = torch.zeros(1, 3), torch.tensor([0])
-    _, plain = fixmatch_loss(lb, y, weak, strong, tau=0.5)
-    _, aligned = fixmatch_loss(lb, y, weak, strong, tau=0.5, align=DistributionAlignment())
+    _, plain = fixmatch_loss(lb, y, weak, strong, tau=0.51)
+    _, aligned = fixmatch_loss(lb, y, weak, strong, tau=0.51, align=DistributionAlignment())
     assert plain.pseudo_label.tolist() == [0, 0, 0]
     assert aligned.pseudo_label.tolist()[1] == 1
-    # confidence is read from the aligned probabilities: p_model = (0.81, 0.163, 0.027)
+    # confidence is read from the aligned probabilities: p_model = (0.81, 0.163, 0.027), so sample 1's
+    # aligned confidence is 0.526 and passes tau 0.51, where its plain confidence 0.50 does not
     p1 = torch.tensor([0.50, 0.45, 0.05]) / torch.tensor([0.81, 0.49 / 3, 0.08 / 3])
-    assert aligned.mask.tolist()[1] == bool((p1 / p1.sum()).max() >= 0.5)
+    assert (p1 / p1.sum()).max().item() == pytest.approx(0.526, abs=1e-3)
+    assert plain.mask.tolist()[1] is False and aligned.mask.tolist()[1] is True
 
 
 def test_soft_targets_with_alignment_are_the_sharpened_aligned_probabilities():

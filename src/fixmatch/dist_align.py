@@ -56,7 +56,9 @@ class DistributionAlignment:
         # A class whose probability underflows to 0 on every recent sample would divide by 0: floor p_model.
         aligned = probs / self.p_model().clamp_min(MIN_P_MODEL)
         if self.p_target is not None:
-            aligned = aligned * self.p_target.to(aligned.device)
+            if self.p_target.device != aligned.device:  # once: not a host-to-device copy every step
+                self.p_target = self.p_target.to(aligned.device)
+            aligned = aligned * self.p_target
         return aligned / aligned.sum(1, keepdim=True)
 
     def state_dict(self) -> dict[str, Any]:

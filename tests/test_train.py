@@ -66,8 +66,8 @@ def _cli(*args):
 def _flags(steps, **extra):
     flags = []
     for k, v in {**QUICK, "steps": steps, **extra}.items():
-        if k == "progress":
-            flags.append("--no-progress")
+        if isinstance(v, bool):  # switches: --progress / --no-progress, --dist-align / --no-dist-align
+            flags.append(("--" if v else "--no-") + k.replace("_", "-"))
         else:
             flags += ["--" + k.replace("_", "-"), str(v)]
     return flags
@@ -80,9 +80,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, extra):
     fixmatch.train(Config(**{**QUICK, "steps": steps, **extra}), out=tmp_path / "straight")
 
     run = tmp_path / "resumed"
-    flags = _flags(steps, **{k: v for k, v in extra.items() if k != "dist_align"})
-    flags += ["--dist-align"] if extra.get("dist_align") else []
-    proc = subprocess.Popen(_cli(*flags, "--out", str(run)), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(*_flags(steps, **extra), "--out", str(run)), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
         assert time.time() < deadline and proc.poll() is None, "training did not start"

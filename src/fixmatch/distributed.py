@@ -160,8 +160,7 @@ def all_reduce_sum_(t: Tensor, env: DistEnv) -> Tensor:
 def all_reduce_mean_(t: Tensor, env: DistEnv) -> Tensor:
     """In place: the mean of ``t`` over ranks (unchanged with one process)."""
     if env.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= env.world_size
+        all_reduce_sum_(t, env).div_(env.world_size)
     return t
 
 

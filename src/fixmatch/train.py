@@ -338,7 +338,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                 if step % LOG_EVERY == 0 or step == config.steps:
                     guard.raise_if_failed()
                     shown = torch.stack([stats.loss_s.float(), stats.loss_u.float(), stats.mask_rate.float()])
-                    loss_s, loss_u, mask_rate = (distributed.all_reduce_sum_(shown, env) / env.world_size).tolist()
+                    loss_s, loss_u, mask_rate = distributed.all_reduce_mean_(shown, env).tolist()
                     logger.step(step - logger.bar.n, loss_s, loss_u, mask_rate, lr, step)
 
                 if step % config.eval_every == 0 or step == config.steps:

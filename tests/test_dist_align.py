@@ -98,3 +98,18 @@ def test_a_class_never_predicted_does_not_turn_the_probabilities_into_nan():
     never = DistributionAlignment()
     out = never(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # class 1's p_model is exactly 0
     assert torch.isfinite(out).all() and torch.allclose(out, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+
+
+def test_drop_last_restores_the_window_as_it_was_before_the_call():
+    align = DistributionAlignment(window=2)
+    for row in ([0.9, 0.1], [0.6, 0.4]):
+        align(torch.tensor([row]))
+    before = [t.clone() for t in align.history]
+    align(torch.tensor([[float("nan"), float("nan")]]))  # pushes (0.9, 0.1) out of the full window
+    align.drop_last()
+    assert len(align.history) == 2 and all(torch.equal(a, b) for a, b in zip(align.history, before))
+    short = DistributionAlignment(window=3)
+    short(torch.tensor([[0.5, 0.5]]))
+    short(torch.tensor([[0.7, 0.3]]))
+    short.drop_last()  # nothing was evicted: only the last mean goes
+    assert [t.tolist() for t in short.history] == [[0.5, 0.5]]

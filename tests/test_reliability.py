@@ -115,6 +115,15 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path, nan_model):
         assert all(torch.isfinite(t).all() for t in state[key].values() if t.is_floating_point())
 
 
+def test_a_skipped_step_stays_out_of_distribution_alignment(tmp_path, nan_model):
+    # Step 3's weak logits are NaN: its batch mean must not enter p_model (which would turn every aligned
+    # probability into NaN, and so mask out every pseudo-label, for the next 128 steps).
+    fixmatch.train(Config(**{**QUICK, "model": nan_model({3}), "on_nonfinite": "skip", "dist_align": True,
+                             "eval_every": 5}, steps=5), out=tmp_path / "run")
+    history = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["dist_align"]["history"]
+    assert history.shape == (4, 10) and torch.isfinite(history).all()
+
+
 def test_a_skipped_step_leaves_the_weights_untouched(tmp_path, nan_model):
     # Step 1 is skipped: the weights after it are the initial ones (BatchNorm statistics aside: the forward
     # pass that produced the NaN updated them).

@@ -36,6 +36,7 @@ class DistributionAlignment:
         self.window = window
         self.reduce = reduce
         self.history: deque[Tensor] = deque(maxlen=window)
+        self._evicted: Tensor | None = None  # what the last call pushed out of the window (for drop_last)
 
     @staticmethod
     def target_from_labels(labels: Tensor, num_classes: int) -> Tensor | None:
@@ -46,12 +47,15 @@ class DistributionAlignment:
         return counts.double().div(counts.sum()).float()
 
     def p_model(self) -> Tensor:
+        # Recomputed from the stored batch means (at most window x classes values) rather than kept as a
+        # running sum, whose rounding would drift from the plain mean over a long run.
         return torch.stack(list(self.history)).mean(0)
 
     def __call__(self, probs: Tensor) -> Tensor:
         batch_mean = probs.mean(0)
         if self.reduce is not None:
             batch_mean = self.reduce(batch_mean)
+        self._evicted = self.history[0] if len(self.history) == self.window else None
         self.history.append(batch_mean)
         # A class whose probability underflows to 0 on every recent sample would divide by 0: floor p_model.
         aligned = probs / self.p_model().clamp_min(MIN_P_MODEL)
@@ -60,6 +64,17 @@ class DistributionAlignment:
                 self.p_target = self.p_target.to(aligned.device)
             aligned = aligned * self.p_target
         return aligned / aligned.sum(1, keepdim=True)
+
+    def drop_last(self) -> None:
+        """Undoes the last call's record, restoring the batch mean it pushed out of the window.
+
+        For a step that the non-finite guard skips (nonfinite.py): its batch mean, possibly NaN, must not
+        enter p_model, as its gradients do not enter the weights.
+        """
+        self.history.pop()
+        if self._evicted is not None:
+            self.history.appendleft(self._evicted)
+            self._evicted = None
 
     def state_dict(self) -> dict[str, Any]:
         history = torch.stack(list(self.history)).cpu() if self.history else torch.empty(0)

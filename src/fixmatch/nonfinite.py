@@ -5,8 +5,8 @@ gradients: cheap next to the forward pass). What happens then depends on ``on_no
 
 - ``stop`` (default): raise ``NonFiniteError`` naming the step and the last good checkpoint, which is left as it
   was (nothing is written after a bad step).
-- ``skip``: the step's update is dropped (no optimiser, EMA or CTAugment update; the batch and the schedule
-  slot are consumed) and counted in ``nonfinite_steps``.
+- ``skip``: the step's update is dropped (no optimiser, EMA, CTAugment or distribution-alignment update; the
+  batch and the schedule slot are consumed) and counted in ``nonfinite_steps``.
 
 Reading the verdict on the host forces a device sync. On a CPU that costs nothing, so every step is checked
 at once. On a GPU, ``stop`` keeps the verdict on the device (the index of the first bad step) and reads it at

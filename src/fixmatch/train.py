@@ -316,6 +316,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                     else:
                         optimizer.step()
                     ema.update(model)
+                if align is not None and not finite:
+                    align.drop_last()  # the skipped step's batch mean stays out of p_model
                 if cta is not None and finite:
                     # CTAugment's bin weights follow how well the EMA model classifies labeled images under
                     # uniformly drawn policies (the official code's probe step).

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from fixmatch.checkpoint import load_checkpoint
 from fixmatch.config import Config, ConfigError
 from fixmatch.dist_align import DistributionAlignment
 from fixmatch.ema import EMA
+from fixmatch.nonfinite import NonFiniteError, NonFiniteGuard
 from fixmatch.optim import make_optimizer
 from fixmatch.step import forward_loss, frozen_running_stats
 
@@ -236,3 +238,36 @@ def test_two_process_run_writes_once_stops_and_resumes_with_two_or_one_process(t
     assert [r["step"] for r in rows_one] == [20, 40, 60]
     assert rows_one[0] == rows_two[0]  # written before the stop, kept by both resumes
     assert one["test_acc_last"] > 30.0 and summary["test_acc_last"] > 30.0  # both went on learning (chance 10%)
+
+
+def _guard_rank_main(rank, world_size, init_file, out_dir):
+    # Rank 1 alone sees a NaN loss (its gradients are finite): both ranks must skip, and both must stop.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    env = distributed.DistEnv(rank, world_size)
+    agree = functools.partial(distributed.all_ranks_, env=env)
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    grads = [nn.Parameter(torch.ones(3))]
+    grads[0].grad = torch.ones(3)
+    skip = NonFiniteGuard("skip", torch.device("cpu"), Path(out_dir) / "none.pt", agree=agree)
+    verdicts = [skip.step_is_finite(1, loss, grads), skip.step_is_finite(2, torch.tensor(2.0), grads)]
+    stop = NonFiniteGuard("stop", torch.device("cpu"), Path(out_dir) / "none.pt", agree=agree)
+    try:
+        stop.step_is_finite(1, loss, grads)
+        stopped = False
+    except NonFiniteError:
+        stopped = True
+    torch.save({"verdicts": verdicts, "skipped": skip.skipped, "stopped": stopped},
+               os.path.join(out_dir, f"guard{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
+    mp.spawn(_guard_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"guard{rank}.pt", weights_only=True)
+        assert result == {"verdicts": [False, True], "skipped": 1, "stopped": True}, f"rank {rank}"
+    one = distributed.DistEnv()
+    flag = torch.tensor(False)
+    assert distributed.all_ranks_(flag, one) is flag  # one process: the verdict as it is

@@ -164,6 +164,14 @@ def all_reduce_mean_(t: Tensor, env: DistEnv) -> Tensor:
     return t
 
 
+def all_ranks_(flag: Tensor, env: DistEnv) -> Tensor:
+    """A boolean tensor, true on every rank iff ``flag`` is true on all of them; no host sync (stays on the device)."""
+    if not env.enabled:
+        return flag
+    votes = all_reduce_sum_(flag.to(torch.float32).reshape(()), env)
+    return votes == env.world_size
+
+
 def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any (e.g. a stop request that reached one process)."""
     if not env.enabled:

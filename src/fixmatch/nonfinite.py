@@ -8,6 +8,12 @@ gradients: cheap next to the forward pass). What happens then depends on ``on_no
 - ``skip``: the step's update is dropped (no optimiser, EMA, CTAugment or distribution-alignment update; the
   batch and the schedule slot are consumed) and counted in ``nonfinite_steps``.
 
+With several processes every rank must reach the same verdict (else one skips or stops while another steps,
+and their weights or loss scales part, or a collective hangs): ``agree`` turns a rank's own verdict into the
+verdict of all ranks (finite only where finite on every one; distributed.all_ranks_). Under
+DistributedDataParallel the averaged gradients already agree, but each rank's loss is its own, and under fp16
+loss scaling only the loss is checked.
+
 Reading the verdict on the host forces a device sync. On a CPU that costs nothing, so every step is checked
 at once. On a GPU, ``stop`` keeps the verdict on the device (the index of the first bad step) and reads it at
 the syncs the loop already makes: the progress log every few steps and every evaluation, which always comes
@@ -16,7 +22,7 @@ steps in between run on needlessly. ``skip`` must decide before the update, so i
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -43,10 +49,12 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 class NonFiniteGuard:
     """Checks every step's loss and gradients; counts skipped steps; names the checkpoint that stays good."""
 
-    def __init__(self, mode: str, device: torch.device, last_checkpoint: Path, skipped: int = 0) -> None:
+    def __init__(self, mode: str, device: torch.device, last_checkpoint: Path, skipped: int = 0,
+                 agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if mode not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, not {mode!r}")
         self.mode, self.last_checkpoint, self.skipped = mode, Path(last_checkpoint), skipped
+        self.agree = agree  # several processes: this rank's verdict -> every rank's (see the module docstring)
         self.deferred = mode == "stop" and device.type != "cpu"
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
@@ -54,6 +62,8 @@ class NonFiniteGuard:
         """After ``loss.backward()`` of step ``step`` (1-based): True if the update may be applied."""
         grads = [p.grad.detach() for p in params if p.grad is not None]
         finite = torch.isfinite(loss.detach()) & _all_finite(grads).to(loss.device)
+        if self.agree is not None:
+            finite = self.agree(finite)
         if self.deferred:
             self._first_bad = torch.where((self._first_bad < 0) & ~finite, step, self._first_bad)
             return True

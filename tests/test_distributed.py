@@ -241,7 +241,8 @@ def test_two_process_run_writes_once_stops_and_resumes_with_two_or_one_process(t
 
 
 def _guard_rank_main(rank, world_size, init_file, out_dir):
-    # Rank 1 alone sees a NaN loss (its gradients are finite): both ranks must skip, and both must stop.
+    # Rank 1 alone sees a NaN loss (its gradients are finite): both ranks must skip, and both must stop;
+    # rank 1 alone holds an infinite weight: both must refuse to checkpoint.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     env = distributed.DistEnv(rank, world_size)
@@ -257,7 +258,15 @@ def _guard_rank_main(rank, world_size, init_file, out_dir):
         stopped = False
     except NonFiniteError:
         stopped = True
-    torch.save({"verdicts": verdicts, "skipped": skip.skipped, "stopped": stopped},
+    net = nn.Linear(2, 2)
+    if rank == 1:
+        net.bias.data[0] = float("inf")  # e.g. BatchNorm statistics that one rank's bad forward pass updated
+    try:
+        skip.check_weights(3, net)
+        refused = False
+    except NonFiniteError:
+        refused = True
+    torch.save({"verdicts": verdicts, "skipped": skip.skipped, "stopped": stopped, "refused": refused},
                os.path.join(out_dir, f"guard{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -267,7 +276,7 @@ def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
     mp.spawn(_guard_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"guard{rank}.pt", weights_only=True)
-        assert result == {"verdicts": [False, True], "skipped": 1, "stopped": True}, f"rank {rank}"
+        assert result == {"verdicts": [False, True], "skipped": 1, "stopped": True, "refused": True}, f"rank {rank}"
     one = distributed.DistEnv()
     flag = torch.tensor(False)
     assert distributed.all_ranks_(flag, one) is flag  # one process: the verdict as it is

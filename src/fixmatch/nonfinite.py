@@ -83,7 +83,10 @@ class NonFiniteGuard:
         """Before a checkpoint: every parameter and buffer of ``modules`` is finite (one sync per checkpoint)."""
         self.raise_if_failed()
         tensors = [t.detach() for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-        if not bool(_all_finite(tensors)):
+        finite = _all_finite(tensors)
+        if self.agree is not None:  # BatchNorm buffers are each rank's own between two forward passes
+            finite = self.agree(finite.to(self._first_bad.device))
+        if not bool(finite):
             raise self._error(f"non-finite weights at step {step}")
 
     def _error(self, what: str) -> NonFiniteError:

@@ -246,7 +246,7 @@ def _guard_rank_main(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     env = distributed.DistEnv(rank, world_size)
-    agree = functools.partial(distributed.all_ranks_, env=env)
+    agree = functools.partial(distributed.all_ranks, env=env)
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
     grads = [nn.Parameter(torch.ones(3))]
     grads[0].grad = torch.ones(3)
@@ -279,4 +279,4 @@ def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
         assert result == {"verdicts": [False, True], "skipped": 1, "stopped": True, "refused": True}, f"rank {rank}"
     one = distributed.DistEnv()
     flag = torch.tensor(False)
-    assert distributed.all_ranks_(flag, one) is flag  # one process: the verdict as it is
+    assert distributed.all_ranks(flag, one) is flag  # one process: the verdict as it is

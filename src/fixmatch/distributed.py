@@ -164,8 +164,11 @@ def all_reduce_mean_(t: Tensor, env: DistEnv) -> Tensor:
     return t
 
 
-def all_ranks_(flag: Tensor, env: DistEnv) -> Tensor:
-    """A boolean tensor, true on every rank iff ``flag`` is true on all of them; no host sync (stays on the device)."""
+def all_ranks(flag: Tensor, env: DistEnv) -> Tensor:
+    """A boolean tensor, true on every rank iff ``flag`` is true on all of them; no host sync (stays on the device).
+
+    Not in place (no trailing underscore): ``flag`` is left as it is.
+    """
     if not env.enabled:
         return flag
     votes = all_reduce_sum_(flag.to(torch.float32).reshape(()), env)

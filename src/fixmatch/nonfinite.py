@@ -10,7 +10,7 @@ gradients: cheap next to the forward pass). What happens then depends on ``on_no
 
 With several processes every rank must reach the same verdict (else one skips or stops while another steps,
 and their weights or loss scales part, or a collective hangs): ``agree`` turns a rank's own verdict into the
-verdict of all ranks (finite only where finite on every one; distributed.all_ranks_). Under
+verdict of all ranks (finite only where finite on every one; distributed.all_ranks). Under
 DistributedDataParallel the averaged gradients already agree, but each rank's loss is its own, and under fp16
 loss scaling only the loss is checked.
 

@@ -74,8 +74,11 @@ def test_unreadable_files(tmp_path, monkeypatch) -> None:
     with pytest.raises(InitWeightsError, match="not found"):
         read_state_dict(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(InitWeightsError, match="weights-only torch file"):
+    with pytest.raises(InitWeightsError, match="not a torch file of tensors"):
         read_state_dict(tmp_path / "junk.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole-module.pt")  # a pickled module, not a state dict
+    with pytest.raises(InitWeightsError, match=r"import torch\.nn\.modules\.linear\.Linear.*model\.state_dict\(\)"):
+        read_state_dict(tmp_path / "whole-module.pt")
     torch.save({"epoch": 3}, tmp_path / "nostate.pt")
     with pytest.raises(InitWeightsError, match="no state dict"):
         read_state_dict(tmp_path / "nostate.pt")

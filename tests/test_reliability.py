@@ -312,9 +312,26 @@ def test_checkpoint_that_would_run_code_is_rejected(tmp_path, container):
         torch.save(state, path)
     else:  # the legacy, non-zip format: a bare pickle stream
         path.write_bytes(pickle.dumps(state, protocol=2))
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*asks to import (posix|os|nt)\.system") as info:
         load_checkpoint(path)
     assert not marker.exists()
+    # one line, and never torch's advice to retry with weights_only=False
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_unreadable_checkpoints_are_named_in_one_line(tmp_path):
+    save_checkpoint({"format": "fixmatch-checkpoint", "step": 1, "w": torch.zeros(4096)}, tmp_path / "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    cases = {"empty.pt": (b"", "empty or cut short"),
+             "cut.pt": (whole[:len(whole) // 2], "cut short or corrupt"),
+             "text.pt": (b"these are not the weights you are looking for", "not a torch file of tensors")}
+    for name, (content, reason) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=reason) as info:
+            load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert "\n" not in message and "weights_only" not in message and "RUN_DIR/checkpoints/last.pt" in message
+    assert load_checkpoint(tmp_path / "good.pt")["step"] == 1
 
 
 def _png_declaring(width, height):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fixmatch.checkpoint import load_weights_only
 from fixmatch.models import ModelError
 
 
@@ -63,10 +64,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # the library raises its own error types for a corrupt header
             raise InitWeightsError(f"--init-weights: {path} is not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; the message says which
-        raise InitWeightsError(f"--init-weights: cannot read {path} as a weights-only torch file "
-                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        obj = load_weights_only(path)
+    except ValueError as e:
+        raise InitWeightsError(f"--init-weights: cannot read {path}: {e}; save the weights as a state dict "
+                               f"(torch.save(model.state_dict(), path)) or as .safetensors") from None
     return _unwrap(obj, path)
 
 

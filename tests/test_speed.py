@@ -1,11 +1,14 @@
 """Speed options in a real (short) training on the CPU: bf16 autocast and the no-grad weak forward."""
+import json
 import math
 
+import pytest
 import torch
 
 import fixmatch
 from fixmatch.checkpoint import load_checkpoint
 from fixmatch.config import Config
+from fixmatch.speed import find_cpu_compiler
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
              eval_every=20, eval_batch_size=512, progress=False, device="cpu", steps=20)
@@ -24,3 +27,26 @@ def test_bf16_autocast_and_weak_no_grad_train_on_the_cpu(tmp_path):
         assert counts == {20}
         # another computation than the default (bf16 rounding; the weak batch's own BatchNorm statistics)
         assert any(not torch.equal(v, default[k]) for k, v in state["model"].items())
+
+
+@pytest.mark.skipif(find_cpu_compiler() is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_on_the_cpu_trains_like_eager(tmp_path):
+    """--compile changes the kernels, not the computation: the same first step to float rounding."""
+    one_step = dict(QUICK, steps=1, eval_every=1)
+    fixmatch.train(Config(**one_step), out=tmp_path / "eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    summary = fixmatch.train(Config(**one_step, compile=True), out=tmp_path / "compiled")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the model did go through dynamo
+    assert summary["steps"] == 1
+    eager, compiled = (json.loads((tmp_path / run / "metrics.jsonl").read_text()) for run in ("eager", "compiled"))
+    for key in ("loss_s", "loss_u", "mask_rate"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+    eager, compiled = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("eager", "compiled"))
+    a, b = eager["model"], compiled["model"]
+    assert a.keys() == b.keys()  # the plain module's names, without the compiled wrapper's prefix
+    for k in a:
+        # After one step the EMA (decay 0.9) is 0.9 * init + 0.1 * weights, so weights - EMA is 0.9 x the update.
+        update = (a[k].float() - eager["ema"][k].float()).abs().max()
+        difference = (a[k].float() - b[k].float()).abs().max()
+        assert difference <= 1e-2 * update + 1e-6, k  # kernels sum in another order: far below the step itself

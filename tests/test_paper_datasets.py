@@ -428,6 +428,20 @@ def test_unlabeled_pool_gathers_from_train_and_extra_in_batch_order():
     idx = torch.tensor([7, 0, 8, 4, 5])
     assert gather_pool(train, extra, idx)[:, 0, 0, 0].tolist() == [102, 0, 103, 4, 100]
     assert gather_pool(train, None, torch.tensor([3, 1]))[:, 0, 0, 0].tolist() == [3, 1]
+    for bad in ([9], [-1]):  # past the pool, or negative: never clipped or wrapped to another image
+        with pytest.raises(IndexError, match=r"\[0, 9\)"):
+            gather_pool(train, extra, torch.tensor(bad))
+    with pytest.raises(IndexError, match=r"\[0, 5\)"):
+        gather_pool(train, None, torch.tensor([0, 5]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_gather_copies_to_the_gpu_unchanged():
+    train = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    idx = torch.tensor([7, 0, 49, 7])
+    batch = gather_pool(train, None, idx, pin=True)
+    assert batch.is_pinned() and not train.is_pinned()  # only the batch is page-locked, never the data set
+    assert torch.equal(batch.to("cuda", non_blocking=True).cpu(), train[idx])
 
 
 def test_pool_labels_mark_unknown_labels(tmp_path):
@@ -457,9 +471,9 @@ def test_training_on_stl10_draws_from_the_unlabeled_split_and_its_fold(tmp_path,
     drawn = []
     real_gather = train_module.gather_pool
 
-    def spy(train, extra, idx):
+    def spy(train, extra, idx, **options):
         drawn.append(idx.clone())
-        return real_gather(train, extra, idx)
+        return real_gather(train, extra, idx, **options)
 
     monkeypatch.setattr(train_module, "gather_pool", spy)
     cfg = Config(dataset="stl10", data_dir=str(tmp_path), model="cnn_small", fold=2, num_labels=4, batch_size=2,

@@ -191,7 +191,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     stream_ulb = IndexStream(unlabeled_pool(split, data.train_labels.numel(), data.num_unlabeled_extra),
                              config.batch_size * config.mu, config.seed, stream_id=1)
     y_pool = pool_labels(data)  # true labels (-1 where unknown), for monitoring pseudo-labels only
-    train_images = data.train_images.pin_memory() if device.type == "cuda" else data.train_images
+    pin = device.type == "cuda"  # batches are gathered into page-locked memory and copied asynchronously
     mean, std = channel_stats(data.mean, data.std, device)
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
     weak = functools.partial(weak_augment, flip=flip, translate=config.weak_translate)
@@ -292,12 +292,14 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                 # uint8 batches (pinned on CUDA, copied asynchronously), augmented on the device; each rank
                 # takes its slice of the global index batch.
                 idx_lb = distributed.shard(stream_lb.batch(step), env)
-                x_lb = weak(gather_pool(train_images, None, idx_lb).to(device, non_blocking=True), aug_gen)
+                x_lb = gather_pool(data.train_images, None, idx_lb, pin=pin).to(device, non_blocking=True)
+                x_lb = weak(x_lb, aug_gen)
                 y_lb = data.train_labels[idx_lb].to(device, non_blocking=True)
                 x_ulb_w = x_ulb_s = None
                 if fixmatch:
                     idx_ulb = distributed.shard(stream_ulb.batch(step), env)
-                    u = gather_pool(train_images, data.unlabeled_images, idx_ulb).to(device, non_blocking=True)
+                    u = gather_pool(data.train_images, data.unlabeled_images, idx_ulb, pin=pin).to(
+                        device, non_blocking=True)
                     # Strong view = its own flip/translate, then RandAugment and Cutout (as the PyTorch ports do).
                     x_ulb_w, x_ulb_s = weak(u, aug_gen), strong(weak(u, aug_gen), aug_gen)
                 loss, stats = forward_loss(train_model, x_lb, y_lb, x_ulb_w, x_ulb_s, mean, std, tau=config.tau,

@@ -30,6 +30,8 @@ def test_bf16_autocast_and_weak_no_grad_train_on_the_cpu(tmp_path):
 
 
 @pytest.mark.skipif(find_cpu_compiler() is None, reason="torch.compile on the CPU needs a C++ compiler")
+# inductor imports torch.utils.mkldnn, whose classes use torch.jit.script_method: torch's warning, not ours
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_on_the_cpu_trains_like_eager(tmp_path):
     """--compile changes the kernels, not the computation: the same first step to float rounding."""
     one_step = dict(QUICK, steps=1, eval_every=1)

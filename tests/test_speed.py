@@ -1,4 +1,4 @@
-"""Speed options in a real (short) training on the CPU: bf16 autocast and the no-grad weak forward."""
+"""Speed options in a real (short) training on the CPU: bf16 autocast, the no-grad weak forward, torch.compile."""
 import json
 import math
 
@@ -48,7 +48,8 @@ def test_compile_on_the_cpu_trains_like_eager(tmp_path):
     a, b = eager["model"], compiled["model"]
     assert a.keys() == b.keys()  # the plain module's names, without the compiled wrapper's prefix
     for k in a:
-        # After one step the EMA (decay 0.9) is 0.9 * init + 0.1 * weights, so weights - EMA is 0.9 x the update.
+        # After one step an EMA parameter (decay 0.9) is 0.9 * init + 0.1 * weights, so weights - EMA is 0.9 x
+        # the update; buffers are copied from the live model (update 0), so they must agree to 1e-6.
         update = (a[k].float() - eager["ema"][k].float()).abs().max()
         difference = (a[k].float() - b[k].float()).abs().max()
         assert difference <= 1e-2 * update + 1e-6, k  # kernels sum in another order: far below the step itself

@@ -154,6 +154,18 @@ def test_deferred_check_names_the_first_bad_step(tmp_path):
         fine.check_weights(7, nn.Linear(2, 2).requires_grad_(False).apply(lambda m: m.weight.fill_(math.nan)))
 
 
+def test_large_finite_gradients_are_not_taken_for_overflow(tmp_path):
+    # Squared, 1e20 overflows float32: a check by the 2-norm would call this sound step non-finite.
+    guard = NonFiniteGuard("stop", torch.device("cpu"), tmp_path / "last.pt")
+    w = nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([1e20, -3e38, 0.0])
+    assert guard.step_is_finite(1, torch.tensor(1.0), [w])
+    for bad in (math.inf, -math.inf, math.nan):  # one bad element among large finite ones still counts
+        w.grad = torch.tensor([1e20, bad, 0.0])
+        with pytest.raises(NonFiniteError, match="at step 2"):
+            guard.step_is_finite(2, torch.tensor(1.0), [w])
+
+
 # --------------------------------------------------------------------------- full disk, unwritable output
 
 def _failing_torch_save(fail_from_call):

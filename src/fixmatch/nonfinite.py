@@ -22,6 +22,7 @@ steps in between run on needlessly. ``skip`` must decide before the update, so i
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -35,14 +36,18 @@ class NonFiniteError(RuntimeError):
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One boolean tensor, without a device sync: the total 2-norm is finite iff every element is."""
+    """One boolean tensor, without a device sync: the largest magnitude is finite iff every element is.
+
+    The max-norm propagates NaN and inf like the 2-norm would, but cannot overflow: a 2-norm squares its
+    elements, so finite values above about 1e19 would make it inf in float32 and a sound step look bad.
+    """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: fused per device
     if get_total_norm is not None:
-        norm = get_total_norm(tensors, 2.0)
+        norm = get_total_norm(tensors, math.inf)
     else:  # pragma: no cover - older torch
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+        norm = torch.stack([t.detach().abs().amax() for t in tensors]).amax()
     return torch.isfinite(norm)
 
 

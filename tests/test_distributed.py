@@ -4,6 +4,7 @@ Speed options that cannot run here are refused in one line before anything is wr
 import functools
 import gc
 import json
+import math
 import os
 import shutil
 import signal
@@ -242,17 +243,18 @@ def test_two_process_run_writes_once_stops_and_resumes_with_two_or_one_process(t
 
 def _guard_rank_main(rank, world_size, init_file, out_dir):
     # Rank 1 alone sees a NaN loss (its gradients are finite): both ranks must skip, and both must stop;
-    # rank 1 alone holds an infinite weight: both must refuse to checkpoint.
+    # rank 1 alone holds an infinite weight: both must refuse to checkpoint. Deferred (the GPU path of stop):
+    # rank 0 goes bad at step 5, rank 1 at step 3; both run on and both name step 3 where they sync.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     env = distributed.DistEnv(rank, world_size)
-    agree = functools.partial(distributed.all_ranks, env=env)
+    rank_min = functools.partial(distributed.min_over_ranks, env=env)
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
     grads = [nn.Parameter(torch.ones(3))]
     grads[0].grad = torch.ones(3)
-    skip = NonFiniteGuard("skip", torch.device("cpu"), Path(out_dir) / "none.pt", agree=agree)
+    skip = NonFiniteGuard("skip", torch.device("cpu"), Path(out_dir) / "none.pt", rank_min=rank_min)
     verdicts = [skip.step_is_finite(1, loss, grads), skip.step_is_finite(2, torch.tensor(2.0), grads)]
-    stop = NonFiniteGuard("stop", torch.device("cpu"), Path(out_dir) / "none.pt", agree=agree)
+    stop = NonFiniteGuard("stop", torch.device("cpu"), Path(out_dir) / "none.pt", rank_min=rank_min)
     try:
         stop.step_is_finite(1, loss, grads)
         stopped = False
@@ -266,7 +268,21 @@ def _guard_rank_main(rank, world_size, init_file, out_dir):
         refused = False
     except NonFiniteError:
         refused = True
-    torch.save({"verdicts": verdicts, "skipped": skip.skipped, "stopped": stopped, "refused": refused},
+    deferred = NonFiniteGuard("stop", torch.device("cpu"), Path(out_dir) / "none.pt", rank_min=rank_min)
+    deferred.deferred = True
+    ran_on = all(deferred.step_is_finite(step, torch.tensor(math.nan if step == 5 - 2 * rank else 1.0), grads)
+                 for step in range(1, 7))
+    try:
+        deferred.raise_if_failed()
+        named = None
+    except NonFiniteError as e:
+        named = str(e).split(";")[0]
+    clean = NonFiniteGuard("stop", torch.device("cpu"), Path(out_dir) / "none.pt", rank_min=rank_min)
+    clean.deferred = True
+    clean.step_is_finite(1, torch.tensor(1.0), grads)
+    clean.raise_if_failed()  # no rank went bad: no error on any
+    torch.save({"verdicts": verdicts, "skipped": skip.skipped, "stopped": stopped, "refused": refused,
+                "ran_on": ran_on, "named": named},
                os.path.join(out_dir, f"guard{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -276,7 +292,8 @@ def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
     mp.spawn(_guard_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"guard{rank}.pt", weights_only=True)
-        assert result == {"verdicts": [False, True], "skipped": 1, "stopped": True, "refused": True}, f"rank {rank}"
+        assert result == {"verdicts": [False, True], "skipped": 1, "stopped": True, "refused": True,
+                          "ran_on": True, "named": "non-finite loss or gradients at step 3"}, f"rank {rank}"
     one = distributed.DistEnv()
     flag = torch.tensor(False)
-    assert distributed.all_ranks(flag, one) is flag  # one process: the verdict as it is
+    assert distributed.min_over_ranks(flag, one) is flag  # one process: the verdict as it is

@@ -154,6 +154,31 @@ def test_deferred_check_names_the_first_bad_step(tmp_path):
         fine.check_weights(7, nn.Linear(2, 2).requires_grad_(False).apply(lambda m: m.weight.fill_(math.nan)))
 
 
+def test_deferred_check_adds_no_per_step_collective(tmp_path):
+    # Several processes, GPU path of stop: the ranks agree where the verdict is read, not at every step.
+    calls = []
+
+    def rank_min(t):  # one process standing in for the minimum over ranks: counts the collectives
+        calls.append(t.clone())
+        return t
+
+    guard = NonFiniteGuard("stop", torch.device("cpu"), tmp_path / "last.pt", rank_min=rank_min)
+    guard.deferred = True
+    w = nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    for step in range(1, 11):
+        assert guard.step_is_finite(step, torch.tensor(1.0), [w])
+    assert calls == []
+    guard.raise_if_failed()
+    assert len(calls) == 1 and int(calls[0]) == torch.iinfo(torch.int64).max  # "no bad step" as the largest int
+    guard.step_is_finite(11, torch.tensor(math.nan), [w])
+    with pytest.raises(NonFiniteError, match="at step 11;"):
+        guard.raise_if_failed()
+    now = NonFiniteGuard("stop", torch.device("cpu"), tmp_path / "last.pt", rank_min=rank_min)
+    now.step_is_finite(1, torch.tensor(1.0), [w])  # read at once (CPU): agreed at once
+    assert len(calls) == 3
+
+
 def test_large_finite_gradients_are_not_taken_for_overflow(tmp_path):
     # Squared, 1e20 overflows float32: a check by the 2-norm would call this sound step non-finite.
     guard = NonFiniteGuard("stop", torch.device("cpu"), tmp_path / "last.pt")

@@ -164,15 +164,16 @@ def all_reduce_mean_(t: Tensor, env: DistEnv) -> Tensor:
     return t
 
 
-def all_ranks(flag: Tensor, env: DistEnv) -> Tensor:
-    """A boolean tensor, true on every rank iff ``flag`` is true on all of them; no host sync (stays on the device).
+def min_over_ranks(t: Tensor, env: DistEnv) -> Tensor:
+    """The elementwise minimum of ``t`` over ranks, on the device (no host sync); ``t`` is left as it is.
 
-    Not in place (no trailing underscore): ``flag`` is left as it is.
+    Booleans as integers: true on every rank iff their minimum is 1 (a verdict all ranks share).
     """
     if not env.enabled:
-        return flag
-    votes = all_reduce_sum_(flag.to(torch.float32).reshape(()), env)
-    return votes == env.world_size
+        return t
+    out = t.to(torch.int64 if t.dtype == torch.bool else t.dtype, copy=True)  # gloo and NCCL reduce no bool
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out.to(t.dtype)
 
 
 def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:

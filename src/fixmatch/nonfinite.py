@@ -9,8 +9,8 @@ gradients: cheap next to the forward pass). What happens then depends on ``on_no
   batch and the schedule slot are consumed) and counted in ``nonfinite_steps``.
 
 With several processes every rank must reach the same verdict (else one skips or stops while another steps,
-and their weights or loss scales part, or a collective hangs): ``agree`` turns a rank's own verdict into the
-verdict of all ranks (finite only where finite on every one; distributed.all_ranks). Under
+and their weights or loss scales part, or a collective hangs): ``rank_min`` takes the minimum over ranks
+(distributed.min_over_ranks), so a step is finite only where it is finite on every rank. Under
 DistributedDataParallel the averaged gradients already agree, but each rank's loss is its own, and under fp16
 loss scaling only the loss is checked.
 
@@ -19,6 +19,12 @@ at once. On a GPU, ``stop`` keeps the verdict on the device (the index of the fi
 the syncs the loop already makes: the progress log every few steps and every evaluation, which always comes
 before a checkpoint. The bad step is still named exactly and no checkpoint is written after it; only the few
 steps in between run on needlessly. ``skip`` must decide before the update, so it syncs every step on a GPU.
+
+That deferred ``stop`` needs no per-step collective either: each rank keeps its own first bad step, and the
+ranks agree on the earliest one where the verdict is read, at steps every rank reaches together. Running on
+in between is safe: DistributedDataParallel has averaged the gradients, so a non-finite gradient on one rank is
+non-finite on all and a finite one is the same on all, and every rank's weights stay equal; only a rank's own
+loss may differ, and it is not used to update anything.
 """
 from __future__ import annotations
 
@@ -55,11 +61,11 @@ class NonFiniteGuard:
     """Checks every step's loss and gradients; counts skipped steps; names the checkpoint that stays good."""
 
     def __init__(self, mode: str, device: torch.device, last_checkpoint: Path, skipped: int = 0,
-                 agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 rank_min: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if mode not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, not {mode!r}")
         self.mode, self.last_checkpoint, self.skipped = mode, Path(last_checkpoint), skipped
-        self.agree = agree  # several processes: this rank's verdict -> every rank's (see the module docstring)
+        self.rank_min = rank_min  # several processes: elementwise minimum over ranks (see the module docstring)
         self.deferred = mode == "stop" and device.type != "cpu"
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
@@ -67,11 +73,10 @@ class NonFiniteGuard:
         """After ``loss.backward()`` of step ``step`` (1-based): True if the update may be applied."""
         grads = [p.grad.detach() for p in params if p.grad is not None]
         finite = torch.isfinite(loss.detach()) & _all_finite(grads).to(loss.device)
-        if self.agree is not None:
-            finite = self.agree(finite)
-        if self.deferred:
+        if self.deferred:  # this rank's own verdict; the ranks agree in raise_if_failed
             self._first_bad = torch.where((self._first_bad < 0) & ~finite, step, self._first_bad)
             return True
+        finite = self._on_every_rank(finite)
         if bool(finite):
             return True
         if self.mode == "stop":
@@ -81,18 +86,27 @@ class NonFiniteGuard:
 
     def raise_if_failed(self) -> None:
         """Where the loop syncs anyway (logging, evaluation): report a bad step found on the device."""
-        if self.deferred and (bad := int(self._first_bad)) >= 0:
+        if not self.deferred:
+            return
+        first_bad = self._first_bad
+        if self.rank_min is not None:  # the earliest bad step of any rank (none: the largest int64)
+            none = torch.iinfo(torch.int64).max
+            first_bad = self.rank_min(torch.where(first_bad < 0, none, first_bad))
+            first_bad = torch.where(first_bad == none, -1, first_bad)
+        if (bad := int(first_bad)) >= 0:
             raise self._error(f"non-finite loss or gradients at step {bad}")
 
     def check_weights(self, step: int, *modules: torch.nn.Module) -> None:
         """Before a checkpoint: every parameter and buffer of ``modules`` is finite (one sync per checkpoint)."""
         self.raise_if_failed()
         tensors = [t.detach() for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
-        finite = _all_finite(tensors)
-        if self.agree is not None:  # BatchNorm buffers are each rank's own between two forward passes
-            finite = self.agree(finite.to(self._first_bad.device))
+        # On every rank: BatchNorm buffers are each rank's own between two forward passes.
+        finite = self._on_every_rank(_all_finite(tensors).to(self._first_bad.device))
         if not bool(finite):
             raise self._error(f"non-finite weights at step {step}")
+
+    def _on_every_rank(self, finite: torch.Tensor) -> torch.Tensor:
+        return finite if self.rank_min is None else self.rank_min(finite)
 
     def _error(self, what: str) -> NonFiniteError:
         return NonFiniteError(f"{what}; stopped without writing a checkpoint. Last good checkpoint: "

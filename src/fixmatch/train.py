@@ -219,7 +219,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     ema = EMA(model, config.ema)
     aug_gen = torch.Generator(device=device)
     guard = NonFiniteGuard(config.on_nonfinite, device, run_dir / "checkpoints" / "last.pt",
-                           agree=functools.partial(distributed.all_ranks, env=env) if env.enabled else None)
+                           rank_min=functools.partial(distributed.min_over_ranks, env=env) if env.enabled else None)
     scaler = make_grad_scaler(config.amp, device)  # fp16 only
 
     start_step, best_acc, wall_before = 0, -math.inf, 0.0

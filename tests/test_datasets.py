@@ -332,7 +332,7 @@ def test_download_wrong_md5_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(DatasetError, match=f"expected MD5 {'0' * 32}, got {file_md5(src)}"):
         download_file(src.as_uri(), out / "dest.bin", "0" * 32)
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the folder the download made is removed with its partial file
 
 
 def test_download_network_error(tmp_path, monkeypatch):
@@ -343,6 +343,16 @@ def test_download_network_error(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match=r"could not download https://example\.org/f.*no route to host.*save it as"):
         download_file("https://example.org/f", tmp_path / "f", "0" * 32)
     assert list(tmp_path.iterdir()) == []
+    # --data-dir a/b that did not exist: a failed download leaves neither a nor b behind; a folder that
+    # existed before, or one another file landed in, stays.
+    with pytest.raises(DatasetError, match="could not download"):
+        download_file("https://example.org/f", tmp_path / "a" / "b" / "f", "0" * 32)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.gz").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="could not download"):
+        download_file("https://example.org/f", tmp_path / "kept" / "f", "0" * 32)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "other.gz"]
 
 
 def test_download_skips_valid_existing_file_and_shows_progress(tmp_path, monkeypatch):

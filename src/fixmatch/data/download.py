@@ -45,10 +45,12 @@ def download_file(url: str, dest: str | Path, md5: str, timeout: float = 60.0) -
     if dest.is_file() and file_md5(dest) == md5:
         return dest
     manual = f"download it manually from {url} and save it as {dest}"
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # removed again on failure
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as e:
+        _remove_empty(created)
         raise DatasetError(f"cannot write to {dest.parent} ({e}); choose a writable data_dir or {manual}") from e
     tmp = Path(tmp_name)
     try:
@@ -74,16 +76,28 @@ def download_file(url: str, dest: str | Path, md5: str, timeout: float = 60.0) -
         os.replace(tmp, dest)  # atomic within one folder
     except DatasetError:
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise
     except (urllib.error.URLError, HTTPException, OSError, ValueError) as e:
         # URLError/HTTPError are OSError subclasses; ValueError covers malformed URLs.
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e  # keep HTTP codes
         raise DatasetError(f"could not download {url} ({reason}); check your connection or {manual}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)  # e.g. KeyboardInterrupt: leave no partial file behind
+        _remove_empty(created)
         raise
     return dest
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo a failed download's folders, deepest first; one that now holds anything (another file) stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _progress(total: int, name: str):

@@ -90,6 +90,9 @@ def _mode_images(root):
     expected["rgb.jpg"] = solid(lab / "rgb.jpg", GREEN, quality=95) and GREEN
     expected["rgb.bmp"] = solid(lab / "rgb.bmp", BLUE) and BLUE
     expected["rgb.webp"] = solid(lab / "rgb.webp", RED, lossless=True) and RED
+    expected["rgb.tif"] = solid(lab / "rgb.tif", GREEN) and GREEN
+    expected["grey.pgm"] = solid(lab / "grey.pgm", 60, mode="L") and (60, 60, 60)
+    expected["rgb.ppm"] = solid(lab / "rgb.ppm", BLUE) and BLUE
     expected["grey.png"] = solid(lab / "grey.png", 100, mode="L") and (100, 100, 100)
     expected["bw.png"] = solid(lab / "bw.png", 1, mode="1") and (255, 255, 255)
     # RGBA: half-transparent red over white -> (255 + 220)/2, (255 + 30)/2, ...
@@ -109,6 +112,8 @@ def _mode_images(root):
     # 16-bit grey: 0..65535 scaled to 0..255
     Image.fromarray(np.full((20, 20), 51400, dtype=np.uint16)).save(lab / "deep.png")
     expected["deep.png"] = (200, 200, 200)
+    Image.fromarray(np.full((20, 20), 25700, dtype=np.uint16)).save(lab / "deep.tiff")  # 16-bit TIFF (I;16)
+    expected["deep.tiff"] = (100, 100, 100)
     solid(root / "test" / "all" / "t.png")  # a test folder, so that no labeled image is held out
     return expected
 

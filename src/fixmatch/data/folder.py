@@ -46,7 +46,8 @@ from .download import DatasetError
 
 __all__ = ["load_folder_dataset", "IMAGE_EXTENSIONS", "SIZE_CAP", "MAX_PIXELS", "ON_BAD_IMAGE"]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"})
+# Every format safe_image decodes (TIFF: microscopy and scanners; PGM/PPM: older data sets).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
 SIZE_CAP = 96  # default image side is the median shorter side, at most this (STL-10's 96x96)
 MAX_PIXELS = 50_000_000  # larger images are refused before decoding (decompression bombs)
 HOLDOUT_FRACTION = 0.1  # share of each class held out as the test set when PATH/test/ is absent

@@ -43,7 +43,8 @@ class Split:
     def from_json(cls, d: Any, num_train: int | None = None) -> Split:
         """Build and validate a Split from ``to_json`` output (``num_train``: size of the training set)."""
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
-            raise SplitError(f"not a {_FORMAT} JSON object; create the split with make_split/save_split")
+            raise SplitError(f"not a {_FORMAT} JSON object; give the split.json of an earlier run "
+                             "(RUN_DIR/split.json), or one written by fixmatch.data.split.save_split")
         if d.get("version") != _VERSION:
             raise SplitError(f"unsupported split version {d.get('version')!r} (expected {_VERSION}); "
                              "recreate the split")

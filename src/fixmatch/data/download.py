@@ -37,7 +37,8 @@ def download_file(url: str, dest: str | Path, md5: str, timeout: float = 60.0) -
     """Download ``url`` to ``dest`` and check its MD5; returns ``dest``.
 
     The data is streamed into a temporary file next to ``dest`` and renamed only
-    once the checksum matches, so ``dest`` never holds a partial or corrupt file.
+    once the checksum matches, so ``dest`` never holds a partial or corrupt file; a failed download also
+    removes the folders it created for ``dest``.
     An existing ``dest`` with the right checksum is kept without downloading.
     """
     dest = Path(dest)

@@ -171,7 +171,7 @@ def min_over_ranks(t: Tensor, env: DistEnv) -> Tensor:
     """
     if not env.enabled:
         return t
-    out = t.to(torch.int64 if t.dtype == torch.bool else t.dtype, copy=True)  # gloo and NCCL reduce no bool
+    out = t.to(torch.int64 if t.dtype == torch.bool else t.dtype, copy=True)  # MIN on integers: every backend
     dist.all_reduce(out, op=dist.ReduceOp.MIN)
     return out.to(t.dtype)
 

@@ -1,6 +1,7 @@
 """End-to-end training on the synthetic data set: it learns, it resumes exactly, it reports."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def test_fixmatch_learns_and_writes_the_run_directory(tmp_path):
     assert fixmatch.evaluate(run, device="cpu")["test_acc"] == pytest.approx(rows[-1]["test_acc"])
 
 
-def test_same_seed_same_metrics_and_supervised_baseline_runs(tmp_path):
+def test_same_seed_same_metrics_and_supervised_baseline_runs(tmp_path, capsys):
     a = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "a")
     b = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "b")
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
@@ -56,6 +57,9 @@ def test_same_seed_same_metrics_and_supervised_baseline_runs(tmp_path):
     s = fixmatch.train(Config(**{**QUICK, "method": "supervised"}, steps=40), out=tmp_path / "s")
     rows = _metrics(tmp_path / "s")
     assert all(r["loss_u"] == 0 and r["mask_rate"] == 0 for r in rows)
+    # No pseudo-label was used: their accuracy is undefined (null, "-"), not 0%.
+    assert all(r["pseudo_label_acc"] is None for r in rows)
+    assert re.search(r"mask 0\.000 pl-acc +- \| lr", capsys.readouterr().out)
     assert s["steps"] == 40
 
 

@@ -56,10 +56,11 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"eval/{key}", value, row["step"])
             self.writer.flush()
+        pl_acc = "-" if row["pseudo_label_acc"] is None else f"{row['pseudo_label_acc']:6.2f}%"  # None: no pseudo-label
         self.write(
             f"step {row['step']:>7d} | test acc {row['test_acc']:6.2f}% (raw {row['raw_test_acc']:6.2f}%, "
             f"top-5 {row['test_top5']:6.2f}%) | Ls {row['loss_s']:.3f} Lu {row['loss_u']:.3f} | "
-            f"mask {row['mask_rate']:.3f} pl-acc {row['pseudo_label_acc']:6.2f}% | lr {row['lr']:.5f}")
+            f"mask {row['mask_rate']:.3f} pl-acc {pl_acc:>7} | lr {row['lr']:.5f}")
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """Logs an RGB uint8 image (H, W, 3) to TensorBoard (e.g. the augmentation grid)."""

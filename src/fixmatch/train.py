@@ -411,7 +411,8 @@ def _evaluate_step(model: torch.nn.Module, ema: EMA, data: Dataset, mean: torch.
     n = max(n, 1.0)
     return {"step": step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "raw_test_acc": raw_m["top1"],
             "loss_s": loss_s / n, "loss_u": loss_u / n, "mask_rate": mask_sum / n,
-            "pseudo_label_acc": 100.0 * pl_correct / masked if masked > 0 else 0.0, "lr": lr, "wall_s": wall_s}
+            # None (JSON null) when no used pseudo-label has a known true label: undefined, not 0% accurate.
+            "pseudo_label_acc": 100.0 * pl_correct / masked if masked > 0 else None, "lr": lr, "wall_s": wall_s}
 
 
 def summarize(run_dir: Path, config: Config, wall_s: float) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def test_precedence_defaults_preset_file_command_line(tmp_path):
     ({"lr": float("nan")}, "lr"), ({"num_labels": "40"}, "num_labels"), ({"device": "tpu"}, "device"),
 ])
 def test_bad_values_are_rejected_naming_the_key(overrides, key):
-    with pytest.raises(ConfigError, match=f"'{key}'"):
+    with pytest.raises(ConfigError, match=f"'{key}' in the overrides:"):  # the API's words, not the command line's
         resolve_config(overrides=overrides)
 
 
@@ -45,7 +45,7 @@ def test_int_accepted_for_float_keys(tmp_path):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["train", "--tau", "2"], "'tau'"),
+    (["train", "--tau", "2"], "'tau' in the command line:"),
     (["train", "--mu", "seven"], "--mu expects an integer"),
     (["train", "--preset", "imagenet"], "invalid choice"),
     (["train", "--no-such-flag"], "unrecognized arguments"),

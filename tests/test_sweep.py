@@ -58,7 +58,7 @@ def test_names_are_filesystem_safe():
     ({"tau": [0.9, 1.5]}, None, "run tau=1.5: invalid value for 'tau'"),
     ({"model": ["cnn_small", "no_such_net"]}, None, "unknown model 'no_such_net'"),
     ({"dataset": ["nope"]}, None, "unknown dataset 'nope'"),
-    ({"learning_rate": [0.1]}, None, "unknown config key 'learning_rate'"),
+    ({"learning_rate": [0.1]}, None, "unknown config key 'learning_rate' in its settings;"),  # not "command line"
     ({"seed": 3}, None, "grid key 'seed' needs a non-empty list"),
     ({"seed": []}, None, "grid key 'seed' needs a non-empty list"),
     ({"seed": [0]}, {"preset": "nope"}, "unknown preset 'nope'"),

@@ -61,7 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
         base = load_run_config(Path(args.out))
-    config = resolve_config(args.preset, args.config, overrides, base=base)
+    config = resolve_config(args.preset, args.config, overrides, base=base, overrides_source="the command line")
     train(config, out=args.out, resume=args.resume)
     return 0
 

@@ -263,8 +263,12 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
-                   overrides: dict[str, Any] | None = None, base: Config | None = None) -> Config:
-    """defaults (or ``base``, a resumed run's saved config) < preset < config file < overrides (command line)."""
+                   overrides: dict[str, Any] | None = None, base: Config | None = None,
+                   overrides_source: str = "the overrides") -> Config:
+    """defaults (or ``base``, a resumed run's saved config) < preset < config file < overrides.
+
+    ``overrides_source`` names where the overrides came from in error messages ("the command line").
+    """
     values: dict[str, Any] = base.to_dict() if base is not None else {}
     if preset is not None:
         if preset not in PRESETS:
@@ -273,7 +277,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     if config_file is not None:
         values.update(load_config(config_file))
     if overrides:
-        values.update(validate_overrides(overrides, "the command line"))
+        values.update(validate_overrides(overrides, overrides_source))
     return Config(**values)
 
 

@@ -104,7 +104,7 @@ def _resolve(settings: dict[str, Any], where: str) -> Config:
     settings = dict(settings)
     preset = settings.pop("preset", None)
     try:
-        config = resolve_config(preset, None, settings)
+        config = resolve_config(preset, None, settings, overrides_source="its settings")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     _check_registries(config, where)

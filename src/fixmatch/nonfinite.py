@@ -85,7 +85,10 @@ class NonFiniteGuard:
         return False
 
     def raise_if_failed(self) -> None:
-        """Where the loop syncs anyway (logging, evaluation): report a bad step found on the device."""
+        """Where the loop syncs anyway (logging, evaluation): report a bad step found on the device by any rank.
+
+        With ``rank_min`` this is a collective: every rank must call it at the same step (as check_weights).
+        """
         if not self.deferred:
             return
         first_bad = self._first_bad

@@ -15,12 +15,14 @@ SHAPES = [(4, 1, 28, 28), (4, 3, 32, 32), (3, 3, 24, 40), (3, 1, 17, 9)]
 # ----------------------------------------------------------------------------- weak_augment
 
 
-def test_weak_translation_is_a_reflect_padded_crop_within_bound() -> None:
+@pytest.mark.parametrize("padding, mode", [("reflect", "reflect"), ("zeros", "constant")])
+def test_weak_translation_is_a_padded_crop_within_bound(padding: str, mode: str) -> None:
     n, h, w = 128, 28, 28
-    x = torch.arange(n * h * w, dtype=torch.float32).view(n, 1, h, w) / (n * h * w)  # all values distinct
-    out = weak_augment(x, generator(0), flip=False)
+    # All values distinct and none 0, so that each crop of the padded image matches one shift only.
+    x = torch.arange(1, n * h * w + 1, dtype=torch.float32).view(n, 1, h, w) / (n * h * w)
+    out = weak_augment(x, generator(0), flip=False, padding=padding)
     p = round(0.125 * h)  # = 4
-    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    padded = F.pad(x, (p, p, p, p), mode=mode)  # constant: zeros
     shifts = []
     for i in range(n):
         matches = [
@@ -35,6 +37,26 @@ def test_weak_translation_is_a_reflect_padded_crop_within_bound() -> None:
     assert dy.abs().max() == p and dx.abs().max() == p  # the extremes occur
     assert {-p, p} <= set(dy.tolist()) and {-p, p} <= set(dx.tolist())
     assert len(set(shifts)) > 40  # the two axes are drawn independently
+
+
+def test_weak_zero_padding_differs_from_reflection_only_in_the_border() -> None:
+    x = smooth_images((64, 3, 20, 20)).clamp(min=1)  # no pixel is 0: only the padding is black
+    reflect = weak_augment(x, generator(5))
+    zeros = weak_augment(x, generator(5), padding="zeros")
+    assert torch.equal(zeros, weak_augment(x.float() / 255, generator(5), padding="zeros"))  # uint8 = float input
+    black = (zeros == 0).all(1)  # (N, H, W): the padded border, all channels 0
+    assert torch.equal(zeros, torch.where(black[:, None], 0.0, reflect))  # the same flip and shift elsewhere
+    # The border is whole rows and columns, at most p = round(0.125 * 20) = 2 of each, and p occurs.
+    rows, cols = black.all(2), black.all(1)  # (N, H) black rows, (N, W) black columns
+    assert torch.equal(black, rows[:, :, None] | cols[:, None, :])
+    p = round(0.125 * 20)
+    assert rows.sum(1).max() == p and cols.sum(1).max() == p
+    assert (rows.sum(1) == 0).any() and (cols.sum(1) == 0).any()  # shift 0 occurs too
+
+
+def test_weak_padding_is_checked() -> None:
+    with pytest.raises(ValueError, match="padding must be one of reflect, zeros"):
+        weak_augment(smooth_images((1, 1, 8, 8)), generator(0), padding="edge")
 
 
 def test_weak_flip_about_half() -> None:

@@ -61,10 +61,12 @@ def test_show_augment_writes_a_png_reproducibly(tmp_path) -> None:
     a = show_augment("synthetic", tmp_path / "a.png", num_images=3, seed=1)
     b = show_augment("synthetic", tmp_path / "sub" / "b.png", num_images=3, seed=1)
     c = show_augment("synthetic", tmp_path / "c.png", num_images=3, seed=2)
-    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in (a, b, c)]
+    d = show_augment("synthetic", tmp_path / "d.png", num_images=3, seed=1, weak_padding="zeros")
+    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in (a, b, c, d)]
     assert pixels[0].shape[0] > 300 and np.array_equal(pixels[0], pixels[1])
     assert not np.array_equal(pixels[0], pixels[2])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.png", "sub"]  # no temporary file left
+    assert not np.array_equal(pixels[0], pixels[3])  # the same draws with black borders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.png", "d.png", "sub"]  # no temporary file
 
 
 def test_cli_show_augment_and_its_errors(tmp_path, capsys) -> None:
@@ -98,6 +100,8 @@ def test_show_augment_rejects_bad_values_before_loading(tmp_path) -> None:
         show_augment("synthetic", tmp_path / "g.png", cutout=1.5)
     with pytest.raises(ConfigError, match="--seed"):
         show_augment("synthetic", tmp_path / "g.png", seed=-1)
+    with pytest.raises(ConfigError, match="--weak-padding"):
+        show_augment("synthetic", tmp_path / "g.png", weak_padding="edge")
 
 
 def test_grid_schedule() -> None:

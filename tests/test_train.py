@@ -159,7 +159,18 @@ def test_every_strong_policy_trains(tmp_path, strong):
     assert summary["test_acc_last"] > 30.0  # chance is 10%
 
 
-def test_config_names_the_same_strong_policies_as_the_augment_package():
-    from fixmatch.augment import STRONG_AUGMENTS
+def test_weak_padding_reaches_the_weak_view(tmp_path):
+    runs = {pad: tmp_path / pad for pad in ("reflect", "zeros")}
+    for pad, run in runs.items():
+        fixmatch.train(Config(**{**QUICK, "eval_every": 2}, steps=2, weak_padding=pad), out=run)
+    assert yaml.safe_load((runs["zeros"] / "config.yaml").read_text())["weak_padding"] == "zeros"
+    reflect, zeros = _metrics(runs["reflect"])[-1], _metrics(runs["zeros"])[-1]
+    assert reflect["loss_s"] != zeros["loss_s"]  # same draws, other borders: other images
+
+
+def test_config_names_the_same_strong_policies_and_weak_paddings_as_the_augment_package():
+    from fixmatch.augment import STRONG_AUGMENTS, WEAK_PADDINGS
     from fixmatch.config import STRONG_AUGMENTS as CONFIG_NAMES
+    from fixmatch.config import WEAK_PADDINGS as CONFIG_PADDINGS
     assert CONFIG_NAMES == STRONG_AUGMENTS
+    assert CONFIG_PADDINGS == WEAK_PADDINGS

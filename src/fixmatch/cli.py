@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fixmatch.config import PRESETS, STRONG_AUGMENTS, Config, ConfigError, describe_keys, resolve_config
+from fixmatch.config import PRESETS, STRONG_AUGMENTS, WEAK_PADDINGS, Config, ConfigError, describe_keys, resolve_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,7 +134,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_show_augment(args: argparse.Namespace) -> int:
     from fixmatch.augment.visualize import show_augment
 
-    path = show_augment(args.dataset, args.out, args.strong, args.num_images, args.seed, args.data_dir, args.cutout)
+    path = show_augment(args.dataset, args.out, args.strong, args.num_images, args.seed, args.data_dir, args.cutout,
+                        weak_padding=args.weak_padding)
     print(f"augmentation grid written: {path}")
     return 0
 
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strong policy (default: randaugment)")
     p.add_argument("--cutout", type=float, default=0.5,
                    help="Cutout side as a fraction of the image side (default: 0.5)")
+    p.add_argument("--weak-padding", default="reflect", choices=WEAK_PADDINGS,
+                   help="border of the weak view's translation (default: reflect)")
     p.add_argument("--num-images", type=int, default=6, help="images in the grid, 1 to 64 (default: 6)")
     p.add_argument("--seed", type=int, default=0, help="picks the images and draws the views (default: 0)")
     p.add_argument("--data-dir", default="data", help="where the data set lives (default: data)")

@@ -20,6 +20,7 @@ import yaml
 # The names of fixmatch.augment.STRONG_AUGMENTS, kept here so that reading a config does not import torch
 # (a test checks that the two agree).
 STRONG_AUGMENTS = ("randaugment", "randaugment-tf", "randaugment-fixed", "randaugment-3op", "ctaugment")
+WEAK_PADDINGS = ("reflect", "zeros")  # fixmatch.augment.WEAK_PADDINGS, likewise
 LABEL_SELECTIONS = ("random", "file", "representative", "unrepresentative")  # data/label_selection.py
 
 
@@ -104,6 +105,9 @@ class Config:
                                   lambda v: v is None or isinstance(v, bool), "true, false or null", default=None)
     weak_translate: float = _key("max random translation of the weak view, as a fraction of the side (4 px at 32)",
                                  lambda v: _unit_interval(v) and v < 0.5, "a number in [0, 0.5)", default=0.125)
+    weak_padding: str = _key("border of the weak view's translation: reflect (the official code) or zeros (black, "
+                             "for objects on a black background that reach the edges)",
+                             lambda v: v in WEAK_PADDINGS, " or ".join(WEAK_PADDINGS), default="reflect")
     strong: str = _key("strong augmentation policy (augment/randaugment_variants.py says where each comes from)",
                        lambda v: v in STRONG_AUGMENTS, ", ".join(STRONG_AUGMENTS), default="randaugment")
     cutout: float = _key("Cutout square side as a fraction of the image side after RandAugment; 0 = off",

@@ -194,7 +194,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     pin = device.type == "cuda"  # batches are gathered into page-locked memory and copied asynchronously
     mean, std = channel_stats(data.mean, data.std, device)
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
-    weak = functools.partial(weak_augment, flip=flip, translate=config.weak_translate)
+    weak = functools.partial(weak_augment, flip=flip, translate=config.weak_translate, padding=config.weak_padding)
     fills = {} if config.fill is None else {"fill": config.fill, "geometric_fill": config.fill}
     strong = make_strong_augment(config.strong, cutout=config.cutout, **fills)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training

@@ -7,7 +7,7 @@ policies (RandAugment variants, CTAugment) by name via make_strong_augment.
 from . import ops
 from .ctaugment import CTAChoices, CTAugment
 from .ops import *  # noqa: F403  (the ops' public names, listed once in ops.__all__)
-from .policies import RandAugment, RandAugmentChoices, weak_augment
+from .policies import WEAK_PADDINGS, RandAugment, RandAugmentChoices, weak_augment
 from .randaugment_variants import (
     STRONG_AUGMENTS,
     RandAugmentVariant,
@@ -23,6 +23,7 @@ __all__ = [
     "RandAugment",
     "RandAugmentChoices",
     "weak_augment",
+    "WEAK_PADDINGS",
     "CTAugment",
     "CTAChoices",
     "STRONG_AUGMENTS",

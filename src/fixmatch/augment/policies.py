@@ -2,8 +2,8 @@
 
 Weak augmentation, from the official FixMatch code for CIFAR, is a random
 horizontal flip (p = 0.5) followed by a random integer translation of up to
-12.5% of each side. The translation pads with reflection and crops back to
-the original size.
+12.5% of each side. The translation pads with reflection (the official code;
+``padding="zeros"`` pads with black instead) and crops back to the original size.
 
 Strong augmentation is the paper's RandAugment variant. For each of
 ``num_ops`` layers, every sample draws an op uniformly from the pool, an
@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["weak_augment", "RandAugment", "RandAugmentChoices"]
+__all__ = ["weak_augment", "WEAK_PADDINGS", "RandAugment", "RandAugmentChoices"]
 
 
 def _reflect(i: Tensor, size: int) -> Tensor:
@@ -57,22 +57,31 @@ def _reflect(i: Tensor, size: int) -> Tensor:
     return torch.where(i > size - 1, 2 * (size - 1) - i, i)
 
 
+WEAK_PADDINGS = ("reflect", "zeros")
+
+
 def weak_augment(
-    x: Tensor, generator: torch.Generator, flip: bool = True, translate: float = 0.125
+    x: Tensor, generator: torch.Generator, flip: bool = True, translate: float = 0.125, padding: str = "reflect"
 ) -> Tensor:
-    """Applies a random horizontal flip (p = 0.5) and a random integer shift with reflect padding.
+    """Applies a random horizontal flip (p = 0.5) and a random integer shift, padded by reflection or zeros.
 
     Each axis is shifted by at most ``round(translate * side)`` pixels,
     uniformly, independently for each sample: the result equals flipping,
-    reflect-padding by that many pixels and cropping a random window of the
-    original size. x is uint8 or float in [0, 1] with shape (N, C, H, W). The
-    result is float32 in [0, 1].
+    padding by that many pixels and cropping a random window of the
+    original size. ``padding`` "reflect" (the official code) mirrors the image
+    into the border; "zeros" fills it with black, which on black-background
+    images such as Fashion-MNIST's (garments reach the edges) shifts the object
+    without mirroring a sleeve or a sole into view. Both draw the same random
+    numbers, so only the border differs. x is uint8 or float in [0, 1] with
+    shape (N, C, H, W). The result is float32 in [0, 1].
 
     The padded image is never built: each output pixel's source pixel
     (flip, shift and reflection folded into one index) is gathered directly,
     in the input's dtype, so uint8 batches move a quarter of the bytes and
     are converted to float once.
     """
+    if padding not in WEAK_PADDINGS:
+        raise ValueError(f"padding must be one of {', '.join(WEAK_PADDINGS)}, not {padding!r}")
     n, c, h, w = x.shape
     dev = x.device
     flipped = torch.rand(n, generator=generator, device=dev) < 0.5 if flip else torch.zeros(n, dtype=torch.bool,
@@ -83,11 +92,20 @@ def weak_augment(
     # The draws keep their order (flip, then rows, then columns) so a seed gives the same views as ever.
     oy = torch.randint(0, 2 * ph + 1, (n, 1), generator=generator, device=dev)
     ox = torch.randint(0, 2 * pw + 1, (n, 1), generator=generator, device=dev)
-    rows = _reflect(oy - ph + torch.arange(h, device=dev), h)  # (N, H) source row of each output row
-    cols = _reflect(ox - pw + torch.arange(w, device=dev), w)  # (N, W) source column in the flipped image
+    rows = oy - ph + torch.arange(h, device=dev)  # (N, H) source row of each output row, before padding
+    cols = ox - pw + torch.arange(w, device=dev)  # (N, W) source column in the flipped image
+    inside = None
+    if padding == "zeros":  # output pixels whose source lies in the border are set to 0 after the gather
+        inside = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]).unsqueeze(1)
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    else:
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
     cols = torch.where(flipped.view(-1, 1), w - 1 - cols, cols)
     src = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-    return ops.to_float(x.reshape(n, c, h * w).gather(2, src).view(n, c, h, w))
+    out = x.reshape(n, c, h * w).gather(2, src).view(n, c, h, w)
+    if inside is not None:
+        out = out * inside  # bool mask (N, 1, H, W) broadcast over channels; keeps the input's dtype
+    return ops.to_float(out)
 
 
 class _Op(NamedTuple):

@@ -151,16 +151,17 @@ class AugmentGrids:
 
 
 def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num_images: int = 6, seed: int = 0,
-                 data_dir: str | Path = "data", cutout: float = 0.5) -> Path:
+                 data_dir: str | Path = "data", cutout: float = 0.5, weak_padding: str = "reflect") -> Path:
     """Writes the grid of original, weak and strong views of ``num_images`` training images to a PNG file.
 
-    The weak view is train()'s (flip unless the data set is one without, translation 12.5%); the strong
+    The weak view is train()'s (flip unless the data set is one without, translation 12.5% with
+    ``weak_padding``: reflect or zeros); the strong
     view is ``strong`` (one of STRONG_AUGMENTS) with Cutout of side ``cutout``. CTAugment is shown
     with the uniform magnitudes it starts training with. Returns the path written.
     """
     from functools import partial
 
-    from fixmatch.config import STRONG_AUGMENTS, ConfigError
+    from fixmatch.config import STRONG_AUGMENTS, WEAK_PADDINGS, ConfigError
     from fixmatch.data.datasets import load_dataset
     from fixmatch.train import NO_FLIP_DATASETS
 
@@ -176,13 +177,15 @@ def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num
         raise ConfigError(f"unknown --strong {strong!r}; choose from {', '.join(STRONG_AUGMENTS)}")
     if not 0 <= cutout <= 1:
         raise ConfigError(f"--cutout must be in [0, 1], got {cutout}")
+    if weak_padding not in WEAK_PADDINGS:
+        raise ConfigError(f"unknown --weak-padding {weak_padding!r}; choose from {', '.join(WEAK_PADDINGS)}")
     if not 0 <= seed < 2**31:
         raise ConfigError(f"--seed must be in [0, 2^31), got {seed}")
     if not have_matplotlib():
         raise ConfigError("show-augment draws with matplotlib, which is not installed: pip install 'fixmatch[report]'")
     data = load_dataset(dataset, data_dir)
     idx = pick_images(data.train_images.shape[0], min(num_images, data.train_images.shape[0]), seed)
-    weak = partial(weak_augment, flip=dataset not in NO_FLIP_DATASETS, translate=0.125)
+    weak = partial(weak_augment, flip=dataset not in NO_FLIP_DATASETS, translate=0.125, padding=weak_padding)
     views = augment_views(data.train_images[idx], weak, make_strong_augment(strong, cutout=cutout), seed)
     labels = [data.class_names[int(y)] for y in data.train_labels[idx]]
     fig = grid_figure(views, labels, title=f"{dataset}: --strong {strong}, cutout {cutout:g}, seed {seed}")

@@ -154,10 +154,10 @@ def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num
                  data_dir: str | Path = "data", cutout: float = 0.5, weak_padding: str = "reflect") -> Path:
     """Writes the grid of original, weak and strong views of ``num_images`` training images to a PNG file.
 
-    The weak view is train()'s (flip unless the data set is one without, translation 12.5% with
-    ``weak_padding``: reflect or zeros); the strong
-    view is ``strong`` (one of STRONG_AUGMENTS) with Cutout of side ``cutout``. CTAugment is shown
-    with the uniform magnitudes it starts training with. Returns the path written.
+    The weak view is train()'s (flip unless the data set is one without, translation 12.5% padded by
+    ``weak_padding``, reflect or zeros); the strong view is ``strong`` (one of STRONG_AUGMENTS) with
+    Cutout of side ``cutout``. CTAugment is shown with the uniform magnitudes it starts training with.
+    Returns the path written.
     """
     from functools import partial
 

@@ -115,6 +115,17 @@ def test_sample_distribution() -> None:
     assert abs(ch.applied.float().mean().item() - 0.5) < 0.01
 
 
+@pytest.mark.parametrize("num_ops", [1, 3])
+def test_number_of_ops_and_their_probability(num_ops: int) -> None:
+    x = smooth_images((16, 3, 32, 32)).float() / 255
+    always = RandAugment(num_ops=num_ops, prob=1.0, cutout=0.0)
+    assert always.sample(16, generator(1)).applied.shape == (16, num_ops)
+    assert bool(always.sample(16, generator(1)).applied.all())
+    never = RandAugment(num_ops=num_ops, prob=0.0, cutout=0.0)
+    assert not bool(never.sample(16, generator(1)).applied.any())
+    assert torch.equal(never(x, generator(2)), x)  # no op applied and no Cutout: the images unchanged
+
+
 def test_batch_gets_different_ops_and_matches_per_sample_application() -> None:
     """Checks that grouping samples by op gives the same result as applying each sample's ops one at a time."""
     ra = RandAugment(num_ops=2, prob=0.8, cutout=0.0)

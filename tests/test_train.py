@@ -168,6 +168,24 @@ def test_weak_padding_reaches_the_weak_view(tmp_path):
     assert reflect["loss_s"] != zeros["loss_s"]  # same draws, other borders: other images
 
 
+def test_randaugment_ops_and_prob_reach_the_strong_policy(tmp_path, monkeypatch):
+    train_module = sys.modules["fixmatch.train"]
+    built = []
+    real = train_module.make_strong_augment
+    monkeypatch.setattr(train_module, "make_strong_augment", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    fixmatch.train(Config(**{**QUICK, "eval_every": 2}, steps=2, randaugment_ops=3, randaugment_prob=1.0),
+                   out=tmp_path / "run")
+    assert (built[0].num_ops, built[0].prob) == (3, 1.0)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["randaugment_ops"], saved["randaugment_prob"]) == (3, 1.0)
+
+
+def test_randaugment_options_are_refused_for_other_policies(tmp_path):
+    with pytest.raises(fixmatch.ConfigError, match="--randaugment-prob applies to --strong randaugment only"):
+        fixmatch.train(Config(**QUICK, steps=2, strong="ctaugment", randaugment_prob=1.0), out=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_config_names_the_same_strong_policies_and_weak_paddings_as_the_augment_package():
     from fixmatch.augment import STRONG_AUGMENTS, WEAK_PADDINGS
     from fixmatch.config import STRONG_AUGMENTS as CONFIG_NAMES

@@ -110,6 +110,10 @@ class Config:
                              lambda v: v in WEAK_PADDINGS, " or ".join(WEAK_PADDINGS), default="reflect")
     strong: str = _key("strong augmentation policy (augment/randaugment_variants.py says where each comes from)",
                        lambda v: v in STRONG_AUGMENTS, ", ".join(STRONG_AUGMENTS), default="randaugment")
+    randaugment_ops: int = _key("--strong randaugment: ops drawn per image, with replacement (the paper's 2)",
+                                _positive_int, "a positive integer", default=2)
+    randaugment_prob: float = _key("--strong randaugment: probability that each drawn op is applied (the paper's "
+                                   "0.5; 1 = always)", _unit_interval, "a number in [0, 1]", default=0.5)
     cutout: float = _key("Cutout square side as a fraction of the image side after RandAugment; 0 = off",
                          _unit_interval, "a number in [0, 1]", default=0.5)
     fill: float | None = _key("value in [0, 1] of the pixels that Cutout and the strong policy's geometric ops leave "

@@ -60,6 +60,18 @@ def _dataset_options(config: Config) -> dict[str, Any]:
     return {"extra": True} if config.svhn_extra else {}
 
 
+def _strong_options(config: Config) -> dict[str, Any]:
+    """RandAugment's number of ops and their probability: refused for the other policies, not ignored."""
+    if config.strong == "randaugment":
+        return {"num_ops": config.randaugment_ops, "prob": config.randaugment_prob}
+    defaults = Config()
+    for key in ("randaugment_ops", "randaugment_prob"):
+        if getattr(config, key) != getattr(defaults, key):
+            raise ConfigError(f"--{key.replace('_', '-')} applies to --strong randaugment only, not {config.strong}; "
+                              f"leave it at its default ({getattr(defaults, key)}) or use --strong randaugment")
+    return {}
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived: the step finished, a checkpoint was written, the run can be resumed."""
 
@@ -174,6 +186,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     config = _resume_config(run_dir, config) if resume else config
     config = check_config(config)
     _check_processes_and_speed(config, env, device)
+    strong_options = _strong_options(config)
 
     # --- data and split: everything that can fail on bad input happens before anything is written
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
@@ -196,7 +209,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
     weak = functools.partial(weak_augment, flip=flip, translate=config.weak_translate, padding=config.weak_padding)
     fills = {} if config.fill is None else {"fill": config.fill, "geometric_fill": config.fill}
-    strong = make_strong_augment(config.strong, cutout=config.cutout, **fills)
+    strong = make_strong_augment(config.strong, cutout=config.cutout, **fills, **strong_options)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
     align = None

@@ -91,21 +91,10 @@ ddp() {
         --device "$DEVICE" --out "$WORK/ddp" --no-progress && cat "$WORK/ddp/summary.json"
 }
 
-write_cifar_shaped_data() {  # random images in the official python-format files (cifar.py reads them)
-    "$PYTHON" - "$WORK/data" "$IMAGES_PER_BATCH" <<'EOF'
-import pickle, sys
-from pathlib import Path
-import numpy as np
-folder, n = Path(sys.argv[1]) / "cifar-10-batches-py", int(sys.argv[2])
-folder.mkdir(parents=True)
-rng = np.random.default_rng(0)
-for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-    batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, n)],
-             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"%d.png" % i for i in range(n)]}
-    (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-names = [s.encode() for s in "airplane automobile bird cat deer dog frog horse ship truck".split()]
-(folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names, b"num_cases_per_batch": n}, protocol=2))
-EOF
+write_cifar_shaped_data() {  # random images in the official python-format files, written by the tests' writer
+    "$PYTHON" -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; \
+from test_datasets import write_cifar_folder; write_cifar_folder(Path(sys.argv[1]), int(sys.argv[2]))" \
+        "$WORK/data" "$IMAGES_PER_BATCH"
 }
 
 train_end_to_end() {
@@ -116,8 +105,7 @@ train_end_to_end() {
             >"$LOG/gpu_utilisation.csv" &
         sampler=$!
     fi
-    local amp=bf16
-    "$PYTHON" -m fixmatch train --preset cifar10 --data-dir "$WORK/data" "${TRAIN[@]}" --amp "$amp" \
+    "$PYTHON" -m fixmatch train --preset cifar10 --data-dir "$WORK/data" "${TRAIN[@]}" --amp bf16 \
         --device "$DEVICE" --out "$WORK/cifar10-shape" --no-progress
     local rc=$?
     if [[ -n $sampler ]]; then kill "$sampler"; fi

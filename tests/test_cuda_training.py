@@ -5,7 +5,6 @@ Skipped where no GPU is present (as in CI); benchmarks/gpu_checks.sh runs them o
 convolutions are not bit-reproducible by default, so the resume test compares with a tolerance instead of
 the CPU tests' exact equality.
 """
-import json
 import math
 import os
 import signal
@@ -14,6 +13,8 @@ import time
 
 import pytest
 import torch
+from test_train import QUICK as CPU_QUICK
+from test_train import _metrics
 
 import fixmatch
 from fixmatch.checkpoint import load_checkpoint
@@ -22,12 +23,7 @@ from fixmatch.train import TrainingInterrupted
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05,
-             ema=0.9, eval_every=20, eval_batch_size=512, progress=False, device="cuda")
-
-
-def _rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+QUICK = {**CPU_QUICK, "device": "cuda"}  # the CPU training tests' settings, on the GPU
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
@@ -35,7 +31,7 @@ def test_every_precision_learns_on_cuda(tmp_path, amp):
     run = tmp_path / amp
     summary = fixmatch.train(Config(**QUICK, steps=120, amp=amp), out=run)
     assert summary["test_acc_last"] > 60.0  # chance is 10%; the CPU test of test_train.py asks the same
-    rows = _rows(run)
+    rows = _metrics(run)
     assert all(math.isfinite(r["loss_s"]) and math.isfinite(r["loss_u"]) for r in rows)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     if amp == "fp16":  # the loss scale is saved, so a resumed run does not start from the initial 2^16 again
@@ -68,7 +64,7 @@ def test_fp16_run_resumes_on_cuda(tmp_path):
     assert 20 <= cut["step"] < 200 and cut["scaler"]["scale"] > 0
     resumed = fixmatch.train(None, out=run, resume=True)
     assert resumed["steps"] == 200
-    assert [r["step"] for r in _rows(run)] == [r["step"] for r in _rows(tmp_path / "straight")]
+    assert [r["step"] for r in _metrics(run)] == [r["step"] for r in _metrics(tmp_path / "straight")]
     # Same data, augmentation and initial weights; only the GPU's reduction order differs.
     assert resumed["test_acc_last"] == pytest.approx(straight["test_acc_last"], abs=5.0)
 
@@ -84,5 +80,5 @@ def test_gpu_checkpoint_evaluates_the_same_on_the_cpu(tmp_path):
     fixmatch.train(Config(**QUICK, steps=40), out=run)
     on_gpu = fixmatch.evaluate(run, device="cuda")["test_acc"]
     on_cpu = fixmatch.evaluate(run, device="cpu")["test_acc"]
-    assert on_cpu == pytest.approx(_rows(run)[-1]["test_acc"], abs=0.5)
+    assert on_cpu == pytest.approx(_metrics(run)[-1]["test_acc"], abs=0.5)
     assert on_cpu == pytest.approx(on_gpu, abs=0.5)  # 500 test images: 0.5 points is two or three of them

@@ -89,13 +89,35 @@ def test_cli_show_augment_and_its_errors(tmp_path, capsys) -> None:
         (["--dataset", "synthetic", "--out", str(tmp_path / "g.png"), "--num-images", "0"], "--num-images"),
         (["--dataset", "no-such-set", "--out", str(tmp_path / "g.png")], "unknown dataset"),
         (["--dataset", "synthetic", "--out", str(tmp_path / "g.png"), "--strong", "autoaugment"], "invalid choice"),
+        (["--dataset", "synthetic", "--out", str(tmp_path / "g.png"), "--strong", "randaugment-tf",
+          "--randaugment-prob", "1"], "apply to --strong randaugment only"),
     ]:
         code, err = run(*args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]  # nothing written by the failures
 
 
+def test_show_augment_passes_the_randaugment_options_to_the_policy(tmp_path, monkeypatch) -> None:
+    import fixmatch.augment.randaugment_variants as variants
+
+    built = []
+    real = variants.make_strong_augment
+    monkeypatch.setattr(variants, "make_strong_augment", lambda *a, **kw: built.append(kw) or real(*a, **kw))
+    default = show_augment("synthetic", tmp_path / "a.png", num_images=3, seed=1)
+    one_op = show_augment("synthetic", tmp_path / "b.png", num_images=3, seed=1, randaugment_ops=1,
+                          randaugment_prob=1.0)
+    assert (built[0]["num_ops"], built[0]["prob"]) == (2, 0.5)
+    assert (built[1]["num_ops"], built[1]["prob"]) == (1, 1.0)
+    assert not np.array_equal(np.asarray(Image.open(default)), np.asarray(Image.open(one_op)))
+
+
 def test_show_augment_rejects_bad_values_before_loading(tmp_path) -> None:
+    for kwargs, message in [({"randaugment_ops": 0}, "--randaugment-ops must be a positive integer"),
+                            ({"randaugment_prob": 1.5}, r"--randaugment-prob must be in \[0, 1\]"),
+                            ({"strong": "ctaugment", "randaugment_ops": 3}, "apply to --strong randaugment only")]:
+        with pytest.raises(ConfigError, match=message):
+            show_augment("synthetic", tmp_path / "g.png", **kwargs)
+    assert not (tmp_path / "g.png").exists()
     with pytest.raises(ConfigError, match="--cutout"):
         show_augment("synthetic", tmp_path / "g.png", cutout=1.5)
     with pytest.raises(ConfigError, match="--seed"):

@@ -63,6 +63,10 @@ def test_names_are_filesystem_safe():
     ({"seed": []}, None, "grid key 'seed' needs a non-empty list"),
     ({"seed": [0]}, {"preset": "nope"}, "unknown preset 'nope'"),
     ({"split_file": ["a/b", "a_b"]}, None, "share the directory"),
+    # Keys that another key makes meaningless are found here too, not when that run starts.
+    ({"strong": ["randaugment", "ctaugment"]}, {**TINY, "steps": 4, "randaugment_prob": 1.0},
+     "run strong=ctaugment: --randaugment-prob applies to --strong randaugment only, not ctaugment"),
+    ({"fold": [None, 3]}, None, "run fold=3: --fold selects one of STL-10's official labeled folds"),
 ])
 def test_every_configuration_is_validated_first(tmp_path, grid, base, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -294,7 +294,28 @@ def check_config(config: Config) -> Config:
     if not isinstance(config, Config):
         raise ConfigError(f"train() expects a fixmatch.Config, got {type(config).__name__}")
     validate_overrides(config.to_dict(), "the config")
+    check_combinations(config)
     return config
+
+
+def check_combinations(config: Config) -> None:
+    """Keys that only one data set or one strong policy reads: refused for the others rather than ignored.
+
+    Each key's own check cannot see the others, so this runs on the resolved config: by ``train`` and by
+    ``fixmatch sweep`` when it validates a study, before any run starts.
+    """
+    if config.fold is not None and config.dataset != "stl10":
+        raise ConfigError(f"--fold selects one of STL-10's official labeled folds; it does not apply to "
+                          f"{config.dataset}: leave it unset")
+    if config.svhn_extra and config.dataset != "svhn":
+        raise ConfigError(f"--svhn-extra adds SVHN's extra images; it does not apply to {config.dataset}")
+    if config.strong != "randaugment":
+        defaults = Config()
+        for key in ("randaugment_ops", "randaugment_prob"):
+            if getattr(config, key) != getattr(defaults, key):
+                raise ConfigError(f"--{key.replace('_', '-')} applies to --strong randaugment only, not "
+                                  f"{config.strong}; leave it at its default ({getattr(defaults, key)}) or use "
+                                  "--strong randaugment")
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, load_config, resolve_config
+from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_combinations, load_config, resolve_config
 
 STUDY_KEYS = ("description", "base", "variants", "grid")
 ERROR_FILE = "error.txt"
@@ -105,6 +105,7 @@ def _resolve(settings: dict[str, Any], where: str) -> Config:
     preset = settings.pop("preset", None)
     try:
         config = resolve_config(preset, None, settings, overrides_source="its settings")
+        check_combinations(config)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     _check_registries(config, where)

@@ -51,24 +51,14 @@ LOG_EVERY = 10  # steps between progress-bar refreshes: reading losses forces a 
 
 
 def _dataset_options(config: Config) -> dict[str, Any]:
-    """Keys that only one data set reads: refused for the others rather than silently ignored."""
-    if config.fold is not None and config.dataset != "stl10":
-        raise ConfigError(f"--fold selects one of STL-10's official labeled folds; it does not apply to "
-                          f"{config.dataset}: leave it unset")
-    if config.svhn_extra and config.dataset != "svhn":
-        raise ConfigError(f"--svhn-extra adds SVHN's extra images; it does not apply to {config.dataset}")
+    """What load_dataset needs beyond the name (check_combinations has refused keys for other data sets)."""
     return {"extra": True} if config.svhn_extra else {}
 
 
 def _strong_options(config: Config) -> dict[str, Any]:
-    """RandAugment's number of ops and their probability: refused for the other policies, not ignored."""
+    """RandAugment's number of ops and their probability (check_combinations refuses them for other policies)."""
     if config.strong == "randaugment":
         return {"num_ops": config.randaugment_ops, "prob": config.randaugment_prob}
-    defaults = Config()
-    for key in ("randaugment_ops", "randaugment_prob"):
-        if getattr(config, key) != getattr(defaults, key):
-            raise ConfigError(f"--{key.replace('_', '-')} applies to --strong randaugment only, not {config.strong}; "
-                              f"leave it at its default ({getattr(defaults, key)}) or use --strong randaugment")
     return {}
 
 

@@ -151,13 +151,15 @@ class AugmentGrids:
 
 
 def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num_images: int = 6, seed: int = 0,
-                 data_dir: str | Path = "data", cutout: float = 0.5, weak_padding: str = "reflect") -> Path:
+                 data_dir: str | Path = "data", cutout: float = 0.5, weak_padding: str = "reflect",
+                 randaugment_ops: int = 2, randaugment_prob: float = 0.5) -> Path:
     """Writes the grid of original, weak and strong views of ``num_images`` training images to a PNG file.
 
     The weak view is train()'s (flip unless the data set is one without, translation 12.5% padded by
     ``weak_padding``, reflect or zeros); the strong view is ``strong`` (one of STRONG_AUGMENTS) with
-    Cutout of side ``cutout``. CTAugment is shown with the uniform magnitudes it starts training with.
-    Returns the path written.
+    Cutout of side ``cutout``; ``randaugment_ops`` / ``randaugment_prob`` are train's options of the same
+    names (``--strong randaugment`` only). CTAugment is shown with the uniform magnitudes it starts
+    training with. Returns the path written.
     """
     from functools import partial
 
@@ -179,6 +181,16 @@ def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num
         raise ConfigError(f"--cutout must be in [0, 1], got {cutout}")
     if weak_padding not in WEAK_PADDINGS:
         raise ConfigError(f"unknown --weak-padding {weak_padding!r}; choose from {', '.join(WEAK_PADDINGS)}")
+    if isinstance(randaugment_ops, bool) or not isinstance(randaugment_ops, int) or randaugment_ops < 1:
+        raise ConfigError(f"--randaugment-ops must be a positive integer, got {randaugment_ops!r}")
+    if not 0 <= randaugment_prob <= 1:
+        raise ConfigError(f"--randaugment-prob must be in [0, 1], got {randaugment_prob}")
+    strong_options: dict[str, object] = {}
+    if strong == "randaugment":
+        strong_options = {"num_ops": randaugment_ops, "prob": randaugment_prob}
+    elif (randaugment_ops, randaugment_prob) != (2, 0.5):
+        raise ConfigError(f"--randaugment-ops and --randaugment-prob apply to --strong randaugment only, not "
+                          f"{strong}; leave them at their defaults (2, 0.5) or use --strong randaugment")
     if not 0 <= seed < 2**31:
         raise ConfigError(f"--seed must be in [0, 2^31), got {seed}")
     if not have_matplotlib():
@@ -186,9 +198,11 @@ def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num
     data = load_dataset(dataset, data_dir)
     idx = pick_images(data.train_images.shape[0], min(num_images, data.train_images.shape[0]), seed)
     weak = partial(weak_augment, flip=dataset not in NO_FLIP_DATASETS, translate=0.125, padding=weak_padding)
-    views = augment_views(data.train_images[idx], weak, make_strong_augment(strong, cutout=cutout), seed)
+    views = augment_views(data.train_images[idx], weak, make_strong_augment(strong, cutout=cutout, **strong_options),
+                          seed)
     labels = [data.class_names[int(y)] for y in data.train_labels[idx]]
-    fig = grid_figure(views, labels, title=f"{dataset}: --strong {strong}, cutout {cutout:g}, seed {seed}")
+    ops = f" ({randaugment_ops} ops, p {randaugment_prob:g})" if strong_options else ""
+    fig = grid_figure(views, labels, title=f"{dataset}: --strong {strong}{ops}, cutout {cutout:g}, seed {seed}")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(fig, out)
     return out

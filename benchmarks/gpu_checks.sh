@@ -10,7 +10,7 @@
 #      images) for 1000 steps in bf16, with the GPU's utilisation sampled every 100 ms by nvidia-smi: steps/s
 #      of the real loop, augmentation and data feeding included, and how busy the GPU was.
 #
-# Usage: bash benchmarks/gpu_checks.sh [LOG_DIR]      (default gpu-checks/; at most 8 files are written there)
+# Usage: bash benchmarks/gpu_checks.sh [LOG_DIR]      (default gpu-checks/: five section logs and gpu_utilisation.csv)
 #        PYTHON=python3 picks the interpreter (default: .venv/bin/python if present, else python3); the package
 #        is imported from src/, so nothing needs installing beyond its dependencies.
 #        DEVICE=cpu QUICK=1 rehearses the whole script on a machine without a GPU, with tiny sizes.

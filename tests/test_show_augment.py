@@ -90,7 +90,7 @@ def test_cli_show_augment_and_its_errors(tmp_path, capsys) -> None:
         (["--dataset", "no-such-set", "--out", str(tmp_path / "g.png")], "unknown dataset"),
         (["--dataset", "synthetic", "--out", str(tmp_path / "g.png"), "--strong", "autoaugment"], "invalid choice"),
         (["--dataset", "synthetic", "--out", str(tmp_path / "g.png"), "--strong", "randaugment-tf",
-          "--randaugment-prob", "1"], "apply to --strong randaugment only"),
+          "--randaugment-prob", "1"], "--randaugment-prob applies to --strong randaugment only, not randaugment-tf"),
     ]:
         code, err = run(*args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -114,7 +114,8 @@ def test_show_augment_passes_the_randaugment_options_to_the_policy(tmp_path, mon
 def test_show_augment_rejects_bad_values_before_loading(tmp_path) -> None:
     for kwargs, message in [({"randaugment_ops": 0}, "--randaugment-ops must be a positive integer"),
                             ({"randaugment_prob": 1.5}, r"--randaugment-prob must be in \[0, 1\]"),
-                            ({"strong": "ctaugment", "randaugment_ops": 3}, "apply to --strong randaugment only")]:
+                            ({"strong": "ctaugment", "randaugment_ops": 3},
+                             "--randaugment-ops applies to --strong randaugment only, not ctaugment")]:
         with pytest.raises(ConfigError, match=message):
             show_augment("synthetic", tmp_path / "g.png", **kwargs)
     assert not (tmp_path / "g.png").exists()

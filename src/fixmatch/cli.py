@@ -237,10 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Cutout side as a fraction of the image side (default: 0.5)")
     p.add_argument("--weak-padding", default="reflect", choices=WEAK_PADDINGS,
                    help="border of the weak view's translation (default: reflect)")
-    p.add_argument("--randaugment-ops", type=int, default=2, metavar="N",
-                   help="--strong randaugment: ops drawn per image (default: 2, as in train)")
-    p.add_argument("--randaugment-prob", type=float, default=0.5, metavar="P",
-                   help="--strong randaugment: probability that each op is applied (default: 0.5, as in train)")
+    p.add_argument("--randaugment-ops", type=int, default=Config.randaugment_ops, metavar="N",
+                   help=f"--strong randaugment: ops drawn per image (default: {Config.randaugment_ops}, as in train)")
+    p.add_argument("--randaugment-prob", type=float, default=Config.randaugment_prob, metavar="P",
+                   help="--strong randaugment: probability that each op is applied "
+                        f"(default: {Config.randaugment_prob}, as in train)")
     p.add_argument("--num-images", type=int, default=6, help="images in the grid, 1 to 64 (default: 6)")
     p.add_argument("--seed", type=int, default=0, help="picks the images and draws the views (default: 0)")
     p.add_argument("--data-dir", default="data", help="where the data set lives (default: data)")

@@ -309,13 +309,22 @@ def check_combinations(config: Config) -> None:
                           f"{config.dataset}: leave it unset")
     if config.svhn_extra and config.dataset != "svhn":
         raise ConfigError(f"--svhn-extra adds SVHN's extra images; it does not apply to {config.dataset}")
-    if config.strong != "randaugment":
-        defaults = Config()
-        for key in ("randaugment_ops", "randaugment_prob"):
-            if getattr(config, key) != getattr(defaults, key):
-                raise ConfigError(f"--{key.replace('_', '-')} applies to --strong randaugment only, not "
-                                  f"{config.strong}; leave it at its default ({getattr(defaults, key)}) or use "
-                                  "--strong randaugment")
+    strong_policy_options(config.strong, config.randaugment_ops, config.randaugment_prob)
+
+
+def strong_policy_options(strong: str, randaugment_ops: int, randaugment_prob: float) -> dict[str, Any]:
+    """make_strong_augment's keyword arguments for the RandAugment options (used by train and show-augment).
+
+    ConfigError where a policy other than randaugment gets a value other than the default: it would ignore it.
+    """
+    if strong == "randaugment":
+        return {"num_ops": randaugment_ops, "prob": randaugment_prob}
+    for key, value in (("randaugment_ops", randaugment_ops), ("randaugment_prob", randaugment_prob)):
+        default = getattr(Config, key)
+        if value != default:
+            raise ConfigError(f"--{key.replace('_', '-')} applies to --strong randaugment only, not {strong}; "
+                              f"leave it at its default ({default}) or use --strong randaugment")
+    return {}
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:

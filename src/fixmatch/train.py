@@ -26,7 +26,7 @@ from fixmatch import distributed
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.augment.visualize import AugmentGrids
 from fixmatch.checkpoint import load_checkpoint, save_checkpoint
-from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config
+from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config, strong_policy_options
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.label_selection import select_labels
@@ -53,13 +53,6 @@ LOG_EVERY = 10  # steps between progress-bar refreshes: reading losses forces a 
 def _dataset_options(config: Config) -> dict[str, Any]:
     """What load_dataset needs beyond the name (check_combinations has refused keys for other data sets)."""
     return {"extra": True} if config.svhn_extra else {}
-
-
-def _strong_options(config: Config) -> dict[str, Any]:
-    """RandAugment's number of ops and their probability (check_combinations refuses them for other policies)."""
-    if config.strong == "randaugment":
-        return {"num_ops": config.randaugment_ops, "prob": config.randaugment_prob}
-    return {}
 
 
 class TrainingInterrupted(Exception):
@@ -176,7 +169,6 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     config = _resume_config(run_dir, config) if resume else config
     config = check_config(config)
     _check_processes_and_speed(config, env, device)
-    strong_options = _strong_options(config)
 
     # --- data and split: everything that can fail on bad input happens before anything is written
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
@@ -199,7 +191,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
     weak = functools.partial(weak_augment, flip=flip, translate=config.weak_translate, padding=config.weak_padding)
     fills = {} if config.fill is None else {"fill": config.fill, "geometric_fill": config.fill}
-    strong = make_strong_augment(config.strong, cutout=config.cutout, **fills, **strong_options)
+    ra_options = strong_policy_options(config.strong, config.randaugment_ops, config.randaugment_prob)
+    strong = make_strong_augment(config.strong, cutout=config.cutout, **fills, **ra_options)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
     align = None

@@ -163,7 +163,7 @@ def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num
     """
     from functools import partial
 
-    from fixmatch.config import STRONG_AUGMENTS, WEAK_PADDINGS, ConfigError
+    from fixmatch.config import STRONG_AUGMENTS, WEAK_PADDINGS, ConfigError, strong_policy_options
     from fixmatch.data.datasets import load_dataset
     from fixmatch.train import NO_FLIP_DATASETS
 
@@ -185,12 +185,7 @@ def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num
         raise ConfigError(f"--randaugment-ops must be a positive integer, got {randaugment_ops!r}")
     if not 0 <= randaugment_prob <= 1:
         raise ConfigError(f"--randaugment-prob must be in [0, 1], got {randaugment_prob}")
-    strong_options: dict[str, object] = {}
-    if strong == "randaugment":
-        strong_options = {"num_ops": randaugment_ops, "prob": randaugment_prob}
-    elif (randaugment_ops, randaugment_prob) != (2, 0.5):
-        raise ConfigError(f"--randaugment-ops and --randaugment-prob apply to --strong randaugment only, not "
-                          f"{strong}; leave them at their defaults (2, 0.5) or use --strong randaugment")
+    strong_options = strong_policy_options(strong, randaugment_ops, randaugment_prob)
     if not 0 <= seed < 2**31:
         raise ConfigError(f"--seed must be in [0, 2^31), got {seed}")
     if not have_matplotlib():

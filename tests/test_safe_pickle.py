@@ -62,3 +62,86 @@ def test_malicious_pickle_is_rejected_without_side_effect(tmp_path):
 def test_other_globals_are_rejected(payload):
     with pytest.raises(pickle.UnpicklingError):
         safe_load_pickle(payload)
+
+
+class _ObjectPointerArray:
+    """Reduces to numpy.ndarray((1,), dtype('O'), buffer): an array whose one element is a pointer read from the
+    file's bytes. numpy itself would build it, and touching the element would crash the process."""
+
+    def __reduce__(self):
+        return np.ndarray, ((1,), np.dtype("O"), b"\x41" * 8)
+
+
+def test_arrays_of_pointers_made_from_file_bytes_are_refused():
+    payload = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": _ObjectPointerArray()}, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="not a valid pickle|refusing"):
+        safe_load_pickle(payload)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("value", [np.array([1, "a"], dtype=object), np.zeros(2, dtype=[("a", "u1"), ("b", "O")]),
+                                   np.zeros(2, dtype=[("a", "u1"), ("b", "f4")])],
+                         ids=["object", "structured-with-object", "structured"])
+def test_object_and_structured_dtypes_are_refused(protocol, value):
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        safe_load_pickle(pickle.dumps({b"data": value}, protocol=protocol))
+
+
+def test_build_cannot_set_attributes_on_the_allowed_globals():
+    # GLOBAL numpy._core.numeric._frombuffer, then BUILD with (None, {'__defaults__': ()}): with the real function
+    # in hand this would break every later numpy unpickle in the process.
+    payload = (b"\x80\x02cnumpy._core.numeric\n_frombuffer\n"
+               b"N}X\x0c\x00\x00\x00__defaults__)s\x86b0}.")
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        safe_load_pickle(payload)
+    batch = _batch()
+    np.testing.assert_array_equal(safe_load_pickle(pickle.dumps(batch, protocol=5))[b"data"], batch[b"data"])
+
+
+class _ShortArray:
+    """Reduces the way numpy arrays do, with 6 bytes of data for a shape of 7."""
+
+    def __reduce__(self):
+        return np.ndarray.__reduce__(np.zeros(7, np.uint8))[:2] + ((1, (7,), np.dtype("u1"), False, bytes(6)),)
+
+
+def test_array_bytes_must_fill_the_shape_exactly():
+    with pytest.raises(pickle.UnpicklingError, match=r"shape \(7,\) and dtype uint8 in 6 bytes"):
+        safe_load_pickle(pickle.dumps(_ShortArray(), protocol=2))
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x80\x05\x96\x00\x00\x00\x00\xd4\x00\x00\x00.",  # BYTEARRAY8 claiming 912 GB in a 12-byte file
+    pickle.dumps(_batch(), protocol=2)[:-40],  # truncated
+    b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".",  # lists nested 100,000 deep
+], ids=["huge-length", "truncated", "deep"])
+def test_corrupt_pickles_are_one_unpickling_error(payload):
+    with pytest.raises(pickle.UnpicklingError):
+        safe_load_pickle(payload)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_plain_dtypes_orders_and_shapes_round_trip(protocol):
+    values = {b"be": np.arange(5, dtype=">i8"), b"f": np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3),
+              b"fortran": np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4)),
+              b"scalar0d": np.array(3.5), b"str": np.array(["ab", "c"]), b"bool": np.array([True, False]),
+              b"empty": np.zeros((0, 3), np.uint8), b"shared": [np.arange(2)] * 2}
+    out = safe_load_pickle(pickle.dumps(values, protocol=protocol))
+    for key, value in values.items():
+        if key == b"shared":
+            assert out[key][0] is out[key][1]
+            continue
+        assert out[key].dtype == value.dtype and out[key].shape == value.shape, key
+        np.testing.assert_array_equal(out[key], value)
+        assert out[key].flags.writeable
+
+
+def test_python2_cpickle_form_of_the_official_batches_loads():
+    # The official batches were written by Python 2's cPickle: byte strings (SHORT_BINSTRING) for the type
+    # code, the byte order and the raw pixels, which encoding='bytes' reads as bytes.
+    payload = (b"\x80\x02}(U\x04datacnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+               b"(K\x01K\x02K\x03\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xff"
+               b"J\xff\xff\xff\xffK\x00tb\x89U\x06\x00\x01\x02\x03\x04\x05tbU\x06labels]q\x01(K\x01K\x02eu.")
+    out = safe_load_pickle(payload)
+    assert out[b"labels"] == [1, 2]
+    assert out[b"data"].dtype == np.uint8 and out[b"data"].tolist() == [[0, 1, 2], [3, 4, 5]]

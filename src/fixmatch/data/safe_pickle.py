@@ -2,8 +2,8 @@
 
 Unpickling runs arbitrary callables named in the file, so a tampered data set could execute code. CIFAR
 batches need only numpy's array, dtype and scalar reconstruction (plus ``_codecs.encode`` and ``bytes()``,
-which Python 3 uses for bytes in protocol-2 pickles, restricted here to latin-1 and to b""), so every other global is refused before
-anything is called.
+which Python 3 uses for bytes in protocol-2 pickles, restricted here to latin-1 and to b""), so every
+other global is refused before anything is called.
 
 Even numpy's own constructors are not handed to the file: ``numpy.ndarray`` and ``numpy.dtype`` called with
 crafted arguments can make an array of Python-object pointers read from the file's bytes (a crash, or

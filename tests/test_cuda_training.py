@@ -1,5 +1,5 @@
-"""Training on a CUDA device: every precision learns, fp16 keeps its loss scale across a resume, compiled
-steps train, and a checkpoint written on the GPU evaluates the same on the CPU.
+"""Training on a CUDA device: every precision learns, fp16 keeps its loss scale and dropout its random stream
+across a resume, compiled steps train, and a checkpoint written on the GPU evaluates the same on the CPU.
 
 Skipped where no GPU is present (as in CI); benchmarks/gpu_checks.sh runs them on a GPU machine. CUDA
 convolutions are not bit-reproducible by default, so the resume test compares with a tolerance instead of
@@ -69,6 +69,22 @@ def test_fp16_run_resumes_on_cuda(tmp_path):
     assert resumed["test_acc_last"] == pytest.approx(straight["test_acc_last"], abs=5.0)
 
 
+def test_resume_continues_the_gpu_random_stream_of_dropout(tmp_path):
+    # MobileNetV3's dropout draws from the CUDA generator every step: a resumed run that re-seeded it instead of
+    # restoring it would replay the masks of step 0 and end with a different generator state.
+    config = Config(**{**QUICK, "model": "mobilenetv3_small"}, steps=200)
+    fixmatch.train(config, out=tmp_path / "straight")
+    run = tmp_path / "resumed"
+    _interrupt_after_first_evaluation(run)
+    with pytest.raises(TrainingInterrupted):
+        fixmatch.train(config, out=run)
+    cut = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert 20 <= cut["step"] < 200 and cut["rng"]["cuda"].dtype == torch.uint8
+    fixmatch.train(None, out=run, resume=True)
+    a, b = (load_checkpoint(r / "checkpoints" / "last.pt")["rng"]["cuda"] for r in (run, tmp_path / "straight"))
+    assert torch.equal(a, b)
+
+
 def test_compiled_channels_last_training_learns_on_cuda(tmp_path):
     summary = fixmatch.train(Config(**QUICK, steps=120, amp="bf16", compile=True, channels_last=True),
                              out=tmp_path / "compiled")
@@ -82,3 +98,15 @@ def test_gpu_checkpoint_evaluates_the_same_on_the_cpu(tmp_path):
     on_cpu = fixmatch.evaluate(run, device="cpu")["test_acc"]
     assert on_cpu == pytest.approx(_metrics(run)[-1]["test_acc"], abs=0.5)
     assert on_cpu == pytest.approx(on_gpu, abs=0.5)  # 500 test images: 0.5 points is two or three of them
+
+
+@pytest.mark.parametrize("strong", ["randaugment", "randaugment-tf", "ctaugment"])
+def test_policies_draw_on_the_generators_device_and_apply_draws_from_another(strong):
+    from fixmatch.augment import make_strong_augment
+    policy = make_strong_augment(strong)
+    x = torch.rand(8, 3, 32, 32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    assert policy.sample(8, gen).ops.device.type == "cuda"  # no device given: the generator's
+    on_cpu = policy.sample(8, torch.Generator().manual_seed(0))
+    out = policy.apply(x, on_cpu, gen)  # drawn on the CPU, applied to a CUDA batch
+    assert out.device.type == "cuda" and out.shape == x.shape

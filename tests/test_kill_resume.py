@@ -19,7 +19,7 @@ from fixmatch.cli import main
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the test forks its trainings (POSIX only)")
 
-STEPS, EVAL_EVERY = 40, 4
+STEPS, EVAL_EVERY = 80, 4
 FLAGS = ["--dataset", "synthetic", "--model", "cnn_small", "--num-labels", "40", "--batch-size", "8", "--mu", "2",
          "--lr", "0.05", "--ema", "0.9", "--eval-every", str(EVAL_EVERY), "--eval-batch-size", "500",
          "--steps", str(STEPS), "--strong", "ctaugment", "--device", "cpu", "--no-progress"]
@@ -87,16 +87,19 @@ def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp
         rng = random.Random(6)
         modes = ["checkpoint"] * 4 + ["random"] * 6
         rng.shuffle(modes)
-        kills_in_checkpoint_write = 0
+        kills_in_checkpoint_write, resumed_from = 0, []
         for i, mode in enumerate(modes):
             argv = ["train", *FLAGS, "--out", str(run)] + (["--resume"] if (run / "config.yaml").is_file() else [])
+            last = run / "checkpoints" / "last.pt"
+            resumed_from.append(load_checkpoint(last)["step"] if last.is_file() else 0)
             log = tmp_path / f"kill{i}.log"
             if mode == "checkpoint":
-                # Widen the window between a complete temporary file and its rename, then kill inside it,
-                # at the first or second checkpoint write of this launch.
+                # Widen the window between a complete temporary file and its rename, then kill inside it, at the
+                # third or fourth checkpoint write of this launch: after its first evaluation's last.pt (the
+                # first evaluation writes best.pt, then last.pt), so that later launches resume mid-run.
                 stale = {p.name for p in (run / "checkpoints").glob(".*.pt.*.tmp")}  # removed at start-up
                 pid = server.start(argv, log, {TEST_PAUSE_ENV: "1.0"})
-                target, seen, deadline = rng.randint(1, 2), set(), time.time() + 120
+                target, seen, deadline = rng.randint(3, 4), set(), time.time() + 120
                 while len(seen) < target and not server.exited():
                     assert time.time() < deadline, log.read_text()
                     seen |= {p.name for p in (run / "checkpoints").glob(".*.pt.*.tmp")} - stale
@@ -106,7 +109,7 @@ def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp
             else:
                 # A random moment of the whole launch: start-up, a step, an evaluation or a write.
                 pid = server.start(argv, log)
-                time.sleep(rng.uniform(0, duration / 10))
+                time.sleep(rng.uniform(0, duration / 20))
             assert not server.exited(), f"the run ended after {i} kills: {log.read_text()}"
             os.kill(pid, signal.SIGKILL)
             assert server.wait() == -signal.SIGKILL
@@ -114,6 +117,9 @@ def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp
                 kills_in_checkpoint_write += any((run / "checkpoints").glob(".*.pt.*.tmp"))
             _check_readable(run, split)
         assert kills_in_checkpoint_write == 4
+        # Launches that resumed from an evaluation's checkpoint, not from scratch (the final one too).
+        assert sum(step > 0 for step in resumed_from) >= 3, resumed_from
+        assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] >= EVAL_EVERY
 
         server.start(["train", "--out", str(run), "--resume", "--no-progress"], tmp_path / "final.log")
         assert server.wait() == 0, (tmp_path / "final.log").read_text()

@@ -57,33 +57,36 @@ def _files_equal_snapshot(folder):
 # --------------------------------------------------------------------------- non-finite losses
 
 class _NaNAt(nn.Module):
-    """cnn_small whose training forward passes number ``bad_steps`` (1-based) return NaN logits."""
+    """cnn_small whose training forward passes number ``bad_steps`` (1-based) return NaN logits, or with
+    ``overflow_input`` overflow from the input on, so that BatchNorm's batch statistics are non-finite too."""
 
-    def __init__(self, num_classes, in_channels, bad_steps, **kw):
+    def __init__(self, num_classes, in_channels, bad_steps, overflow_input=False, **kw):
         super().__init__()
         self.net = models.create_model("cnn_small", num_classes, in_channels, **kw)
-        self.bad_steps, self.calls = set(bad_steps), 0
+        self.bad_steps, self.calls, self.overflow_input = set(bad_steps), 0, overflow_input
         self.initial = {k: v.clone() for k, v in self.state_dict().items()}
 
     def forward(self, x):
-        out = self.net(x)
+        bad = False
         if self.training and torch.is_grad_enabled():
             self.calls += 1
-            if self.calls in self.bad_steps:
-                out = out * float("nan")
-        return out
+            bad = self.calls in self.bad_steps
+        if bad and self.overflow_input:
+            x = x * float("inf")
+        out = self.net(x)
+        return out * float("nan") if bad and not self.overflow_input else out
 
 
 @pytest.fixture
 def nan_model(monkeypatch):
     created = []
 
-    def factory(bad_steps, num_classes, in_channels, **kw):
-        created.append(_NaNAt(num_classes, in_channels, bad_steps, **kw))
+    def factory(bad_steps, overflow_input, num_classes, in_channels, **kw):
+        created.append(_NaNAt(num_classes, in_channels, bad_steps, overflow_input, **kw))
         return created[-1]
 
-    def register(bad_steps):
-        monkeypatch.setitem(models._REGISTRY, "nan_test", lambda **kw: factory(bad_steps, **kw))
+    def register(bad_steps, overflow_input=False):
+        monkeypatch.setitem(models._REGISTRY, "nan_test", lambda **kw: factory(bad_steps, overflow_input, **kw))
         return "nan_test"
     register.created = created
     return register
@@ -125,15 +128,26 @@ def test_a_skipped_step_stays_out_of_distribution_alignment(tmp_path, nan_model)
 
 
 def test_a_skipped_step_leaves_the_weights_untouched(tmp_path, nan_model):
-    # Step 1 is skipped: the weights after it are the initial ones (BatchNorm statistics aside: the forward
-    # pass that produced the NaN updated them).
+    # Step 1 is skipped: the weights and the BatchNorm statistics after it are the initial ones (the forward pass
+    # that produced the NaN had moved the statistics; they are put back).
     fixmatch.train(Config(**{**QUICK, "model": nan_model({1}), "on_nonfinite": "skip", "eval_every": 1}, steps=1),
                    out=tmp_path / "a")
     init = nan_model.created[0].initial
     state = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
-    weights = [k for k in init if "running" not in k and "num_batches" not in k]
-    assert weights and all(torch.equal(state["model"][k], init[k]) for k in weights)
-    assert all(torch.equal(state["ema"][k], init[k]) for k in weights)
+    assert any("running_mean" in k for k in init)
+    assert all(torch.equal(state["model"][k], init[k]) for k in init)
+    assert all(torch.equal(state["ema"][k], init[k]) for k in init)
+
+
+def test_a_skipped_overflow_does_not_poison_batchnorm_statistics(tmp_path, nan_model):
+    # Step 3 overflows from the input on, so its BatchNorm batch statistics are non-finite: kept, they would reach
+    # the EMA at step 4 and stop the run at its first evaluation ("non-finite weights").
+    summary = fixmatch.train(Config(**{**QUICK, "model": nan_model({3}, overflow_input=True),
+                                       "on_nonfinite": "skip"}, steps=20), out=tmp_path / "run")
+    assert summary["nonfinite_steps"] == 1
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    for key in ("model", "ema"):
+        assert all(torch.isfinite(t).all() for t in state[key].values() if t.is_floating_point())
 
 
 def test_deferred_check_names_the_first_bad_step(tmp_path):

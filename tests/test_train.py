@@ -114,6 +114,47 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, extra):
         assert a["dist_align"] is None
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL or the OOM killer: nothing after the raise runs, not even except-Exception handlers."""
+
+
+def test_run_killed_right_after_an_evaluation_resumes_with_the_same_metrics(tmp_path, monkeypatch):
+    # The checkpoint written at an evaluation must not carry that evaluation's already-logged loss, mask-rate and
+    # pseudo-label sums into the next interval: the row after the resume would average two intervals.
+    fixmatch.train(Config(**QUICK, steps=60), out=tmp_path / "straight")
+    train_module = sys.modules["fixmatch.train"]
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if path.name == "last.pt" and state["step"] == 20:
+            raise _Killed
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        fixmatch.train(Config(**QUICK, steps=60), out=tmp_path / "killed")
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 20
+    fixmatch.train(None, out=tmp_path / "killed", resume=True)
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")
+
+
+def test_stop_request_during_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+    train_module = sys.modules["fixmatch.train"]
+    real_evaluate = train_module._evaluate_step
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        row = real_evaluate(*args, **kwargs)
+        if row["step"] == 40:  # Ctrl-C while the final evaluation runs
+            os.kill(os.getpid(), signal.SIGINT)
+        return row
+
+    monkeypatch.setattr(train_module, "_evaluate_step", evaluate_then_interrupt)
+    summary = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "run")
+    assert summary["steps"] == 40
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+
+
 def test_resume_refuses_changed_hyperparameters(tmp_path, capsys):
     from fixmatch.cli import main
     run = tmp_path / "run"

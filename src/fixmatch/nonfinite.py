@@ -6,7 +6,9 @@ gradients: cheap next to the forward pass). What happens then depends on ``on_no
 - ``stop`` (default): raise ``NonFiniteError`` naming the step and the last good checkpoint, which is left as it
   was (nothing is written after a bad step).
 - ``skip``: the step's update is dropped (no optimiser, EMA, CTAugment or distribution-alignment update; the
-  batch and the schedule slot are consumed) and counted in ``nonfinite_steps``.
+  batch and the schedule slot are consumed) and counted in ``nonfinite_steps``. The forward pass has already
+  moved the BatchNorm running statistics by then (towards NaN, if its activations overflowed), so the model's
+  buffers are copied before each step (``save_buffers``, a few thousand numbers) and put back when it is skipped.
 
 With several processes every rank must reach the same verdict (else one skips or stops while another steps,
 and their weights or loss scales part, or a collective hangs): ``rank_min`` takes the minimum over ranks
@@ -83,6 +85,21 @@ class NonFiniteGuard:
             raise self._error(f"non-finite loss or gradients at step {step}")
         self.skipped += 1
         return False
+
+    def save_buffers(self, model: torch.nn.Module) -> list[torch.Tensor] | None:
+        """Before a step's forward pass in ``skip`` mode: copies of ``model``'s buffers (None in ``stop`` mode)."""
+        if self.mode != "skip":
+            return None
+        return [b.detach().clone() for b in model.buffers()]
+
+    @staticmethod
+    def restore_buffers(model: torch.nn.Module, saved: list[torch.Tensor] | None) -> None:
+        """After a skipped step: the buffers as ``save_buffers`` found them."""
+        if saved is None:
+            return
+        with torch.no_grad():
+            for buffer, before in zip(model.buffers(), saved, strict=True):
+                buffer.copy_(before)
 
     def raise_if_failed(self) -> None:
         """Where the loop syncs anyway (logging, evaluation): report a bad step found on the device by any rank.

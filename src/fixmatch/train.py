@@ -228,6 +228,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and device.type == "cuda":  # dropout's draws on the GPU
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         start_step, best_acc, wall_before = state["step"], state["best_acc"], state["wall_s"]
         if env.is_main:  # the saved sums are over all ranks: summed again at the next evaluation
             sums.copy_(state["sums"])
@@ -254,7 +256,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
                 "split": split.to_json(), "class_names": list(data.class_names), "best_acc": best_acc,
                 "wall_s": wall_before + time.perf_counter() - t0, "sums": sums.cpu(),
-                "rng": {"torch": torch.get_rng_state()}, "nonfinite_steps": guard.skipped,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                "nonfinite_steps": guard.skipped,
                 **checkpoint_fields(config.model, model_kwargs, data),  # the model description
                 "ctaugment": cta.state_dict() if cta is not None else None, "schedule": schedule.state_dict(),
                 "dist_align": align.state_dict() if align is not None else None,
@@ -298,6 +302,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                         device, non_blocking=True)
                     # Strong view = its own flip/translate, then RandAugment and Cutout (as the PyTorch ports do).
                     x_ulb_w, x_ulb_s = weak(u, aug_gen), strong(weak(u, aug_gen), aug_gen)
+                saved_buffers = guard.save_buffers(model)  # skip mode: restored if this step is skipped
                 loss, stats = forward_loss(train_model, x_lb, y_lb, x_ulb_w, x_ulb_s, mean, std, tau=config.tau,
                                            lambda_u=config.lambda_u, T=config.T, lu_norm=config.lu_norm,
                                            channels_last=config.channels_last, weak_no_grad=config.weak_no_grad,
@@ -315,8 +320,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                     else:
                         optimizer.step()
                     ema.update(model)
-                if align is not None and not finite:
-                    align.drop_last()  # the skipped step's batch mean stays out of p_model
+                if not finite:
+                    guard.restore_buffers(model, saved_buffers)  # BatchNorm statistics as before the step
+                    if align is not None:
+                        align.drop_last()  # the skipped step's batch mean stays out of p_model
                 if cta is not None and finite:
                     # CTAugment's bin weights follow how well the EMA model classifies labeled images under
                     # uniformly drawn policies (the official code's probe step).
@@ -349,6 +356,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                     if env.is_main:  # rank 0 evaluates and writes; the others wait for its test accuracy
                         row = _evaluate_step(model, ema, data, mean, std, config, sums, step, lr,
                                              wall_before + time.perf_counter() - t0)
+                        # Logged: the checkpoint below must not carry them into the interval after a resume.
+                        sums.zero_()
                         row["nonfinite_steps"] = guard.skipped
                         logger.evaluation(row)
                         if grids.due(step) and logger.writer is not None:
@@ -364,10 +373,11 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                     test_acc = distributed.broadcast_object(test_acc, env)
                     if not env.is_main:
                         schedule.observe(test_acc)
-                    sums.zero_()
+                        sums.zero_()
                 # Several processes agree on stopping where they sync anyway, so that all stop at the same step.
-                stop_now = bool(stop) if not env.enabled else (
-                    step % LOG_EVERY == 0 and distributed.any_rank(bool(stop), env, device))
+                # A request during the last step lets the run finish: its final checkpoint is written already.
+                stop_now = step < config.steps and (bool(stop) if not env.enabled else (
+                    step % LOG_EVERY == 0 and distributed.any_rank(bool(stop), env, device)))
                 if stop_now:
                     guard.check_weights(step, model, ema.module)
                     distributed.all_reduce_sum_(sums, env)

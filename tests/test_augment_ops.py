@@ -244,6 +244,28 @@ def test_degenerate_factors() -> None:
     assert torch.allclose(ops.sharpness(x, 1.0), x)
 
 
+def _grey_tie() -> np.ndarray:
+    a = np.full((4, 4), 100, np.uint8)
+    a[:2] = 101  # mean exactly 100.5: PIL's int(mean + 0.5) gives 101, round-half-even would give 100
+    return a
+
+
+def _rgb_luma_rounding() -> np.ndarray:
+    # L(0, 1, 0) = 1 after PIL's rounding, so the mean L is 0.5 -> 1; the unrounded luma mean is 0.29 -> 0.
+    return np.tile(np.array([[[0, 1, 0], [0, 0, 0]]], np.uint8), (4, 2, 1))
+
+
+@pytest.mark.parametrize("image", [_grey_tie(), _rgb_luma_rounding()], ids=["grey-half-tie", "rgb-luma-rounding"])
+def test_contrast_uses_pils_whole_level_mean(image: np.ndarray) -> None:
+    # The degenerate grey level is PIL's exactly: only Pillow's truncation of the blend remains, d in [0, 1).
+    ref = np.asarray(ImageEnhance.Contrast(Image.fromarray(image)).enhance(0.05)).astype(np.float64)
+    x = torch.from_numpy(image).float() / 255
+    x = x[None, None] if image.ndim == 2 else x.permute(2, 0, 1)[None]
+    ours = ops.contrast(x, 0.05)[0].permute(1, 2, 0).squeeze(-1).numpy().astype(np.float64) * 255
+    d = ours - ref
+    assert d.min() >= -1e-4 and d.max() < 1, (d.min(), d.max())
+
+
 # ----------------------------------------------------------------------------- cutout
 
 

@@ -178,12 +178,26 @@ def color(x: Tensor, v: Tensor) -> Tensor:
 def contrast(x: Tensor, v: Tensor) -> Tensor:
     """Does ``PIL.ImageEnhance.Contrast(img).enhance(v)``, a blend with the image's mean grey level.
 
-    Like PIL (``int(mean + 0.5)``), the mean is rounded to a whole 0..255
-    level.
+    The mean is PIL's: ``int(mean + 0.5)`` of the whole-level image ``convert("L")`` (``_grey_levels``),
+    so the degenerate image is the same 0..255 level as Pillow's.
     """
-    mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
-    mean = (mean * 255).round_() / 255
-    return _blend(mean.expand_as(x), x, v)
+    levels = _grey_levels(x)
+    count = levels[0].numel()
+    total = levels.sum(dim=(1, 2, 3), keepdim=True)  # int64: exact
+    mean = torch.div(2 * total + count, 2 * count, rounding_mode="floor")  # floor(total / count + 0.5)
+    return _blend((mean.to(x.dtype) / 255).expand_as(x), x, v)
+
+
+def _grey_levels(x: Tensor) -> Tensor:
+    """PIL's ``convert("L")`` as whole levels (N, 1, H, W), int32, from x's levels rounded to 0..255.
+
+    PIL works in 16.16 fixed point: L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16.
+    """
+    rgb = (x * 255).round().to(torch.int32)
+    if x.shape[1] == 1:
+        return rgb
+    w = torch.tensor((19595, 38470, 7471), dtype=torch.int32, device=x.device).view(1, 3, 1, 1)
+    return ((rgb * w).sum(1, keepdim=True, dtype=torch.int32) + 0x8000) >> 16
 
 
 def sharpness(x: Tensor, v: Tensor) -> Tensor:

@@ -38,10 +38,11 @@ so both directions occur. Cutout covers a square of side
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -129,6 +130,15 @@ class RandAugmentChoices:
     applied: Tensor  # bool: whether the layer's op is applied (probability prob)
 
 
+ChoicesT = TypeVar("ChoicesT")
+
+
+def choices_to(choices: ChoicesT, device: torch.device) -> ChoicesT:
+    """A policy's per-sample draws (a dataclass of tensors) on ``device``: drawn on one device, applied on another."""
+    return dataclasses.replace(choices, **{f.name: getattr(choices, f.name).to(device)  # type: ignore[arg-type]
+                                            for f in dataclasses.fields(choices)})  # type: ignore[arg-type]
+
+
 class RandAugment:
     """The RandAugment variant used by FixMatch as its strong augmentation (see the module docstring).
 
@@ -174,7 +184,11 @@ class RandAugment:
     def sample(
         self, n: int, generator: torch.Generator, device: torch.device | str | None = None
     ) -> RandAugmentChoices:
-        """Draws the op, the magnitude level and the apply flag for each of n samples and each layer."""
+        """Draws the op, the magnitude level and the apply flag for each of n samples and each layer.
+
+        ``device`` defaults to the generator's (as CTAugment's sample does).
+        """
+        device = torch.device(device) if device is not None else generator.device
         shape = (n, self.num_ops)
         return RandAugmentChoices(
             ops=torch.randint(0, len(self.ops), shape, generator=generator, device=device),
@@ -188,6 +202,7 @@ class RandAugment:
         The generator is used only for the positions of the cutout squares.
         """
         x = ops.to_float(x, copy=True)  # one buffer of our own, updated in place by every layer
+        choices = choices_to(choices, x.device)
         geometric = torch.tensor(self._geometric, device=x.device)
         for layer in range(self.num_ops):
             chosen = torch.where(choices.applied[:, layer], choices.ops[:, layer], -1)

@@ -75,7 +75,7 @@ from torch import Tensor
 
 from . import ops
 from .ctaugment import CTAugment
-from .policies import RandAugment
+from .policies import RandAugment, choices_to
 
 __all__ = [
     "STRONG_AUGMENTS",
@@ -157,7 +157,11 @@ class RandAugmentVariant:
     def sample(
         self, n: int, generator: torch.Generator, device: torch.device | str | None = None
     ) -> VariantChoices:
-        """Draws ops, magnitudes, signs, apply flags and Cutout sizes (always all of them, in this order)."""
+        """Draws ops, magnitudes, signs, apply flags and Cutout sizes (always all of them, in this order).
+
+        ``device`` defaults to the generator's (as CTAugment's sample does).
+        """
+        device = torch.device(device) if device is not None else generator.device
         shape = (n, self.num_ops)
         kw = dict(generator=generator, device=device)
         op_idx = torch.randint(0, len(self.ops), shape, **kw)
@@ -181,6 +185,7 @@ class RandAugmentVariant:
         The generator is used only for the positions of the Cutout squares.
         """
         x = ops.to_float(x, copy=True)  # one buffer of our own, updated in place by every layer
+        choices = choices_to(choices, x.device)
         parametric = [k for k, spec in enumerate(self.ops) if spec.fn is not ops.identity]
         for layer in range(self.num_ops):
             chosen = torch.where(choices.applied[:, layer], choices.ops[:, layer], -1)

@@ -246,10 +246,12 @@ def _corrupt(path: Path, how: str) -> None:
         raw = struct.pack(">I", 2049) + raw[4:]  # labels magic on an images file
     elif how == "dims":
         raw = raw[:4] + struct.pack(">I", 31) + raw[8:]
+    elif how == "dims-overflow":  # 2^31 * 2^31 * 4 = 2^64: wraps around to 0 in int64
+        raw = raw[:4] + struct.pack(">3I", 2**31, 2**31, 4)
     path.write_bytes(b"garbage" if how == "not-gzip" else gzip.compress(raw, compresslevel=1))
 
 
-@pytest.mark.parametrize("how", ["truncated", "magic", "dims", "not-gzip"])
+@pytest.mark.parametrize("how", ["truncated", "magic", "dims", "dims-overflow", "not-gzip"])
 def test_fashion_corrupt_file(tmp_path, no_system_fashion, how):
     write_fashion(tmp_path)
     bad = tmp_path / "train-images-idx3-ubyte.gz"

@@ -246,6 +246,16 @@ def test_svhn_truncated_mat(tmp_path):
     one_line(e, str(bad), "not a valid SVHN file", pd.SVHN_URL + "train_32x32.mat")
 
 
+def test_svhn_matlab_v73_file_is_one_line(tmp_path):
+    # A file re-saved by MATLAB as v7.3 is HDF5, which scipy.io.loadmat does not read (NotImplementedError).
+    write_svhn_mat(tmp_path / "train_32x32.mat", 4)
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+    (tmp_path / "test_32x32.mat").write_bytes(header.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM" + b"\x00" * 512)
+    with pytest.raises(DatasetError) as e:
+        load_dataset("svhn", tmp_path, download=False)
+    one_line(e, str(tmp_path / "test_32x32.mat"), "MATLAB v7.3")
+
+
 @pytest.mark.parametrize("content", [{"X": np.zeros((32, 32, 3, 4), np.uint8), "y": np.array([[1], [2], [0], [3]])},
                                      {"X": np.zeros((28, 28, 4), np.uint8), "y": np.ones((4, 1))},
                                      {"images": np.zeros((4, 3))}])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import math
 import os
 import struct
 import zlib
@@ -227,7 +228,7 @@ def _read_idx(path: Path, what: str = "Fashion-MNIST", url: str = FASHION_MNIST_
     if len(data) < header:
         raise _bad_idx(path, "truncated header")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: np.prod in int64 wraps around for crafted dimensions
     if len(data) != expected:
         raise _bad_idx(path, f"dimensions {dims} need {expected} bytes but it has {len(data)} (truncated or corrupt)")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)

@@ -77,6 +77,8 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         mat = scipy.io.loadmat(path, variable_names=["X", "y"])
+    except NotImplementedError:  # scipy reads MATLAB v4-v7.2 files; the official ones are v5
+        raise _bad_svhn(path, "a MATLAB v7.3 (HDF5) file; the official files are v5") from None
     except (MatReadError, OSError, ValueError, IndexError, EOFError, TypeError, zlib.error) as e:
         raise _bad_svhn(path, f"cannot be parsed as a MATLAB file: {e}") from None
     x, y = mat.get("X"), mat.get("y")

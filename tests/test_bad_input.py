@@ -185,3 +185,22 @@ def test_bad_image_from_the_command_line_exits_2_and_writes_no_run(tmp_path, cap
     # with skip, the same command trains, and the folder's unlabeled images feed the unlabeled stream
     assert main(argv + ["--on-bad-image", "skip"]) == 0
     assert (run / "summary.json").is_file()
+
+
+def test_resume_refuses_a_folder_whose_files_were_renamed(tmp_path, capsys):
+    # Renaming a file reorders the sorted training set: split.json's indices would label other images.
+    root = make_folder(tmp_path / "imgs", per_class=3)
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", f"folder:{root}", "--data-dir", str(tmp_path / "data"), "--out", str(run),
+            "--model", "cnn_small", "--num-labels", "4", "--batch-size", "2", "--mu", "2", "--steps", "4",
+            "--eval-every", "2", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    (run / "summary.json").unlink()
+    split_before = (run / "split.json").read_text()
+    (root / "labeled" / "cat" / "0.png").rename(root / "labeled" / "cat" / "9.png")
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split.json was made for other training images" in err[-1]
+    assert (run / "split.json").read_text() == split_before
+    (root / "labeled" / "cat" / "9.png").rename(root / "labeled" / "cat" / "0.png")  # as it was: resumes
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixmatch.data.split import Split, SplitError, load_split, make_split, save_split
+from fixmatch.data.split import Split, SplitError, load_split, make_split, save_split, train_digest
 
 LABELS = torch.arange(1000) % 10  # 100 examples per class
 
@@ -94,3 +94,26 @@ def test_load_rejects_missing_and_malformed(tmp_path):
         load_split(tmp_path / "missing.json")
     with pytest.raises(SplitError, match="cannot read"):
         load_split(_write(tmp_path / "bad.json", "{not json"))
+
+
+def test_train_digest_tells_training_sets_apart():
+    images = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    d = train_digest(images, labels)
+    assert d == train_digest(images.clone(), labels.clone())
+    assert d != train_digest(images, labels[[1, 0, 2, 3, 4, 5]])  # same size, other labels
+    assert d != train_digest(images[[1, 0, 2, 3, 4, 5]], labels)  # same images, another order
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1
+    assert d != train_digest(other, labels)
+
+
+def test_split_with_a_digest_loads_only_for_its_training_set(tmp_path):
+    split = make_split(torch.tensor([0, 1] * 5), 4, 2, seed=0)
+    path = save_split(Split(**{**split.__dict__, "train_digest": "abc"}), tmp_path / "split.json")
+    assert load_split(path, 10, digest="abc").train_digest == "abc"
+    with pytest.raises(SplitError, match="made for other training images"):
+        load_split(path, 10, digest="def")
+    legacy = save_split(split, tmp_path / "legacy.json")  # written before digests: taken on trust
+    assert "train_digest" not in json.loads(legacy.read_text())
+    assert load_split(legacy, 10, digest="def").labeled == split.labeled

@@ -8,6 +8,7 @@ and writes (distributed.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -31,7 +32,7 @@ from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.label_selection import select_labels
 from fixmatch.data.pool import gather_pool, pool_labels
-from fixmatch.data.split import Split, fold_split, load_split, save_split, unlabeled_pool
+from fixmatch.data.split import Split, fold_split, load_split, save_split, train_digest, unlabeled_pool
 from fixmatch.dist_align import DistributionAlignment
 from fixmatch.ema import EMA
 from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
@@ -97,8 +98,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def _split_for(config: Config, run_dir: Path, resume: bool, data: Dataset) -> Split:
+    digest = train_digest(data.train_images, data.train_labels)
     if resume:
-        split = load_split(run_dir / "split.json", num_train=data.train_labels.numel())
+        split = load_split(run_dir / "split.json", num_train=data.train_labels.numel(), digest=digest)
     elif config.fold is not None:
         split = fold_split(data.folds, config.fold, data.train_labels.numel(), config.seed)
         if len(split.labeled) != config.num_labels:
@@ -107,11 +109,12 @@ def _split_for(config: Config, run_dir: Path, resume: bool, data: Dataset) -> Sp
     else:
         split = select_labels(config.label_selection, data.train_labels, config.num_labels, data.num_classes,
                               config.seed, images=data.train_images, split_file=config.split_file,
-                              checkpoint=config.selection_checkpoint, mean=data.mean, std=data.std)
+                              checkpoint=config.selection_checkpoint, mean=data.mean, std=data.std,
+                              digest=digest)
     if len(split.labeled) != config.num_labels:
         raise ConfigError(f"the split has {len(split.labeled)} labeled images but num_labels is "
                           f"{config.num_labels}; make them agree")
-    return split
+    return split if split.train_digest is not None or resume else dataclasses.replace(split, train_digest=digest)
 
 
 @contextmanager

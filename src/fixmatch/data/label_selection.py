@@ -32,13 +32,14 @@ _CHUNK = 2048  # images per block when computing features: bounds the float copy
 
 def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_classes: int, seed: int, *,
                   images: torch.Tensor | None = None, split_file: str | None = None,
-                  checkpoint: str | None = None, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()
-                  ) -> Split:
-    """The labeled/unlabeled split for ``strategy`` (``images``: uint8 (N, C, H, W) train images)."""
+                  checkpoint: str | None = None, mean: tuple[float, ...] = (), std: tuple[float, ...] = (),
+                  digest: str | None = None) -> Split:
+    """The labeled/unlabeled split for ``strategy`` (``images``: uint8 (N, C, H, W) train images; ``digest``: their
+    ``train_digest``, which a split file must match where it records one)."""
     if strategy == "file" or (strategy == "random" and split_file):
         if not split_file:
             raise ConfigError("label_selection 'file' needs --split-file FILE (a split.json from an earlier run)")
-        return load_split(split_file, num_train=labels.numel())
+        return load_split(split_file, num_train=labels.numel(), digest=digest)
     if split_file:
         raise ConfigError(f"--split-file is used only with label_selection 'file', not {strategy!r}; drop one")
     if strategy == "random":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from ..atomic import atomic_path
 
-__all__ = ["Split", "SplitError", "make_split", "save_split", "load_split"]
+__all__ = ["Split", "SplitError", "make_split", "save_split", "load_split", "train_digest"]
 
 _FORMAT = "fixmatch-split"
 _VERSION = 1
@@ -28,9 +29,13 @@ class Split:
     unlabeled: list[int]  # all training indices: labeled ones stay in the pool, as in the official FixMatch code
     seed: int
     num_labels: int
+    # train_digest() of the training set the indices refer to; None in splits written before it was recorded.
+    train_digest: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "seed": self.seed, "num_labels": self.num_labels}
+        if self.train_digest is not None:
+            d["train_digest"] = self.train_digest
         # The pool is normally every training index: store just its size, else the list itself.
         if list(self.unlabeled) == list(range(len(self.unlabeled))):
             d["num_train"] = len(self.unlabeled)
@@ -67,7 +72,20 @@ class Split:
             )
         if not set(labeled) <= set(unlabeled):
             raise SplitError("split has labeled indices missing from the unlabeled pool; recreate the split")
-        return cls(labeled=labeled, unlabeled=unlabeled, seed=d["seed"], num_labels=d["num_labels"])
+        digest = d.get("train_digest")
+        if digest is not None and not isinstance(digest, str):
+            raise SplitError(f"split field 'train_digest' must be a string, got {digest!r}; recreate the split")
+        return cls(labeled=labeled, unlabeled=unlabeled, seed=d["seed"], num_labels=d["num_labels"],
+                   train_digest=digest)
+
+
+def train_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A fingerprint of a training set's images and labels, in order: a split's indices mean the same images only
+    for the same fingerprint (not so for another data set of the same size, or a folder with a file renamed)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (images, labels):
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).data)
+    return h.hexdigest()
 
 
 def make_split(labels: torch.Tensor | np.ndarray, num_labels: int, num_classes: int, seed: int) -> Split:
@@ -112,8 +130,9 @@ def save_split(split: Split, path: str | Path) -> Path:
     return path
 
 
-def load_split(path: str | Path, num_train: int | None = None) -> Split:
-    """Load a split saved by ``save_split``; ``num_train`` checks it fits the training set."""
+def load_split(path: str | Path, num_train: int | None = None, digest: str | None = None) -> Split:
+    """Load a split saved by ``save_split``; ``num_train`` checks it fits the training set, ``digest`` (its
+    ``train_digest``) that it was made for these very images (splits that record none are taken on trust)."""
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -122,9 +141,14 @@ def load_split(path: str | Path, num_train: int | None = None) -> Split:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SplitError(f"cannot read split file {path} ({e}); delete it and recreate the split") from None
     try:
-        return Split.from_json(d, num_train=num_train)
+        split = Split.from_json(d, num_train=num_train)
     except SplitError as e:
         raise SplitError(f"{path}: {e}") from None
+    if digest is not None and split.train_digest is not None and split.train_digest != digest:
+        raise SplitError(f"{path} was made for other training images (another data set of the same size, or a "
+                         "folder whose files were added, removed or renamed since); use the split made for this "
+                         "data set or create a new one")
+    return split
 
 
 def _is_int(x: Any) -> bool:

@@ -237,3 +237,16 @@ def test_folder_options_checked(tmp_path):
     with pytest.raises(DatasetError, match="neither labeled"):
         (tmp_path / "empty").mkdir()
         load(tmp_path / "empty", tmp_path)
+
+
+def test_links_are_followed_once_and_no_file_counts_twice(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=3)
+    elsewhere = make_folder(tmp_path / "elsewhere", classes=("cat",), per_class=2, unlabeled=0, test_per_class=0)
+    (root / "unlabeled" / "more").symlink_to(elsewhere / "labeled" / "cat")  # data kept elsewhere: followed
+    (root / "unlabeled" / "batch0" / "loop").symlink_to(root / "unlabeled")  # a cycle: each folder walked once
+    data = load(root, tmp_path)
+    assert data.unlabeled_images.shape[0] == 4 + 2
+    # A link that puts one class's images into another (and so the same files twice) is refused.
+    (root / "labeled" / "cat" / "dogs").symlink_to(root / "labeled" / "dog")
+    with pytest.raises(DatasetError, match=r"are the same file, so it would count twice"):
+        load(root, tmp_path)

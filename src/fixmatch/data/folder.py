@@ -112,6 +112,7 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
     unlabeled = [_Entry(p, "unlabeled", -1) for p in _image_files(unlabeled_dir, ignored)] \
         if unlabeled_dir.is_dir() else []
     entries = labeled + test + unlabeled
+    _check_each_file_once(entries)
 
     bad = _BadImages()
     cache = _FolderCache(Path(data_dir).expanduser() / "folder-cache", root)
@@ -135,20 +136,47 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
 
 
 def _image_files(folder: Path, ignored: list[Path]) -> list[Path]:
-    """Image files below ``folder`` at any depth, sorted; hidden files and folders are skipped."""
+    """Image files below ``folder`` at any depth, sorted; hidden files and folders are skipped.
+
+    Links to folders are followed (data often lives elsewhere), each real folder once: a link back to a folder
+    above it would otherwise be walked round and round.
+    """
     found: list[Path] = []
+    walked = {os.path.realpath(folder)}
 
     def on_error(e: OSError) -> None:
         raise DatasetError(f"cannot list folder {e.filename} ({e.strerror or e}); fix its permissions")
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=on_error, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in walked:
+                walked.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
             (found if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(path)
     return sorted(found)
+
+
+def _check_each_file_once(entries: list[_Entry]) -> None:
+    """One file reached by two paths (a link, or labels.csv naming a file that is also under test/) would count
+    twice: in two classes, or in both the training and the test set."""
+    first: dict[tuple[int, int], Path] = {}
+    for e in entries:
+        try:
+            st = os.stat(e.path)  # device and inode: the same for every link, symbolic or hard, to one file
+        except OSError:
+            continue  # unreadable: reported (or skipped) where the images are read
+        key = (st.st_dev, st.st_ino)
+        if key in first:
+            raise DatasetError(f"{first[key]} and {e.path} are the same file, so it would count twice (in two "
+                               "classes, or in training and test); remove the link or the duplicate entry")
+        first[key] = e.path
 
 
 def _class_folders(folder: Path) -> list[Path]:

@@ -186,6 +186,15 @@ def test_cifar_malicious_batch_rejected(tmp_path):
     assert not marker.exists()
 
 
+def test_cifar_unreadable_batch_is_one_line(tmp_path):
+    write_cifar_folder(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.unlink()
+    batch.mkdir()  # opening it fails with an OSError, as an unreadable file would
+    with pytest.raises(DatasetError, match=r"cannot read .*data_batch_2 .*re-download"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -43,6 +43,15 @@ def test_bad_requests(num_labels, match):
         make_split(LABELS, num_labels, 10, seed=0)
 
 
+@pytest.mark.parametrize("kwargs, match", [({"num_labels": 40.0}, "num_labels must be an integer"),
+                                           ({"seed": -1}, "seed must be a non-negative integer"),
+                                           ({"seed": 1.5}, "seed must be a non-negative integer"),
+                                           ({"num_classes": 0}, "num_classes must be a positive integer")])
+def test_bad_argument_types_are_split_errors(kwargs, match):
+    with pytest.raises(SplitError, match=match):
+        make_split(LABELS, **{"num_labels": 40, "num_classes": 10, "seed": 0, **kwargs})
+
+
 def test_labels_out_of_range():
     with pytest.raises(SplitError, match=r"\[0, 5\)"):
         make_split(LABELS, 10, 5, seed=0)

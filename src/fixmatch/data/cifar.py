@@ -97,8 +97,12 @@ def _read_folder(fmt: _CifarFormat, folder: Path, url: str) -> dict[str, tuple[o
     raw = {}
     for m in fmt.members:
         src = str(folder / m)
-        with open(folder / m, "rb") as f:
-            raw[m] = (_unpickle(fmt, f, src, url), src)
+        try:
+            with open(folder / m, "rb") as f:
+                raw[m] = (_unpickle(fmt, f, src, url), src)
+        except OSError as e:
+            raise DatasetError(f"cannot read {src} ({e.strerror or e}); fix its permissions or re-download "
+                               f"{url}") from None
     return raw
 
 

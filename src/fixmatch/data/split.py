@@ -97,8 +97,12 @@ def make_split(labels: torch.Tensor | np.ndarray, num_labels: int, num_classes: 
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise SplitError(f"labels must be a 1-D integer array, got shape {tuple(y.shape)} dtype {y.dtype}")
-    if num_classes <= 0:
-        raise SplitError(f"num_classes must be positive, got {num_classes}")
+    if not _is_int(num_classes) or num_classes <= 0:
+        raise SplitError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not _is_int(num_labels):
+        raise SplitError(f"num_labels must be an integer, got {num_labels!r}")
+    if not _is_int(seed) or seed < 0:
+        raise SplitError(f"seed must be a non-negative integer, got {seed!r}")
     if num_labels <= 0:
         raise SplitError(f"num_labels must be positive, got {num_labels}; pass e.g. {num_classes * 4}")
     if num_labels % num_classes:

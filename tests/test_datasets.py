@@ -186,12 +186,17 @@ def test_cifar_malicious_batch_rejected(tmp_path):
     assert not marker.exists()
 
 
-def test_cifar_unreadable_batch_is_one_line(tmp_path):
+def test_cifar_unreadable_batch_is_one_line(tmp_path, monkeypatch):
+    import fixmatch.data.cifar as cifar_module
     write_cifar_folder(tmp_path)
-    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
-    batch.unlink()
-    batch.mkdir()  # opening it fails with an OSError, as an unreadable file would
-    with pytest.raises(DatasetError, match=r"cannot read .*data_batch_2 .*re-download"):
+
+    def unreadable(path, *args, **kwargs):  # as a file without read permission (the tests may run as root)
+        if Path(path).name == "data_batch_2":
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(cifar_module, "open", unreadable, raising=False)
+    with pytest.raises(DatasetError, match=r"cannot read .*data_batch_2 \(Permission denied\).*re-download"):
         load_dataset("cifar10", tmp_path, download=False)
 
 

@@ -274,6 +274,15 @@ def test_fashion_corrupt_file(tmp_path, no_system_fashion, how):
         load_dataset("fashion-mnist", tmp_path, download=False)
 
 
+def test_mnist_files_where_fashion_mnist_is_sought_are_refused(tmp_path, no_system_fashion, monkeypatch):
+    # Both data sets use the same four file names; official MNIST files are known by their checksums.
+    write_fashion(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    monkeypatch.setattr(ds, "MNIST_FILES", {**ds.MNIST_FILES, labels.name: file_md5(labels)})
+    with pytest.raises(DatasetError, match=r"holds MNIST's files .*--dataset mnist"):
+        load_dataset("fashion-mnist", tmp_path, download=False)
+
+
 def test_fashion_count_mismatch(tmp_path, no_system_fashion):
     write_fashion(tmp_path)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(9, np.uint8))

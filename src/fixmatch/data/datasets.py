@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .download import DatasetError, download_file
+from .download import DatasetError, download_file, file_md5
 
 __all__ = ["Dataset", "DatasetError", "load_dataset", "list_datasets", "default_data_dir"]
 
@@ -164,6 +164,12 @@ _FASHION_FILES = {  # file name -> MD5
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12e480ee83cd310",
 }
+MNIST_FILES = {  # file name -> MD5: the same names, so MNIST's files are recognised where Fashion-MNIST's are sought
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
 # Debian's dataset-fashion-mnist package; module-level so tests can override it.
 _FASHION_SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
 _FASHION_CLASSES = [
@@ -184,6 +190,10 @@ def _load_fashion_mnist(data_dir: Path, download: bool) -> Dataset:
                 "or pass download=True"
             )
         files = {n: download_file(FASHION_MNIST_URL + n, target / n, md5) for n, md5 in _FASHION_FILES.items()}
+    labels_file = files["train-labels-idx1-ubyte.gz"]  # 28 kB: cheap to checksum on every load
+    if labels_file.suffix == ".gz" and file_md5(labels_file) == MNIST_FILES[labels_file.name]:
+        raise DatasetError(f"{labels_file.parent} holds MNIST's files (handwritten digits), not Fashion-MNIST's, "
+                           f"under the same names; use --dataset mnist, or put Fashion-MNIST's files there")
     arrays = []
     for prefix in ("train", "t10k"):
         images, labels = files[f"{prefix}-images-idx3-ubyte.gz"], files[f"{prefix}-labels-idx1-ubyte.gz"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from .array_cache import cache_is_fresh, open_npy_mmap, write_npy_atomic
-from .datasets import Dataset, _find_idx_files, _make, _read_idx
+from .datasets import MNIST_FILES, Dataset, _find_idx_files, _make, _read_idx
 from .download import DatasetError, download_file
 
 __all__ = ["LOADERS", "load_mnist", "load_stl10", "load_svhn"]
@@ -256,12 +256,6 @@ def _bad_stl10(path: Path, why: str) -> DatasetError:
 # ------------------------------------------------------------------------ MNIST
 
 MNIST_URLS = ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/")  # official, mirror
-MNIST_FILES = {  # file name -> MD5 (the same names as Fashion-MNIST's files)
-    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-}
 
 
 def load_mnist(data_dir: Path, download: bool) -> Dataset:

@@ -3,6 +3,7 @@ import pickle
 
 import numpy as np
 import pytest
+from test_datasets import py2_pickle  # Python 2 cPickle protocol-2 writer, as the CIFAR files were made
 
 from fixmatch.data.safe_pickle import safe_load_pickle
 
@@ -139,9 +140,7 @@ def test_plain_dtypes_orders_and_shapes_round_trip(protocol):
 def test_python2_cpickle_form_of_the_official_batches_loads():
     # The official batches were written by Python 2's cPickle: byte strings (SHORT_BINSTRING) for the type
     # code, the byte order and the raw pixels, which encoding='bytes' reads as bytes.
-    payload = (b"\x80\x02}(U\x04datacnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
-               b"(K\x01K\x02K\x03\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xff"
-               b"J\xff\xff\xff\xffK\x00tb\x89U\x06\x00\x01\x02\x03\x04\x05tbU\x06labels]q\x01(K\x01K\x02eu.")
-    out = safe_load_pickle(payload)
+    data = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    out = safe_load_pickle(py2_pickle({b"data": data, b"labels": [1, 2]}))
     assert out[b"labels"] == [1, 2]
-    assert out[b"data"].dtype == np.uint8 and out[b"data"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert out[b"data"].dtype == np.uint8 and out[b"data"].tolist() == data.tolist()

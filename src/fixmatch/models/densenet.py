@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fixmatch.models import register_model
-from fixmatch.models.stem import ImageSize, choose_stem
+from fixmatch.models.stem import ImageSize, choose_stem, stem_layers
 
 
 class DenseLayer(nn.Module):
@@ -80,12 +80,7 @@ class DenseNet(nn.Module):
     ) -> None:
         super().__init__()
         self.stem_kind = choose_stem(image_size, stem)
-        if self.stem_kind == "imagenet":
-            conv0 = nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False)
-            pool0: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            conv0 = nn.Conv2d(in_channels, num_init_features, 3, stride=1, padding=1, bias=False)
-            pool0 = nn.Identity()
+        conv0, pool0 = stem_layers(self.stem_kind, in_channels, num_init_features)
         self.features = nn.Sequential(OrderedDict([
             ("conv0", conv0), ("norm0", nn.BatchNorm2d(num_init_features, momentum=bn_momentum)),
             ("relu0", nn.ReLU(inplace=True)), ("pool0", pool0),

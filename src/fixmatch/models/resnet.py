@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fixmatch.models import register_model
-from fixmatch.models.stem import ImageSize, choose_stem
+from fixmatch.models.stem import ImageSize, choose_stem, stem_layers
 
 
 class BasicBlock(nn.Module):
@@ -93,12 +93,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.stem_kind = choose_stem(image_size, stem)
-        if self.stem_kind == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
-        else:
-            self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+        self.conv1, self.maxpool = stem_layers(self.stem_kind, in_channels, 64)
         self.bn1 = nn.BatchNorm2d(64, momentum=bn_momentum)
         self.relu = nn.ReLU(inplace=True)
         channels = 64

@@ -9,6 +9,8 @@ first-stage maps (24x24 at 96) are then about as large as the CIFAR stem's at 32
 """
 from __future__ import annotations
 
+from torch import nn
+
 ImageSize = int | tuple[int, int]
 
 CIFAR_STEM_MAX_SIDE = 64
@@ -31,3 +33,11 @@ def choose_stem(image_size: ImageSize, stem: str | None = None) -> str:
                              f"got {stem!r}")
         return stem
     return "cifar" if image_side(image_size) <= CIFAR_STEM_MAX_SIDE else "imagenet"
+
+
+def stem_layers(kind: str, in_channels: int, out_channels: int) -> tuple[nn.Conv2d, nn.Module]:
+    """The stem's convolution (no bias: a BatchNorm follows) and its max-pool (Identity for the CIFAR stem)."""
+    if kind == "imagenet":
+        return (nn.Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False),
+                nn.MaxPool2d(3, stride=2, padding=1))
+    return nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=False), nn.Identity()

@@ -144,3 +144,55 @@ def test_python2_cpickle_form_of_the_official_batches_loads():
     out = safe_load_pickle(py2_pickle({b"data": data, b"labels": [1, 2]}))
     assert out[b"labels"] == [1, 2]
     assert out[b"data"].dtype == np.uint8 and out[b"data"].tolist() == data.tolist()
+
+
+class _Reduce:
+    """Pickles as ``fn(*args)``, then BUILD with ``state`` when one is given: hand-made hostile files."""
+
+    def __init__(self, fn, args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's own _reconstruct, whatever module holds it
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_U1 = np.dtype("u1")
+
+
+@pytest.mark.parametrize("hostile, message", [
+    (_Reduce(np.dtype, (5,)), "a dtype code of type int"),
+    (_Reduce(np.dtype, ("u1" * 20,)), r"the dtype code 'u1u1"),
+    (_Reduce(np.dtype, ("zz",)), r"the dtype code 'zz'"),
+    (np.zeros(2, "M8[s]"), "the dtype 'M8'"),
+    (_Reduce(np.dtype, ("u1",), (3,)), "a malformed dtype state"),
+    (_Reduce(np.dtype, ("u1",), (3, "x", None, None, None, -1, -1, 0)), "the byte order 'x'"),
+    (_Reduce(np.dtype, ("V2",), (3, "|", (_U1, (2,)), None, None, 2, 1, 0)), "a structured or sub-array dtype"),
+    (_Reduce(_FROMBUFFER, (b"\x00", "u1", (1,), "C")), "an array whose dtype is not a numpy.dtype"),
+    (_Reduce(_FROMBUFFER, (b"\x00", _U1, (-1,), "C")), r"the array shape \(-1,\)"),
+    (_Reduce(_FROMBUFFER, (b"\x00", _U1, [1], "C")), r"the array shape \[1\]"),
+    (_Reduce(_FROMBUFFER, ("ab", _U1, (2,), "C")), "array data of type str"),
+    (_Reduce(_FROMBUFFER, (b"\x00", _U1, (1,), "K")), "the memory order 'K'"),
+    (_Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b"), (1, (1,))), "a malformed array state"),
+    (_Reduce(_RECONSTRUCT, (np.ndarray, (0,), b"b")), "an array that the file never filled"),
+    (_Reduce(_RECONSTRUCT, (np.dtype, (0,), b"b")), "_reconstruct of numpy.dtype"),
+    (_Reduce(bytes, (10**12,)), r"bytes\(\) with arguments"),
+    ({b"type": np.ndarray}, "numpy.ndarray as a value"),
+    ((np.dtype,), "numpy.dtype as a value"),
+], ids=["code-not-text", "code-too-long", "unknown-code", "datetime", "dtype-state-short", "byte-order",
+        "sub-array", "dtype-not-dtype", "negative-shape", "shape-not-tuple", "data-not-bytes", "memory-order",
+        "array-state-short", "array-never-built", "reconstruct-other-class", "bytes-allocation", "class-as-value",
+        "callable-as-value"])
+def test_each_hostile_construction_is_refused_by_name(hostile, message):
+    with pytest.raises(pickle.UnpicklingError, match=message) as caught:
+        safe_load_pickle(pickle.dumps(hostile, protocol=2))
+    assert "\n" not in str(caught.value)
+
+
+def test_arrays_inside_tuples_and_sets_become_numpy_objects():
+    # Protocol 4 has opcodes for sets; protocol 2 would name builtins.frozenset, which is refused.
+    out = safe_load_pickle(pickle.dumps({b"t": (np.arange(3, dtype=np.int16), 1), b"s": frozenset({np.int64(4)})},
+                                        protocol=4))
+    assert out[b"t"][0].dtype == np.int16 and out[b"t"][0].tolist() == [0, 1, 2] and out[b"t"][1] == 1
+    assert out[b"s"] == frozenset({4}) and type(next(iter(out[b"s"]))) is np.int64

@@ -253,6 +253,43 @@ def test_save_checkpoint_failure_is_one_checkpoint_error_and_leaves_no_temp_file
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+class _FillingFile(io.RawIOBase):
+    """A binary file on a disk with ``room`` bytes left: the write that would pass it fails with ENOSPC."""
+
+    def __init__(self, path, mode, room):
+        super().__init__()
+        self._real, self._room = open(path, mode), room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._real.write(data)
+
+    def fileno(self):
+        return self._real.fileno()
+
+    def close(self):
+        self._real.close()
+        super().close()
+
+
+@pytest.mark.parametrize("room", [0, 100, 5000])
+def test_disk_filling_up_inside_torch_save_is_named_not_hidden(tmp_path, monkeypatch, room):
+    # The real torch.save, writing to a file that runs out of space: torch turns the OSError into a RuntimeError
+    # about its zip stream, and save_checkpoint must still report the full disk.
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": "fixmatch-checkpoint", "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoint_module, "open", lambda p, mode: _FillingFile(p, mode, room), raising=False)
+    with pytest.raises(CheckpointError, match="No space left on device.*is intact"):
+        save_checkpoint({"format": "fixmatch-checkpoint", "w": torch.zeros(3000)}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 class _FullDiskFile(io.StringIO):
     """A text file whose writes store half the data and fail, as a full disk does."""
 

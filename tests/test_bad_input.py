@@ -4,7 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from folder_images import RED, make_folder, solid, truncate
+import torch
+from folder_images import GREEN, RED, make_folder, solid, truncate
 
 import fixmatch
 from fixmatch.cli import main
@@ -67,6 +68,27 @@ def test_truncated_png_detected(tmp_path):
         load(root, tmp_path)
 
 
+def test_skip_drops_images_that_fail_while_decoding_and_keeps_every_other_row_in_place(tmp_path, capsys):
+    # Headers intact, pixel data cut short: these pass the scan and fail in the decoding pass, whose cache rows
+    # must then be compacted without shifting the good images against their labels.
+    root = make_folder(tmp_path / "imgs", per_class=3)
+    rng = np.random.default_rng(0)
+    from PIL import Image
+    for name in ("labeled/cat/1b.png", "unlabeled/cut.png"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / name)
+        truncate(root / name, 0.7)
+    data = load(root, tmp_path, on_bad_image="skip")
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().err
+    assert data.train_labels.tolist() == [0, 0, 0, 1, 1, 1] and data.unlabeled_images.shape[0] == 4
+    # make_folder's labeled images are solid: class colour + index, in file order (0, 1, 2; 1b.png is gone)
+    want = [[v + i for v in colour] for colour in (RED, GREEN) for i in range(3)]
+    assert data.train_images[:, :, 0, 0].tolist() == want
+    assert not [p for p in (tmp_path / "data").rglob("*.tmp")]
+    again = load(root, tmp_path, on_bad_image="skip")
+    assert torch.equal(again.train_images, data.train_images)
+    assert torch.equal(again.unlabeled_images, data.unlabeled_images)
+
+
 def test_non_image_extension_is_ignored_and_reported(tmp_path, capsys):
     root = make_folder(tmp_path / "imgs")
     (root / "labeled" / "cat" / "README.txt").write_text("notes")
@@ -80,6 +102,63 @@ def test_empty_class_folder(tmp_path):
     (root / "labeled" / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"class folder .*empty holds no images .*; add images or remove"):
         load(root, tmp_path)
+
+
+def _no_class_folders(root):
+    for f in (root / "labeled").rglob("*.png"):
+        f.rename(root / "labeled" / f"{f.parent.name}-{f.name}")
+    for d in (root / "labeled").iterdir():
+        if d.is_dir():
+            d.rmdir()
+
+
+def _csv(text):
+    def write(root):
+        (root / "labels.csv").write_text(text)
+        return {"labels_csv": str(root / "labels.csv")}  # beside labeled/, the CSV must be named
+    return write
+
+
+def _empty_test_class(root):
+    for f in (root / "test" / "dog").iterdir():
+        f.unlink()
+
+
+def _test_without_class_folders(root):
+    for d in (root / "test").iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (_no_class_folders, r"labeled has no class folders; put each class's images in .*labeled/<class name>/"),
+    (_csv("path,label\n\n"), r"labels.csv lists no images; add rows 'path,label'"),
+    (_csv("labeled/cat/0.png,cat\nlabeled/cat/0.png,cat\n"), r"lists .*0.png twice; keep one row per image"),
+    (_empty_test_class, r"class folder .*test/dog holds no images; add images or remove the folder"),
+    (_test_without_class_folders, r"test holds no class folders with images; add .*or remove it"),
+], ids=["no-class-folders", "empty-csv", "csv-row-twice", "empty-test-class", "empty-test-folder"])
+def test_layout_errors_name_the_problem_and_the_fix(tmp_path, spoil, message):
+    root = make_folder(tmp_path / "imgs")
+    with pytest.raises(DatasetError, match=message) as err:
+        load(root, tmp_path, **(spoil(root) or {}))
+    one_line(err.value)
+    assert cache_entries(tmp_path) == []
+
+
+def test_labeled_folder_and_labels_csv_together_are_ambiguous(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "labels.csv").write_text("labeled/cat/0.png,dog\nlabeled/dog/0.png,cat\n")  # swapped labels
+    with pytest.raises(DatasetError, match=r"has both labeled/ and labels.csv; remove one, or pass --labels-csv"):
+        load(root, tmp_path)
+    data = load(root, tmp_path, labels_csv=str(root / "labels.csv"))  # named: the CSV alone gives the labels
+    assert data.train_labels.tolist() == [data.class_names.index("dog"), data.class_names.index("cat")]
+
+
+def test_missing_labels_csv_names_the_flag(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    with pytest.raises(DatasetError, match=r"labels file .*nothere.csv not found; check --labels-csv"):
+        load(root, tmp_path, labels_csv=str(tmp_path / "nothere.csv"))
 
 
 def test_class_only_in_test(tmp_path):

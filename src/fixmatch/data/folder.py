@@ -189,9 +189,14 @@ def _class_folders(folder: Path) -> list[Path]:
 def _labeled_entries(root: Path, labels_csv: str | Path | None, ignored: list[Path]
                      ) -> tuple[list[str], list[_Entry]]:
     csv_path = Path(labels_csv).expanduser() if labels_csv else root / "labels.csv"
-    if labels_csv or (csv_path.is_file() and not (root / "labeled").is_dir()):
-        return _csv_entries(csv_path)
     folder = root / "labeled"
+    if labels_csv:
+        return _csv_entries(csv_path)
+    if csv_path.is_file():
+        if folder.is_dir():  # two sources of labels that may disagree: make the user pick one
+            raise DatasetError(f"{root} has both labeled/ and labels.csv; remove one, or pass --labels-csv "
+                               f"{csv_path} to use the CSV")
+        return _csv_entries(csv_path)
     if not folder.is_dir():
         raise DatasetError(f"{root} has neither labeled/<class>/ folders nor labels.csv; put each class's images "
                            f"in {folder}/<class name>/ or list them as path,label rows in {root / 'labels.csv'}")

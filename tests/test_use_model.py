@@ -275,6 +275,56 @@ def test_safetensors_export_round_trips(run, model, tmp_path, data):
                                .probabilities, atol=1e-6)
 
 
+def test_safetensors_files_that_are_not_fixmatch_exports_are_named(run, tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (pip install 'fixmatch[export]')")
+    from safetensors.torch import load_file, save_file
+    good = tmp_path / "good.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(good)]) == 0
+    weights = load_file(str(good))
+    from safetensors import safe_open
+    with safe_open(str(good), framework="pt") as f:
+        description = f.metadata()["fixmatch"]
+    cases = {
+        "corrupt": (b"\x08\x00\x00\x00\x00\x00\x00\x00{not json", "cannot read"),
+        "foreign": ({}, "has no fixmatch model description; export it with fixmatch export"),
+        "bad-json": ({"fixmatch": "{not json"}, "its model description is not valid JSON"),
+        "wrong-weights": ({"fixmatch": description}, "the weights do not fit model 'cnn_small'"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif name == "wrong-weights":
+            save_file({k: v for k, v in weights.items() if not k.endswith("bias")}, str(path), metadata=content)
+        else:
+            save_file(weights, str(path), metadata=content)
+        with pytest.raises(CheckpointError, match=message) as err:
+            fixmatch.load(path)
+        assert "\n" not in str(err.value), name
+    with pytest.raises(CheckpointError, match="no such file"):
+        fixmatch.load(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("images, message", [
+    ([], r"predict\(\) got no images"),
+    (torch.zeros(1, 1, 3, 16, 16), r"a tensor of images must be \(H, W\), \(C, H, W\) or \(N, C, H, W\)"),
+    (np.zeros((1, 1, 16, 16, 3), np.uint8), r"an array of images must be \(H, W\), \(H, W, C\) or \(N, H, W, C\)"),
+    (torch.zeros(3, 16, 16, dtype=torch.int32), r"must be uint8 in \[0, 255\] or float in \[0, 1\], not torch.int32"),
+], ids=["empty", "tensor-5d", "array-5d", "int32"])
+def test_predict_names_the_shape_or_type_it_cannot_take(model, images, message):
+    with pytest.raises(ValueError, match=message):
+        model.predict(images)
+
+
+def test_predict_takes_a_single_grey_tensor_and_float_images(model, data):
+    x = data.test_images[0]  # (3, H, W) uint8
+    grey = x.float().mean(0).round().to(torch.uint8)  # (H, W)
+    one = model.predict(grey).probabilities
+    assert one.shape == (1, 10) and np.isfinite(one).all()
+    np.testing.assert_allclose(model.predict(x.float() / 255).probabilities, model.predict(x).probabilities,
+                               atol=1e-5)
+
+
 def test_export_errors_are_one_line_and_leave_nothing_half_written(run, tmp_path, capsys, monkeypatch):
     assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "no" / "m.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -74,6 +74,35 @@ def test_existing_run_dir_is_refused_without_resume(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
 
 
+def test_resume_of_a_folder_that_is_no_run_is_refused_and_left_alone(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("precious")
+    assert main(["train", "--out", str(folder), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "config.yaml not found" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+
+
+def test_api_train_without_a_config_or_run_directory_is_refused():
+    import fixmatch
+    with pytest.raises(ConfigError, match="needs a Config unless it resumes"):
+        fixmatch.train(None)
+    with pytest.raises(ConfigError, match="resuming needs the run directory"):
+        fixmatch.train(None, resume=True)
+
+
+def test_split_file_with_another_label_count_is_refused_before_the_run_starts(tmp_path, capsys):
+    base = ["train", "--dataset", "synthetic", "--model", "cnn_small", "--steps", "2", "--eval-every", "2",
+            "--batch-size", "8", "--mu", "1", "--no-progress"]
+    assert main(base + ["--num-labels", "40", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    argv = base + ["--num-labels", "20", "--split-file", str(tmp_path / "a" / "split.json"), "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    assert "the split has 40 labeled images but num_labels is 20" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_presets_command_lists_values(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out

@@ -380,6 +380,38 @@ def test_download_network_error(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "other.gz"]
 
 
+def test_interrupted_download_leaves_no_partial_file(tmp_path, monkeypatch):
+    class Response:  # a server that sends one chunk, then the user presses Ctrl-C
+        headers = {"Content-Length": "2000000"}
+        sent = False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, n):
+            if self.sent:
+                raise KeyboardInterrupt
+            self.sent = True
+            return b"x" * 1000
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda *a, **k: Response())
+    with pytest.raises(KeyboardInterrupt):
+        download_file("https://example.org/f", tmp_path / "new" / "f", "0" * 32)
+    assert list(tmp_path.iterdir()) == []  # neither the .part file nor the folder made for it
+
+
+def test_download_into_an_unwritable_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the data folder should be")
+    with pytest.raises(DatasetError, match=r"cannot write to .*data .*choose a writable data_dir or download it "
+                                           r"manually from https://example\.org/f") as err:
+        download_file("https://example.org/f", blocker / "f", "0" * 32)
+    assert "\n" not in str(err.value) and blocker.read_text().startswith("a file")
+
+
 def test_download_skips_valid_existing_file_and_shows_progress(tmp_path, monkeypatch):
     src = tmp_path / "src.bin"
     src.write_bytes(bytes(range(256)) * 100)

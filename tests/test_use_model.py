@@ -79,13 +79,29 @@ def test_old_checkpoint_is_described_from_its_config(run, tmp_path, model, data)
     assert "\n" not in str(e.value)
 
 
-def test_malformed_description_is_refused(run, tmp_path):
+@pytest.mark.parametrize("field, value, message", [
+    ("std", [0.2, 0.2], r"malformed model description: 3 input channels with mean .* and std \(0.2, 0.2\)"),
+    ("input_size", [16], r"input size \(16,\) is not \(height, width\)"),
+    ("input_size", [16, 0], r"input size \(16, 0\) is not \(height, width\)"),
+    ("std", [0.2, 0.0, 0.2], r"std \(0.2, 0.0, 0.2\) must be positive"),
+    ("std", [0.2, float("nan"), 0.2], r"std .* must be positive"),
+    ("class_names", [], "no class names"),
+    ("in_channels", "three", r"malformed model description \(invalid literal"),
+    ("mean", None, r"malformed model description \("),
+    ("model_kwargs", None, "lacks the model description field.s. model_kwargs"),
+], ids=["std-per-channel", "size-1d", "size-zero", "std-zero", "std-nan", "no-classes", "channels-text",
+        "mean-none", "field-missing"])
+def test_malformed_description_is_refused(run, tmp_path, field, value, message):
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    state["std"] = [0.2, 0.2]  # two values for three channels
+    if value is None and field == "model_kwargs":
+        del state[field]
+    else:
+        state[field] = value
     bad = tmp_path / "bad.pt"
     save_checkpoint(state, bad)
-    with pytest.raises(CheckpointError, match="malformed model description"):
+    with pytest.raises(CheckpointError, match=message) as err:
         fixmatch.load(bad)
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------ Python API

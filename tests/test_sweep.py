@@ -149,6 +149,33 @@ def test_interrupted_run_is_resumed_and_changed_study_is_refused(tmp_path, monke
         run_sweep(changed, out)
 
 
+def test_ctrl_c_stops_the_sweep_with_its_runs_resumable_and_the_same_command_finishes_them(tmp_path):
+    import subprocess
+    import time
+    # Long enough (in steps) that Ctrl-C comes while the run trains, after its first checkpoint (step 40).
+    study = _study(tmp_path, {"seed": [0, 1]}, base={**TINY, "steps": 200, "eval_every": 40})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fixmatch", "sweep", str(study), "--out", str(out), "--workers", "1"]
+    # Its own process group, as a terminal gives one: Ctrl-C reaches the sweep and its training process.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = out / "seed=0" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.is_file(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in 120 s"
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "sweep interrupted; run the same command again to resume" in output
+    assert "stopped seed=0 (resumable)" in output and "seed=1" not in output.split("start seed=0")[-1]
+    assert run_state(out / "seed=0") == "resumable" and not (out / "seed=1").exists()
+
+    result = run_sweep(study, out, echo=lambda s: None)
+    assert sorted(result.done) == ["seed=0", "seed=1"] and not result.failed
+    rows = [json.loads(line) for line in (out / "seed=0" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 200 and len({r["step"] for r in rows}) == len(rows)  # resumed, nothing twice
+
+
 def test_cli_dry_run_lists_runs_and_states(tmp_path, capsys):
     from fixmatch.cli import main
     study = _study(tmp_path, {"seed": [0, 1]})

@@ -125,6 +125,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (run / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(ReportError, match="line 1 is not JSON"):
         load_runs([run])
+    run = _fake_run(tmp_path / "s", "a", [1.0])
+    (run / "summary.json").write_text('{"steps": 1')  # cut short
+    with pytest.raises(ReportError, match=r"summary.json is not JSON; re-run the run or remove it"):
+        load_runs([run])
+    run = _fake_run(tmp_path / "c", "a", [1.0])
+    (run / "config.yaml").write_text("lr: [0.03\n")
+    with pytest.raises(ReportError, match=r"cannot read .*config.yaml"):
+        load_runs([run])
+    (run / "config.yaml").write_text("learning_rate: 0.03\n")
+    with pytest.raises(ReportError, match=r"cannot read .*config.yaml: .*learning_rate"):
+        load_runs([run])
     from fixmatch.cli import main
     assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
 

@@ -84,12 +84,10 @@ def test_resume_of_a_folder_that_is_no_run_is_refused_and_left_alone(tmp_path, c
     assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
 
 
-def test_api_train_without_a_config_or_run_directory_is_refused():
+def test_api_train_without_a_config_is_refused():
     import fixmatch
     with pytest.raises(ConfigError, match="needs a Config unless it resumes"):
         fixmatch.train(None)
-    with pytest.raises(ConfigError, match="resuming needs the run directory"):
-        fixmatch.train(None, resume=True)
 
 
 def test_split_file_with_another_label_count_is_refused_before_the_run_starts(tmp_path, capsys):

@@ -293,7 +293,7 @@ def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
     for rank in range(2):
         result = torch.load(tmp_path / f"guard{rank}.pt", weights_only=True)
         assert result == {"verdicts": [False, True], "skipped": 1, "stopped": True, "refused": True,
-                          "ran_on": True, "named": "non-finite loss or gradients at step 3"}, f"rank {rank}"
+                          "ran_on": True, "named": "non-finite loss, gradients or BatchNorm statistics at step 3"}, f"rank {rank}"
     one = distributed.DistEnv()
     flag = torch.tensor(False)
     assert distributed.min_over_ranks(flag, one) is flag  # one process: the verdict as it is

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -58,7 +59,10 @@ def _files_equal_snapshot(folder):
 
 class _NaNAt(nn.Module):
     """cnn_small whose training forward passes number ``bad_steps`` (1-based) return NaN logits, or with
-    ``overflow_input`` overflow from the input on, so that BatchNorm's batch statistics are non-finite too."""
+    ``overflow_input`` overflow from the input on, so that BatchNorm's batch statistics are non-finite too, or
+    with ``overflow_input="variance"`` get an input so large (1e25, finite) that only the first BatchNorm's
+    batch variance overflows: it normalises to zeros, so the loss and gradients stay finite while its
+    running_var becomes inf."""
 
     def __init__(self, num_classes, in_channels, bad_steps, overflow_input=False, **kw):
         super().__init__()
@@ -72,7 +76,7 @@ class _NaNAt(nn.Module):
             self.calls += 1
             bad = self.calls in self.bad_steps
         if bad and self.overflow_input:
-            x = x * float("inf")
+            x = x * (1e25 if self.overflow_input == "variance" else float("inf"))
         out = self.net(x)
         return out * float("nan") if bad and not self.overflow_input else out
 
@@ -96,7 +100,7 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp
     run = tmp_path / "run"
     code, err = _cli(["train", *_flags(**{**QUICK, "model": nan_model({17})}, steps=30), "--out", str(run)], capsys)
     assert code == 2
-    assert "non-finite loss or gradients at step 17" in err
+    assert "non-finite loss, gradients or BatchNorm statistics at step 17" in err
     assert f"{run / 'checkpoints' / 'last.pt'} (step 10)" in err and "--on-nonfinite skip" in err
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 10
@@ -116,6 +120,16 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path, nan_model):
     assert state["nonfinite_steps"] == 3
     for key in ("model", "ema"):  # NaN gradients never reached the weights
         assert all(torch.isfinite(t).all() for t in state[key].values() if t.is_floating_point())
+
+
+def test_a_window_of_only_skipped_steps_logs_its_training_averages_as_undefined(tmp_path, nan_model, capsys):
+    # Steps 1-3 are all skipped: their loss and mask averages are undefined (null), not a perfect 0.
+    fixmatch.train(Config(**{**QUICK, "model": nan_model({1, 2, 3}), "on_nonfinite": "skip", "eval_every": 3},
+                          steps=6), out=tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss_s"], r["loss_u"], r["mask_rate"], r["pseudo_label_acc"]) for r in rows[:1]] == [(None,) * 4]
+    assert rows[1]["loss_s"] > 0 and rows[1]["mask_rate"] is not None
+    assert re.search(r"step +3 \| .* Ls - Lu - \| mask - pl-acc +- \|", capsys.readouterr().out)
 
 
 def test_a_skipped_step_stays_out_of_distribution_alignment(tmp_path, nan_model):
@@ -148,6 +162,21 @@ def test_a_skipped_overflow_does_not_poison_batchnorm_statistics(tmp_path, nan_m
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     for key in ("model", "ema"):
         assert all(torch.isfinite(t).all() for t in state[key].values() if t.is_floating_point())
+
+
+def test_a_step_that_makes_only_the_running_statistics_infinite_is_caught_at_that_step(tmp_path, nan_model, capsys):
+    # Loss and gradients of step 13 are finite, its BatchNorm running_var is not: skip mode drops the step and
+    # restores the statistics; stop mode names step 13, not the evaluation that would first see the damage.
+    model = nan_model({13}, overflow_input="variance")
+    summary = fixmatch.train(Config(**{**QUICK, "model": model, "on_nonfinite": "skip"}, steps=20),
+                             out=tmp_path / "skip")
+    assert summary["nonfinite_steps"] == 1
+    state = load_checkpoint(tmp_path / "skip" / "checkpoints" / "last.pt")
+    for key in ("model", "ema"):
+        assert all(torch.isfinite(t).all() for t in state[key].values() if t.is_floating_point())
+    code, err = _cli(["train", *_flags(**{**QUICK, "model": model}, steps=20), "--out", str(tmp_path / "stop")],
+                     capsys)
+    assert code == 2 and "non-finite loss, gradients or BatchNorm statistics at step 13" in err
 
 
 def test_deferred_check_names_the_first_bad_step(tmp_path):

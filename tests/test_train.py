@@ -139,6 +139,42 @@ def test_run_killed_right_after_an_evaluation_resumes_with_the_same_metrics(tmp_
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")
 
 
+def test_run_killed_while_appending_an_evaluation_resumes_past_the_torn_line(tmp_path, monkeypatch):
+    # Power lost half-way through writing the row of step 40: the row is cut short and its checkpoint never
+    # written. The resume drops the torn text, redoes step 40's evaluation and ends as an uninterrupted run.
+    fixmatch.train(Config(**QUICK, steps=60), out=tmp_path / "straight")
+    log_module = sys.modules["fixmatch.log"]
+    real_append = log_module.append_line
+
+    def torn_append(path, line):
+        if json.loads(line)["step"] == 40:
+            with open(path, "a") as f:
+                f.write(line[: len(line) // 2])
+            raise _Killed
+        real_append(path, line)
+
+    monkeypatch.setattr(log_module, "append_line", torn_append)
+    with pytest.raises(_Killed):
+        fixmatch.train(Config(**QUICK, steps=60), out=tmp_path / "killed")
+    monkeypatch.setattr(log_module, "append_line", real_append)
+    assert not (tmp_path / "killed" / "metrics.jsonl").read_text().endswith("\n")
+    fixmatch.train(None, out=tmp_path / "killed", resume=True)
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")
+
+
+def test_a_damaged_metrics_line_stops_the_resume_in_one_line_naming_it(tmp_path, capsys):
+    from fixmatch.cli import main
+    run = tmp_path / "run"
+    fixmatch.train(Config(**QUICK, steps=20), out=run)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(["{garbage", *rows[1:]]) + "\n")
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl line 1 is not a metrics row ('{garbage'); repair or remove that line" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_stop_request_during_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
     train_module = sys.modules["fixmatch.train"]
     real_evaluate = train_module._evaluate_step

@@ -7,14 +7,31 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fixmatch.rundir import append_line, write_text_atomic
+from fixmatch.rundir import RunDirError, append_line, write_text_atomic
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl. A last line without its newline is a write cut short (power loss during
+    append_line) and is left out: its evaluation comes before its checkpoint, so a resume redoes it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = e
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise RunDirError(f"{path} line {number} is not a metrics row ({line[:40]!r}); repair or remove that "
+                              f"line, then resume")
+        rows.append(row)
+    return rows
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -56,11 +73,14 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"eval/{key}", value, row["step"])
             self.writer.flush()
-        pl_acc = "-" if row["pseudo_label_acc"] is None else f"{row['pseudo_label_acc']:6.2f}%"  # None: no pseudo-label
+
+        def shown(key: str, fmt: str, unit: str = "") -> str:  # None: undefined (no pseudo-label, or all skipped)
+            return "-" if row[key] is None else format(row[key], fmt) + unit
         self.write(
             f"step {row['step']:>7d} | test acc {row['test_acc']:6.2f}% (raw {row['raw_test_acc']:6.2f}%, "
-            f"top-5 {row['test_top5']:6.2f}%) | Ls {row['loss_s']:.3f} Lu {row['loss_u']:.3f} | "
-            f"mask {row['mask_rate']:.3f} pl-acc {pl_acc:>7} | lr {row['lr']:.5f}")
+            f"top-5 {row['test_top5']:6.2f}%) | Ls {shown('loss_s', '.3f')} Lu {shown('loss_u', '.3f')} | "
+            f"mask {shown('mask_rate', '.3f')} pl-acc {shown('pseudo_label_acc', '6.2f', '%'):>7} | "
+            f"lr {row['lr']:.5f}")
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """Logs an RGB uint8 image (H, W, 3) to TensorBoard (e.g. the augmentation grid)."""

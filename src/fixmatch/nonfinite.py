@@ -1,7 +1,10 @@
 """Non-finite losses, gradients and weights: found at the step they happen, before they reach a checkpoint.
 
-Each step's loss and gradient norm are checked before the optimiser uses them (one fused norm over the
-gradients: cheap next to the forward pass). What happens then depends on ``on_nonfinite``:
+Each step's loss, gradients and floating-point buffers are checked before the optimiser uses them (one fused
+max-norm over the gradients and buffers: cheap next to the forward pass). The buffers count because the forward
+pass updates BatchNorm's running statistics: a batch variance that overflows to inf normalises the activations
+to zero, so the loss and gradients stay finite while ``running_var`` becomes inf, and every later evaluation
+would use it. What happens then depends on ``on_nonfinite``:
 
 - ``stop`` (default): raise ``NonFiniteError`` naming the step and the last good checkpoint, which is left as it
   was (nothing is written after a bad step).
@@ -71,10 +74,15 @@ class NonFiniteGuard:
         self.deferred = mode == "stop" and device.type != "cpu"
         self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
-    def step_is_finite(self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> bool:
-        """After ``loss.backward()`` of step ``step`` (1-based): True if the update may be applied."""
-        grads = [p.grad.detach() for p in params if p.grad is not None]
-        finite = torch.isfinite(loss.detach()) & _all_finite(grads).to(loss.device)
+    def step_is_finite(self, step: int, loss: torch.Tensor, params: Iterable[torch.nn.Parameter],
+                       buffers: Iterable[torch.Tensor] = ()) -> bool:
+        """After ``loss.backward()`` of step ``step`` (1-based): True if the update may be applied.
+
+        ``buffers``: the model's buffers as this step's forward pass left them (BatchNorm running statistics).
+        """
+        checked = [p.grad.detach() for p in params if p.grad is not None]
+        checked += [b.detach() for b in buffers if b.is_floating_point()]
+        finite = torch.isfinite(loss.detach()) & _all_finite(checked).to(loss.device)
         if self.deferred:  # this rank's own verdict; the ranks agree in raise_if_failed
             self._first_bad = torch.where((self._first_bad < 0) & ~finite, step, self._first_bad)
             return True
@@ -82,7 +90,7 @@ class NonFiniteGuard:
         if bool(finite):
             return True
         if self.mode == "stop":
-            raise self._error(f"non-finite loss or gradients at step {step}")
+            raise self._error(f"non-finite loss, gradients or BatchNorm statistics at step {step}")
         self.skipped += 1
         return False
 
@@ -114,7 +122,7 @@ class NonFiniteGuard:
             first_bad = self.rank_min(torch.where(first_bad < 0, none, first_bad))
             first_bad = torch.where(first_bad == none, -1, first_bad)
         if (bad := int(first_bad)) >= 0:
-            raise self._error(f"non-finite loss or gradients at step {bad}")
+            raise self._error(f"non-finite loss, gradients or BatchNorm statistics at step {bad}")
 
     def check_weights(self, step: int, *modules: torch.nn.Module) -> None:
         """Before a checkpoint: every parameter and buffer of ``modules`` is finite (one sync per checkpoint)."""

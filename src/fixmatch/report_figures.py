@@ -117,7 +117,9 @@ def best_vs_labels(groups: list[Group], path: Path) -> str:
 
 def losses(groups: list[Group], path: Path) -> str:
     """Ls, Lu and the total Ls + lambda_u * Lu against step (top) and their change since the previous evaluation."""
-    def total(run: Run, row: dict) -> float:
+    def total(run: Run, row: dict) -> float | None:
+        if row["loss_s"] is None or row["loss_u"] is None:  # every step of that window was skipped
+            return None
         return row["loss_s"] + run.config["lambda_u"] * row["loss_u"]
 
     curves = [("supervised loss Ls", "loss_s", None), ("unsupervised loss Lu", "loss_u", None),

@@ -315,7 +315,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 # With fp16 loss scaling, overflowing gradients are the scaler's to skip: only the loss is checked.
                 grads_checked = model.parameters() if scaler is None else []
-                finite = guard.step_is_finite(step + 1, loss, grads_checked)  # False: skip (on_nonfinite)
+                finite = guard.step_is_finite(step + 1, loss, grads_checked, model.buffers())  # False: skip
                 if finite:
                     if scaler is not None:
                         scaler.step(optimizer)
@@ -417,9 +417,11 @@ def _evaluate_step(model: torch.nn.Module, ema: EMA, data: Dataset, mean: torch.
                                                                    config.eval_batch_size, config.channels_last)
     ema_m, raw_m = accuracy_metrics(ema_logits, data.test_labels), accuracy_metrics(raw_logits, data.test_labels)
     loss_s, loss_u, mask_sum, pl_correct, n, masked = sums.tolist()
-    n = max(n, 1.0)
+
+    def mean(total: float) -> float | None:  # None (JSON null): every step since the last evaluation was skipped
+        return total / n if n > 0 else None
     return {"step": step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "raw_test_acc": raw_m["top1"],
-            "loss_s": loss_s / n, "loss_u": loss_u / n, "mask_rate": mask_sum / n,
+            "loss_s": mean(loss_s), "loss_u": mean(loss_u), "mask_rate": mean(mask_sum),
             # None (JSON null) when no used pseudo-label has a known true label: undefined, not 0% accurate.
             "pseudo_label_acc": 100.0 * pl_correct / masked if masked > 0 else None, "lr": lr, "wall_s": wall_s}
 

@@ -301,3 +301,10 @@ def test_cutout_batch() -> None:
     assert torch.equal(ops.cutout(x, 0, g), x)
     g.manual_seed(4)
     assert torch.equal(ops.cutout(x, size, g, fill=1.0), out)
+
+
+def test_integer_images_other_than_uint8_are_refused_not_clamped():
+    x = torch.full((1, 1, 4, 4), 200, dtype=torch.int64)
+    with pytest.raises(TypeError, match="uint8 in \\[0, 255\\] or float in \\[0, 1\\], not torch.int64"):
+        ops.to_float(x)
+    assert ops.to_float(x.to(torch.uint8)).max().item() == pytest.approx(200 / 255)

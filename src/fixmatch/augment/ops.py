@@ -71,6 +71,8 @@ def to_float(x: Tensor, copy: bool = False) -> Tensor:
     """
     if x.dtype == torch.uint8:
         return x.float().div_(255)
+    if not x.is_floating_point():  # e.g. int64 in 0..255: taken as [0, 1] it would be clamped to black and white
+        raise TypeError(f"images must be uint8 in [0, 255] or float in [0, 1], not {x.dtype}")
     return x.to(torch.float32, copy=copy)
 
 

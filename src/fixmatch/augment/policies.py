@@ -32,7 +32,9 @@ Posterize     bits            [4, 8]               round(4 + 4 m / 10)
 ============  ==============  ===================  ==========================
 
 For a symmetric range, m < 5 gives negative values and m > 5 positive ones,
-so both directions occur. Cutout covers a square of side
+so both directions occur, and m = 5 gives 0 (the image unchanged). The popular
+PyTorch port maps these ops differently (a magnitude m / 10 of the range's
+end with a random sign): randaugment_variants.py compares the two. Cutout covers a square of side
 ``round(cutout * min(H, W))``.
 """
 

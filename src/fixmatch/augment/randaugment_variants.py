@@ -5,10 +5,19 @@ in [0, 1], (N, C, H, W)) that returns float32 in [0, 1], with ``sample``,
 ``apply`` and ``describe`` as in RandAugment. The names:
 
 ``randaugment``
-    The FixMatch paper's RandAugment (its appendix) as in the popular PyTorch
-    port: policies.RandAugment, unchanged. 2 ops, each applied with
-    probability 0.5, integer level 1..9 of 10 mapped onto the paper's ranges,
-    then Cutout.
+    The FixMatch paper's RandAugment (its appendix): policies.RandAugment,
+    unchanged. 2 ops, each applied with probability 0.5, integer level 1..9
+    of 10 mapped linearly onto the paper's ranges, then Cutout. Against the
+    popular PyTorch port (kekmodel/FixMatch-pytorch, RandAugmentMC), which
+    draws the same ops, levels and probability: the enhancement factors
+    (0.05 + 0.09 l) are the same; Solarize's thresholds are the same set
+    (the port's 256 - int(25.6 l) runs through it in the other order of l);
+    the signed ops differ. The port gives Rotate, Shear and Translate a
+    magnitude of l / 10 of the range's end with a random sign (Rotate
+    +-3..27 degrees, never 0); here the level spans the whole range from
+    its lower end (Rotate -24..24 in steps of 6, 0 at l = 5, so one draw in
+    nine of a geometric op leaves the image as it is). Posterize keeps
+    round(4 + 0.4 l) = 4..8 bits where the port keeps 4 + int(0.4 l) = 4..7.
 
 ``randaugment-tf``
     The official TensorFlow code's own RandAugment (google-research/fixmatch:

@@ -156,8 +156,11 @@ def test_ctrl_c_stops_the_sweep_with_its_runs_resumable_and_the_same_command_fin
     study = _study(tmp_path, {"seed": [0, 1]}, base={**TINY, "steps": 200, "eval_every": 40})
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fixmatch", "sweep", str(study), "--out", str(out), "--workers", "1"]
-    # Its own process group, as a terminal gives one: Ctrl-C reaches the sweep and its training process.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Its own process group, as a terminal gives one: Ctrl-C reaches the sweep and its training process. SIGINT
+    # back to its default first: a test runner started in the background of a shell inherits it ignored, and a
+    # Python process that starts with SIGINT ignored keeps ignoring it (as `nohup fixmatch sweep ... &` should).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = out / "seed=0" / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:

@@ -260,6 +260,28 @@ def test_torchscript_export_matches_pytorch(run, model, tmp_path, capsys):
             torch.testing.assert_close(scripted(x.float() / 255), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("input_dtype", ["uint8", "float32"])
+def test_pt2_export_matches_pytorch(run, model, tmp_path, capsys, input_dtype):
+    out = tmp_path / "model.pt2"
+    assert main(["export", str(run), "--format", "pt2", "--out", str(out), "--input-dtype", input_dtype]) == 0
+    assert "exported ema weights as pt2" in capsys.readouterr().out
+    files = {"fixmatch.json": ""}
+    program = torch.export.load(str(out), extra_files=files)
+    assert ModelSpec.from_dict(json.loads(files["fixmatch.json"]), "extra file") == model.spec
+    exported = program.module()
+    with torch.no_grad():
+        for x in _probe():  # other batch sizes and image sizes than the export's example
+            x_in = x if input_dtype == "uint8" else x.float() / 255
+            torch.testing.assert_close(exported(x_in), model.module(x), atol=1e-4, rtol=0)
+
+
+def test_export_command_offers_every_format():
+    from fixmatch.cli import build_parser
+    export_parser = build_parser()._subparsers._group_actions[0].choices["export"]
+    formats = next(a.choices for a in export_parser._actions if a.dest == "format")
+    assert tuple(formats) == fixmatch.export.EXPORT_FORMATS
+
+
 def test_onnx_export_matches_pytorch(run, model, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'fixmatch[export]')")
     onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'fixmatch[export]')")

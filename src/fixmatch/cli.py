@@ -197,15 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export a trained model as TorchScript, ONNX or safetensors",
-                       description="TorchScript and ONNX files contain the preprocessing: they take uint8 or "
-                                   "float [0, 1] images (N, C, H, W) of any size and return logits.")
+    p = sub.add_parser("export", help="export a trained model as TorchScript, torch.export (.pt2), ONNX or "
+                                      "safetensors",
+                       description="TorchScript, .pt2 and ONNX files contain the preprocessing: they take uint8 "
+                                   "or float [0, 1] images (N, C, H, W) of any size and return logits.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
-    p.add_argument("--format", required=True, choices=["torchscript", "onnx", "safetensors"], help="file format")
+    # export.EXPORT_FORMATS, written out so that building the parser does not import torch.
+    p.add_argument("--format", required=True, choices=["torchscript", "pt2", "onnx", "safetensors"],
+                   help="file format")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write (replaced atomically)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
     p.add_argument("--input-dtype", choices=["uint8", "float32"], default="uint8",
-                   help="ONNX only: the graph's input type, uint8 [0, 255] (default) or float32 [0, 1]")
+                   help="pt2 and ONNX: the graph's input type, uint8 [0, 255] (default) or float32 [0, 1]")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("sweep", help="run every configuration of a study grid (skips finished runs, resumes others)",

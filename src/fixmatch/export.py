@@ -1,11 +1,12 @@
-"""`fixmatch export`: a trained model as TorchScript, ONNX or safetensors, written atomically.
+"""`fixmatch export`: a trained model as TorchScript, torch.export (.pt2), ONNX or safetensors, written atomically.
 
-TorchScript and ONNX files hold the whole ``inference.Classifier``: images (N, C, H, W), uint8 in
+TorchScript, .pt2 and ONNX files hold the whole ``inference.Classifier``: images (N, C, H, W), uint8 in
 [0, 255] or float in [0, 1], of any height and width, are resized to the input size and standardised
-inside the graph; the output is the logits (N, num_classes). The model description (class names,
-input size, normalisation: ``ModelSpec``) travels with every file: TorchScript in the extra file
-``fixmatch.json``, ONNX in the metadata property ``fixmatch``, safetensors in its header metadata
-``fixmatch``. A safetensors file holds the backbone's state dict only (no preprocessing): load it with
+inside the graph; the output is the logits (N, num_classes). A TorchScript file takes both input types;
+a .pt2 or ONNX graph takes the one it was exported for (``input_dtype``). The model description (class
+names, input size, normalisation: ``ModelSpec``) travels with every file: TorchScript and .pt2 in the
+extra file ``fixmatch.json``, ONNX in the metadata property ``fixmatch``, safetensors in its header
+metadata ``fixmatch``. A safetensors file holds the backbone's state dict only (no preprocessing): load it with
 ``fixmatch.load(FILE)`` or into ``create_model(name, num_classes, in_channels, **kwargs)``.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,8 +24,9 @@ from fixmatch.atomic import atomic_path
 from fixmatch.config import ConfigError
 from fixmatch.inference import FixMatchModel, load
 
-EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")
-ONNX_INPUT_DTYPES = ("uint8", "float32")  # an ONNX graph has one input type, fixed when it is exported
+EXPORT_FORMATS = ("torchscript", "pt2", "onnx", "safetensors")
+# A .pt2 or ONNX graph has one input type, fixed when it is exported.
+INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
 ONNX_OPSET = 18  # the first opset whose Resize has the antialias attribute the preprocessing needs
 
 
@@ -32,15 +35,16 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, weights: str
     """Export the checkpoint's ``weights`` ("ema" or "raw") to ``out`` in ``fmt``; returns ``out``."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    if input_dtype not in ONNX_INPUT_DTYPES:
-        raise ConfigError(f"unknown input dtype {input_dtype!r}; use one of {', '.join(ONNX_INPUT_DTYPES)}")
+    if input_dtype not in INPUT_DTYPES:
+        raise ConfigError(f"unknown input dtype {input_dtype!r}; use one of {', '.join(INPUT_DTYPES)}")
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as {out / ('model.' + _SUFFIX[fmt])}")
     if not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
-    writer = {"torchscript": _torchscript, "onnx": lambda m, p: _onnx(m, p, input_dtype),
-              "safetensors": _safetensors}[fmt]
+    dtype = INPUT_DTYPES[input_dtype]
+    writer = {"torchscript": _torchscript, "pt2": lambda m, p: _exported_program(m, p, dtype),
+              "onnx": lambda m, p: _onnx(m, p, dtype), "safetensors": _safetensors}[fmt]
     _check_dependencies(fmt)
     model = load(checkpoint, weights=weights, device="cpu", data_dir=data_dir)
     with atomic_path(out, suffix=".tmp" + out.suffix) as tmp:  # out is either complete or untouched
@@ -48,7 +52,7 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, weights: str
     return out
 
 
-_SUFFIX = {"torchscript": "pt", "onnx": "onnx", "safetensors": "safetensors"}
+_SUFFIX = {"torchscript": "pt", "pt2": "pt2", "onnx": "onnx", "safetensors": "safetensors"}
 
 
 def _check_dependencies(fmt: str) -> None:
@@ -82,11 +86,23 @@ def _torchscript(model: FixMatchModel, path: Path) -> None:
         torch.jit.save(scripted, str(path), _extra_files={"fixmatch.json": model.spec.to_json()})
 
 
-def _onnx(model: FixMatchModel, path: Path, input_dtype: str) -> None:
+def _dynamic_dims() -> tuple[dict[int, Any], ...]:
+    """Batch size, height and width stay free in the graph; the channel count is the model's."""
+    return ({0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")},)
+
+
+def _exported_program(model: FixMatchModel, path: Path, dtype: torch.dtype) -> None:
+    # torch.export's ExportedProgram, the successor of TorchScript: torch.export.load(FILE).module() runs it in
+    # Python, and AOTInductor compiles it for C++. The uint8/float branch of the preprocessing is resolved when
+    # exporting, so the graph takes the one input type it was exported for.
+    with torch.no_grad():
+        program = torch.export.export(model.module, (_example_input(model, dtype),), dynamic_shapes=_dynamic_dims())
+    torch.export.save(program, str(path), extra_files={"fixmatch.json": model.spec.to_json()})
+
+
+def _onnx(model: FixMatchModel, path: Path, dtype: torch.dtype) -> None:
     import onnx
 
-    dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
-    dims = ({0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")},)
     # The exporter narrates its passes on stdout and warns about optional packages (torchvision) it does
     # not need here; the command prints its own one-line result instead.
     onnx_log = logging.getLogger("torch.onnx")
@@ -96,7 +112,7 @@ def _onnx(model: FixMatchModel, path: Path, input_dtype: str) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         try:
             program = torch.onnx.export(model.module, (_example_input(model, dtype),), dynamo=True, verbose=False,
-                                        input_names=["images"], output_names=["logits"], dynamic_shapes=dims,
+                                        input_names=["images"], output_names=["logits"], dynamic_shapes=_dynamic_dims(),
                                         opset_version=ONNX_OPSET)
         finally:
             onnx_log.setLevel(level)

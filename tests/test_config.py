@@ -11,6 +11,22 @@ def test_defaults_are_the_paper_setting():
     assert (c.steps, c.eval_every, c.model) == (2**20, 1024, "wrn28_2")
 
 
+@pytest.mark.parametrize("preset", ["cifar10", "cifar100", "svhn", "stl10"])
+def test_paper_presets_are_the_papers_settings(preset):
+    from fixmatch.config import check_config
+    from fixmatch.report import paper_accuracy
+    c = check_config(resolve_config(preset=preset))
+    assert c.dataset == preset
+    # the paper's network for the data set and a label count of its Table 2: reports set the run beside it
+    assert paper_accuracy(c.to_dict()) is not None
+    assert (c.batch_size, c.mu, c.tau, c.lambda_u, c.T, c.lu_norm) == (64, 7, 0.95, 1.0, 1.0, "all")
+    assert (c.lr, c.momentum, c.nesterov, c.schedule, c.warmup) == (0.03, 0.9, True, "cosine", 0)
+    assert (c.steps, c.eval_every, c.ema) == (2**20, 1024, 0.999)
+    assert c.wd == (1e-3 if preset == "cifar100" else 5e-4)
+    assert (c.strong, c.cutout, c.weak_translate, c.weak_padding) == ("randaugment", 0.5, 0.125, "reflect")
+    assert not (c.weak_no_grad or c.dist_align or c.svhn_extra) and c.fold is None
+
+
 def test_precedence_defaults_preset_file_command_line(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("lr: 0.1\nmu: 3\n")
@@ -105,3 +121,4 @@ def test_presets_command_lists_values(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "cifar10:" in out and "fashion-mnist:" in out and "cnn_small" in out
+    assert "cifar100:\n" in out and "  wd: 0.001  (default 0.0005)" in out and "stl10:\n" in out

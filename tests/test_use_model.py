@@ -275,11 +275,13 @@ def test_pt2_export_matches_pytorch(run, model, tmp_path, capsys, input_dtype):
             torch.testing.assert_close(exported(x_in), model.module(x), atol=1e-4, rtol=0)
 
 
-def test_export_command_offers_every_format():
+def test_export_command_offers_every_format_and_input_dtype():
+    # The parser writes both lists out (building it must not import torch): they must stay the export module's.
     from fixmatch.cli import build_parser
     export_parser = build_parser()._subparsers._group_actions[0].choices["export"]
-    formats = next(a.choices for a in export_parser._actions if a.dest == "format")
-    assert tuple(formats) == fixmatch.export.EXPORT_FORMATS
+    choices = {a.dest: a.choices for a in export_parser._actions}
+    assert tuple(choices["format"]) == fixmatch.export.EXPORT_FORMATS
+    assert tuple(choices["input_dtype"]) == tuple(fixmatch.export.INPUT_DTYPES)
 
 
 def test_onnx_export_matches_pytorch(run, model, tmp_path):

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="TorchScript, .pt2 and ONNX files contain the preprocessing: they take uint8 "
                                    "or float [0, 1] images (N, C, H, W) of any size and return logits.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run directory")
-    # export.EXPORT_FORMATS, written out so that building the parser does not import torch.
+    # export.EXPORT_FORMATS and INPUT_DTYPES, written out so that building the parser does not import torch.
     p.add_argument("--format", required=True, choices=["torchscript", "pt2", "onnx", "safetensors"],
                    help="file format")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write (replaced atomically)")

@@ -192,8 +192,8 @@ _PAPER_TRAINING: dict[str, Any] = dict(steps=2**20, eval_every=1024, batch_size=
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's data sets, each with the network and weight decay the paper used for it; num_labels is the
-    # middle of the paper's three label counts. The weak view's flip (none for SVHN) and shift (4 px at 32x32,
-    # 12 px at 96x96) follow from the data set (train.NO_FLIP_DATASETS, weak_translate).
+    # middle of the paper's three label counts (STL-10 has one). The weak view's flip (none for SVHN) and shift
+    # (4 px at 32x32, 12 px at 96x96) follow from the data set (train.NO_FLIP_DATASETS, weak_translate).
     "cifar10": dict(dataset="cifar10", model="wrn28_2", num_labels=250, **_PAPER_TRAINING),
     # WRN-28-8 (the official code's 128 filters) and twice the weight decay.
     "cifar100": dict(dataset="cifar100", model="wrn28_8", num_labels=2500, **{**_PAPER_TRAINING, "wd": 1e-3}),

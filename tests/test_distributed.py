@@ -22,6 +22,7 @@ from torch import nn
 
 import fixmatch
 from fixmatch import distributed
+from fixmatch.augment import CTAChoices, CTAugment
 from fixmatch.checkpoint import load_checkpoint
 from fixmatch.config import Config, ConfigError
 from fixmatch.dist_align import DistributionAlignment
@@ -35,8 +36,11 @@ QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=1
 B, MU = 8, 3
 # Two ranks sum their halves' gradients in another order than one process: float32 rounding only.
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
-# The one-step variants compared between 2 ranks and 1 process: (weak_no_grad, dist_align).
-VARIANTS = {"joint": (False, False), "weak_no_grad": (True, False), "dist_align": (False, True)}
+# The one-step variants compared between 2 ranks and 1 process (keyword arguments of _one_step). With tau 0.125
+# rank 0 masks 4 of its 12 unlabeled samples and rank 1 masks 7: per-rank denominators of the masked Lu would
+# give another gradient than the global one.
+VARIANTS = {"joint": {}, "weak_no_grad": dict(weak_no_grad=True), "dist_align": dict(dist_align=True),
+            "masked": dict(lu_norm="masked", tau=0.125)}
 
 
 def test_env_absent_is_one_process_and_torchrun_env_is_read():
@@ -113,11 +117,12 @@ def _global_batch():
     return x_lb, torch.randint(0, 10, (B,), generator=g), x_w, x_s
 
 
-def _one_step(env, weak_no_grad, dist_align=False):
+def _one_step(env, weak_no_grad=False, dist_align=False, lu_norm="all", tau=0.1):
     """One optimiser + EMA step on this rank's share of the global batch; returns the new weights and EMA.
 
     ``dist_align``: with distribution alignment, whose p_model is the mean over ranks (as train.py builds it).
     """
+    rank_mean = functools.partial(distributed.all_reduce_mean_, env=env) if env.enabled else None
     torch.manual_seed(0)
     model = NoBatchNormNet()
     optimizer = make_optimizer(model, 0.1, 0.9, True, 5e-4)
@@ -126,11 +131,10 @@ def _one_step(env, weak_no_grad, dist_align=False):
     x_lb, y_lb, x_w, x_s = (distributed.shard(t, env) for t in _global_batch())
     mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
     # tau 0.1: most unlabeled samples pass the threshold, so Lu contributes to the gradient.
-    align = DistributionAlignment(reduce=functools.partial(distributed.all_reduce_mean_, env=env)) if dist_align \
-        else None
-    loss, stats = forward_loss(train_model, x_lb, y_lb, x_w, x_s, mean, std, tau=0.1, lambda_u=1.0, T=1.0,
-                               lu_norm="all", channels_last=False, weak_no_grad=weak_no_grad, bn_model=model,
-                               align=align)
+    align = DistributionAlignment(reduce=rank_mean) if dist_align else None
+    loss, stats = forward_loss(train_model, x_lb, y_lb, x_w, x_s, mean, std, tau=tau, lambda_u=1.0, T=1.0,
+                               lu_norm=lu_norm, channels_last=False, weak_no_grad=weak_no_grad, bn_model=model,
+                               align=align, rank_mean=rank_mean)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -142,7 +146,8 @@ def _rank_main(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     env = distributed.DistEnv(rank, world_size)
-    results = {name: _one_step(env, *options) for name, options in VARIANTS.items()}
+    results = {name: _one_step(env, **options) for name, options in VARIANTS.items()}
+    results["ctaugment"] = _ctaugment_update(env)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     gc.collect()  # the DDP wrappers go before their process group
     dist.barrier()  # neither rank closes its connections while the other still uses them
@@ -153,24 +158,48 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_process(tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     initial = NoBatchNormNet().state_dict()
-    single = {name: _one_step(distributed.DistEnv(), *options) for name, options in VARIANTS.items()}
+    single = {name: _one_step(distributed.DistEnv(), **options) for name, options in VARIANTS.items()}
     # alignment changes the pseudo-labels of this batch, so a per-rank p_model would be noticed
     assert any(not torch.allclose(single["joint"][0][k], single["dist_align"][0][k], **TOLERANCE)
                for k in single["joint"][0])
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    # what the masked variant tests: unequal masked counts on the two ranks
+    assert [r["masked"][2] for r in ranks] == [pytest.approx(4 / 12), pytest.approx(7 / 12)]
     for name, (weights, ema, mask_rate) in single.items():
-        assert mask_rate > 0.5
+        assert mask_rate > 0.4
         for rank in range(2):
-            r_weights, r_ema, _ = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[name]
+            r_weights, r_ema, _ = ranks[rank][name]
             for k in weights:
                 assert not torch.allclose(weights[k], initial[k], **TOLERANCE)  # the step moved every tensor
                 torch.testing.assert_close(r_weights[k], weights[k], **TOLERANCE)
                 torch.testing.assert_close(r_ema[k], ema[k], **TOLERANCE)
 
 
+    # CTAugment: every rank's rates equal one process's update from the global batch's probes, bit for bit.
+    single_rates, proximity = _ctaugment_update(distributed.DistEnv())
+    assert not torch.equal(single_rates, CTAugment().rates) and proximity.shape == (2 * B,)
+    for rank in range(2):
+        rates, r_proximity = ranks[rank]["ctaugment"]
+        assert torch.equal(rates, single_rates) and torch.equal(r_proximity, proximity)
+
+
+def _ctaugment_update(env):
+    """One CTAugment update from this rank's share of 2B fixed probes; returns the rates and the proximities."""
+    cta = CTAugment()
+    g = torch.Generator().manual_seed(3)
+    choices = cta.sample(2 * B, g, probe=True)
+    probs = torch.softmax(3 * torch.randn(2 * B, 10, generator=g), 1)
+    labels = torch.randint(0, 10, (2 * B,), generator=g)
+    mine = CTAChoices(*(distributed.shard(t, env) for t in (choices.ops, choices.bins, choices.values)))
+    gather = functools.partial(distributed.all_gather_cat, env=env) if env.enabled else None
+    proximity = cta.update(mine, distributed.shard(probs, env), distributed.shard(labels, env), gather=gather)
+    return cta.rates, proximity
+
+
 def test_weak_no_grad_is_the_same_loss_without_batchnorm():
     """Without BatchNorm, the separate no-grad weak forward gives the default step's gradient exactly."""
-    a, _, _ = _one_step(distributed.DistEnv(), False)
-    b, _, _ = _one_step(distributed.DistEnv(), True)
+    a, _, _ = _one_step(distributed.DistEnv(), weak_no_grad=False)
+    b, _, _ = _one_step(distributed.DistEnv(), weak_no_grad=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], **TOLERANCE)
 
@@ -297,3 +326,16 @@ def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
     one = distributed.DistEnv()
     flag = torch.tensor(False)
     assert distributed.min_over_ranks(flag, one) is flag  # one process: the verdict as it is
+
+
+def test_two_process_run_with_ctaugment_and_masked_lu(tmp_path):
+    """The options that talk to the other ranks inside a step (CTAugment's gathered probes, the masked Lu's
+    count) run end to end on 2 processes; the rates rank 0 saves moved away from their start."""
+    run = tmp_path / "run"
+    config = {**QUICK, "eval_every": 10}
+    procs = _start_ranks(2, [*_flags(**config, steps=10, strong="ctaugment", lu_norm="masked"), "--out", str(run)])
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10
+    rates = load_checkpoint(run / "checkpoints" / "last.pt")["ctaugment"]["rates"]
+    assert not torch.equal(rates, CTAugment().rates)

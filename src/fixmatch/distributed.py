@@ -11,8 +11,11 @@ What several processes mean for a run:
   may be resumed with another W. B must be divisible by W.
 - Gradients are averaged over ranks by DistributedDataParallel. Every loss term is a mean over equally sized
   per-rank slices, so the averaged gradient is the gradient of the global batch's loss, except for
-  ``lu_norm: masked`` (each rank divides by its own masked count) and BatchNorm, whose batch statistics are per
-  rank unless ``sync_bn`` (CUDA only) makes them global.
+  BatchNorm, whose batch statistics are per rank unless ``sync_bn`` (CUDA only) makes them global.
+  ``lu_norm: masked`` divides every rank's sum by the masked count averaged over ranks, which keeps it exact.
+- CTAugment: every rank probes its slice of the labeled batch, and every rank updates its bin rates from the
+  probes of all ranks (gathered in rank order), so the rates stay identical everywhere and learn from the
+  whole labeled batch, as one process does.
 - Augmentation: each rank augments only its slice, with a generator seeded from (seed, step, rank)
   (``augment_seed``; rank 0 uses exactly the single-process seed). A run with W processes therefore draws
   other random views than a run with one, from the same images in the same order; results differ across
@@ -162,6 +165,16 @@ def all_reduce_mean_(t: Tensor, env: DistEnv) -> Tensor:
     if env.enabled:
         all_reduce_sum_(t, env).div_(env.world_size)
     return t
+
+
+def all_gather_cat(t: Tensor, env: DistEnv) -> Tensor:
+    """Every rank's ``t`` (the same shape on each) concatenated along dim 0 in rank order: with contiguous
+    shards, the tensor one process would have for the global batch."""
+    if not env.enabled:
+        return t
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def min_over_ranks(t: Tensor, env: DistEnv) -> Tensor:

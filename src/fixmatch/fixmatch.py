@@ -21,7 +21,8 @@ class LossStats:
 
 def fixmatch_loss(logits_lb: Tensor, y_lb: Tensor, logits_ulb_w: Tensor | None, logits_ulb_s: Tensor | None,
                   tau: float = 0.95, lambda_u: float = 1.0, T: float = 1.0, lu_norm: str = "all",
-                  align: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, LossStats]:
+                  align: Callable[[Tensor], Tensor] | None = None,
+                  rank_mean: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, LossStats]:
     """Ls + lambda_u * Lu.
 
     Ls: cross-entropy of the (weakly augmented) labeled batch.
@@ -35,6 +36,9 @@ def fixmatch_loss(logits_lb: Tensor, y_lb: Tensor, logits_ulb_w: Tensor | None, 
     align: maps the weak view's class probabilities before the threshold and the target (distribution
         alignment, dist_align.py; None = the paper); soft targets are then the aligned probabilities
         sharpened by T, p**(1/T) renormalised.
+    rank_mean: with several processes, the mean of a tensor over ranks (None: one process). lu_norm "masked"
+        then divides each rank's sum by the mean masked count, so that the gradient DistributedDataParallel
+        averages is that of the global batch's loss (sum over all ranks / global masked count).
     The weak view gives no gradient: the target is fixed.
     With logits_ulb_w None (the supervised baseline), Lu = 0.
     """
@@ -58,7 +62,14 @@ def fixmatch_loss(logits_lb: Tensor, y_lb: Tensor, logits_ulb_w: Tensor | None, 
             soft = torch.softmax(weak / T, dim=1) if align is None else _sharpen(probs, T)
             target = soft.to(logits_ulb_s.dtype)
     per_sample = F.cross_entropy(logits_ulb_s, target, reduction="none") * mask
-    loss_u = per_sample.mean() if lu_norm == "all" else per_sample.sum() / mask.sum().clamp(min=1)
+    if lu_norm == "all":
+        loss_u = per_sample.mean()
+    else:
+        count = mask.sum().float()
+        if rank_mean is not None:
+            count = rank_mean(count)
+        # Without masked samples anywhere the sum is 0: any positive denominator gives the defined Lu = 0.
+        loss_u = per_sample.sum() / count.clamp(min=1e-6)
     loss = loss_s + lambda_u * loss_u
     return loss, LossStats(loss_s.detach(), loss_u.detach(), mask.float().mean(), pseudo_label, mask)
 

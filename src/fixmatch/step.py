@@ -56,19 +56,20 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 def forward_loss(model: nn.Module, x_lb: Tensor, y_lb: Tensor, x_ulb_w: Tensor | None, x_ulb_s: Tensor | None,
                  mean: Tensor, std: Tensor, *, tau: float, lambda_u: float, T: float, lu_norm: str,
                  channels_last: bool, weak_no_grad: bool = False, amp: str = "none",
-                 bn_model: nn.Module | None = None, align: Callable[[Tensor], Tensor] | None = None
-                 ) -> tuple[Tensor, LossStats]:
+                 bn_model: nn.Module | None = None, align: Callable[[Tensor], Tensor] | None = None,
+                 rank_mean: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, LossStats]:
     """Loss Ls + lambda_u * Lu of one step (``fixmatch_loss``) from float images in [0, 1].
 
     ``x_ulb_w`` / ``x_ulb_s`` None: the supervised baseline. ``model`` is what is called (possibly wrapped in
     DistributedDataParallel or compiled); ``bn_model`` is the plain module whose BatchNorm layers
     ``weak_no_grad`` freezes (default: ``model``). ``align``: distribution alignment of the pseudo-label
-    probabilities (``fixmatch_loss``), None for the paper's FixMatch.
+    probabilities (``fixmatch_loss``), None for the paper's FixMatch. ``rank_mean``: the mean over ranks with
+    several processes (``fixmatch_loss``'s masked Lu), None for one.
     """
     def net(x: Tensor) -> Tensor:
         return model(normalize(x, mean, std, channels_last))
 
-    loss_kw = dict(tau=tau, lambda_u=lambda_u, T=T, lu_norm=lu_norm, align=align)
+    loss_kw = dict(tau=tau, lambda_u=lambda_u, T=T, lu_norm=lu_norm, align=align, rank_mean=rank_mean)
     with autocast(x_lb.device, amp):
         if x_ulb_w is None or x_ulb_s is None:
             return fixmatch_loss(net(x_lb), y_lb, None, None, **loss_kw)

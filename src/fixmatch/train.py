@@ -161,9 +161,6 @@ def _check_processes_and_speed(config: Config, env: distributed.DistEnv, device:
     check_amp(config.amp, device)
     check_compile(config.compile, device)
     distributed.check_sync_bn(config.sync_bn, device)
-    if env.enabled and config.strong == "ctaugment":
-        raise ConfigError("--strong ctaugment learns its magnitudes in one process and cannot run on several "
-                          "processes yet; use one process or another --strong policy")
 
 
 def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.DistEnv,
@@ -198,10 +195,11 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     strong = make_strong_augment(config.strong, cutout=config.cutout, **fills, **ra_options)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
+    rank_mean = functools.partial(distributed.all_reduce_mean_, env=env) if env.enabled else None
     align = None
     if fixmatch and config.dist_align:  # p_model averaged over every rank's slice of the unlabeled batch
         p_target = DistributionAlignment.target_from_labels(data.train_labels[split.labeled], data.num_classes)
-        align = DistributionAlignment(p_target, reduce=functools.partial(distributed.all_reduce_mean_, env=env))
+        align = DistributionAlignment(p_target, reduce=rank_mean)
 
     # --- model, optimiser, EMA
     torch.manual_seed(config.seed)
@@ -309,7 +307,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                 loss, stats = forward_loss(train_model, x_lb, y_lb, x_ulb_w, x_ulb_s, mean, std, tau=config.tau,
                                            lambda_u=config.lambda_u, T=config.T, lu_norm=config.lu_norm,
                                            channels_last=config.channels_last, weak_no_grad=config.weak_no_grad,
-                                           amp=config.amp, bn_model=model, align=align)
+                                           amp=config.amp, bn_model=model, align=align, rank_mean=rank_mean)
 
                 optimizer.zero_grad(set_to_none=True)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -333,7 +331,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                     x_probe, probe_choices = cta.probe(x_lb, aug_gen)
                     with torch.no_grad():
                         probs = torch.softmax(ema.module(normalize(x_probe, mean, std, config.channels_last)), 1)
-                    cta.update(probe_choices, probs, y_lb)
+                    # Every rank learns from the probes of all ranks: the rates stay the same everywhere.
+                    cta.update(probe_choices, probs, y_lb,
+                               gather=functools.partial(distributed.all_gather_cat, env=env) if env.enabled else None)
                 step += 1
 
                 # Pseudo-label accuracy on the masked samples, measured with the true labels (monitoring only).

@@ -268,14 +268,22 @@ class CTAugment:
     # ------------------------------------------------------------------------- learning the rates
 
     @torch.no_grad()
-    def update(self, choices: CTAChoices, probs: Tensor, labels: Tensor) -> Tensor:
+    def update(self, choices: CTAChoices, probs: Tensor, labels: Tensor,
+               gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Moves the rates of the bins each probe sample used towards its proximity; returns the proximities (N,).
 
         probs (N, C) are the model's class probabilities for the probe
         images, labels (N,) their labels. The result equals the official
         sequential loop over samples, layers and parameters (see the module
         docstring); only the float summation order differs.
+
+        gather: with several processes, concatenates a tensor of every rank
+        in rank order; all ranks then update from the probes of the whole
+        global batch and keep identical rates (None: one process).
         """
+        if gather is not None:
+            choices = CTAChoices(gather(choices.ops), gather(choices.bins), gather(choices.values))
+            probs, labels = gather(probs), gather(labels)
         probs = probs.detach().to("cpu", torch.float64)
         onehot = F.one_hot(labels.detach().cpu().long(), probs.shape[1]).to(torch.float64)
         proximity = 1 - 0.5 * (probs - onehot).abs().sum(1)  # (N,), in [0, 1]

@@ -1,6 +1,8 @@
-"""Speed options in a real (short) training on the CPU: bf16 autocast, the no-grad weak forward, torch.compile."""
+"""Speed options in a real (short) training on the CPU: bf16 autocast, the no-grad weak forward, torch.compile,
+and the fp16 loss-scaling path that CUDA runs use."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -53,3 +55,56 @@ def test_compile_on_the_cpu_trains_like_eager(tmp_path):
         update = (a[k].float() - eager["ema"][k].float()).abs().max()
         difference = (a[k].float() - b[k].float()).abs().max()
         assert difference <= 1e-2 * update + 1e-6, k  # kernels sum in another order: far below the step itself
+
+
+# ---------------------------------------------------------------- fp16 loss scaling, exercised on the CPU
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the raise runs."""
+
+
+@pytest.fixture
+def fp16_scaler_on_the_cpu(monkeypatch):
+    """The fp16 path (autocast to float16, GradScaler) that `fixmatch train` allows on CUDA only, run on the CPU,
+    where PyTorch also has float16 autocast and a GradScaler, so that CI covers what GPU runs rely on. The
+    scaler starts at 2^28, far too high, so that the first steps overflow and are skipped by it, and grows
+    every 5 clean steps, so that its state keeps changing."""
+    train_module = sys.modules["fixmatch.train"]
+    monkeypatch.setattr(train_module, "check_amp", lambda amp, device: None)
+    monkeypatch.setattr(train_module, "make_grad_scaler",
+                        lambda amp, device: torch.amp.GradScaler(device.type, init_scale=2.0**28, growth_interval=5))
+    return train_module
+
+
+def test_fp16_overflows_are_the_scalers_to_skip_and_its_state_survives_a_resume(tmp_path, fp16_scaler_on_the_cpu):
+    config = Config(**{**QUICK, "steps": 60, "amp": "fp16"})  # on_nonfinite "stop": a counted overflow would stop
+    straight = fixmatch.train(config, out=tmp_path / "straight")
+    scaler = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["scaler"]
+    assert straight["nonfinite_steps"] == 0  # the overflowing steps were loss scaling at work, not failures
+    assert scaler["scale"] < 2.0**28  # the scaler met overflows and backed off
+    assert straight["test_acc_last"] > 30.0  # it learned (chance 10%)
+
+    real_save = fp16_scaler_on_the_cpu.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if path.name == "last.pt" and state["step"] == 20:
+            raise _Killed
+
+    fp16_scaler_on_the_cpu.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(_Killed):
+            fixmatch.train(config, out=tmp_path / "resumed")
+    finally:
+        fp16_scaler_on_the_cpu.save_checkpoint = real_save
+    fixmatch.train(None, out=tmp_path / "resumed", resume=True)
+    # A resume that restarted the scaler at 2^28 would skip steps again and take another path.
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["scaler"] == scaler
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("wall_s")
+    return rows

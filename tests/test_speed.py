@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from test_train import _Killed, _metrics
 
 import fixmatch
 from fixmatch.checkpoint import load_checkpoint
@@ -59,10 +60,6 @@ def test_compile_on_the_cpu_trains_like_eager(tmp_path):
 
 # ---------------------------------------------------------------- fp16 loss scaling, exercised on the CPU
 
-class _Killed(BaseException):
-    """Stands for SIGKILL: nothing after the raise runs."""
-
-
 @pytest.fixture
 def fp16_scaler_on_the_cpu(monkeypatch):
     """The fp16 path (autocast to float16, GradScaler) that `fixmatch train` allows on CUDA only, run on the CPU,
@@ -101,10 +98,3 @@ def test_fp16_overflows_are_the_scalers_to_skip_and_its_state_survives_a_resume(
     # A resume that restarted the scaler at 2^28 would skip steps again and take another path.
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["scaler"] == scaler
-
-
-def _metrics(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("wall_s")
-    return rows

@@ -195,7 +195,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     strong = make_strong_augment(config.strong, cutout=config.cutout, **fills, **ra_options)
     cta = strong if isinstance(strong, CTAugment) else None  # learns its magnitudes while training
     fixmatch = config.method == "fixmatch"
+    # Collectives the step's options need with several processes (None with one): built once, not per step.
     rank_mean = functools.partial(distributed.all_reduce_mean_, env=env) if env.enabled else None
+    rank_gather = functools.partial(distributed.all_gather_cat, env=env) if env.enabled else None
     align = None
     if fixmatch and config.dist_align:  # p_model averaged over every rank's slice of the unlabeled batch
         p_target = DistributionAlignment.target_from_labels(data.train_labels[split.labeled], data.num_classes)
@@ -332,8 +334,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                     with torch.no_grad():
                         probs = torch.softmax(ema.module(normalize(x_probe, mean, std, config.channels_last)), 1)
                     # Every rank learns from the probes of all ranks: the rates stay the same everywhere.
-                    cta.update(probe_choices, probs, y_lb,
-                               gather=functools.partial(distributed.all_gather_cat, env=env) if env.enabled else None)
+                    cta.update(probe_choices, probs, y_lb, gather=rank_gather)
                 step += 1
 
                 # Pseudo-label accuracy on the masked samples, measured with the true labels (monitoring only).

@@ -9,6 +9,7 @@ The two data sets differ only in the names described by ``_CifarFormat``.
 
 from __future__ import annotations
 
+import os
 import pickle
 import tarfile
 import zlib
@@ -21,7 +22,7 @@ import numpy as np
 
 from .datasets import Dataset, _make
 from .download import DatasetError, download_file
-from .safe_archive import safe_tar_files
+from .safe_archive import ArchiveLimitError, open_tar, safe_tar_files
 from .safe_pickle import safe_load_pickle
 
 __all__ = ["LOADERS", "CIFAR10_MD5", "CIFAR10_URL", "CIFAR100_MD5", "CIFAR100_URL", "load_cifar10", "load_cifar100"]
@@ -31,6 +32,9 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+# The largest file a loader reads (CIFAR-100's train pickle is 155 MB); checked from the tar header or the
+# file size before a byte is unpickled, so a compressed archive cannot inflate a member to gigabytes.
+_MAX_MEMBER_BYTES = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ def _read_folder(fmt: _CifarFormat, folder: Path, url: str) -> dict[str, tuple[o
         src = str(folder / m)
         try:
             with open(folder / m, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > _MAX_MEMBER_BYTES:
+                    raise _bad(fmt, src, f"{size} bytes, more than the {_MAX_MEMBER_BYTES} any of its files holds",
+                               url)
                 raw[m] = (_unpickle(fmt, f, src, url), src)
         except OSError as e:
             raise DatasetError(f"cannot read {src} ({e.strerror or e}); fix its permissions or re-download "
@@ -107,17 +115,23 @@ def _read_folder(fmt: _CifarFormat, folder: Path, url: str) -> dict[str, tuple[o
 
 
 def _read_archive(fmt: _CifarFormat, archive: Path, url: str) -> dict[str, tuple[object, str]]:
-    # One forward pass over the gzip stream (no seeking back), reading only the expected member names:
-    # nothing is extracted to disk.
+    # One forward pass over the gzip stream (no seeking back), reading only the expected member names and
+    # stopping once all are read: nothing is extracted to disk, no member larger than _MAX_MEMBER_BYTES read.
     wanted = {f"{fmt.folder}/{m}": m for m in fmt.members}
     raw = {}
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for info in safe_tar_files(tar):  # skips absolute and '..' member names, links and devices
+        with open_tar(archive, "r:gz") as tar:
+            # Skips absolute and '..' member names, links and devices; refuses oversized members.
+            for info in safe_tar_files(tar, max_bytes=_MAX_MEMBER_BYTES):
                 m = wanted.get(info.name)
-                if m is not None and info.isfile():
+                if m is not None and m not in raw:
                     src = f"{archive}:{info.name}"
                     raw[m] = (_unpickle(fmt, tar.extractfile(info), src, url), src)
+                    if len(raw) == len(wanted):
+                        break
+    except ArchiveLimitError as e:
+        raise DatasetError(f"{archive} is not the {fmt.title} archive ({e}); delete it and re-download {url}") \
+            from None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"{archive} is corrupt or truncated ({e}); delete it and re-download {url}") from None
     missing = [n for n, m in wanted.items() if m not in raw]

@@ -196,8 +196,9 @@ def _load_fashion_mnist(data_dir: Path, download: bool) -> Dataset:
                            f"under the same names; use --dataset mnist, or put Fashion-MNIST's files there")
     arrays = []
     for prefix in ("train", "t10k"):
-        images, labels = files[f"{prefix}-images-idx3-ubyte.gz"], files[f"{prefix}-labels-idx1-ubyte.gz"]
-        x, y = _read_idx(images), _read_idx(labels)
+        names = f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"
+        images, labels = files[names[0]], files[names[1]]
+        x, y = (_read_idx(files[n], max_shape=IDX_SHAPES[n]) for n in names)
         if x.ndim != 3 or x.shape[1:] != (28, 28):
             raise _bad_idx(images, f"expected 28x28 images, got dimensions {x.shape}")
         if y.ndim != 1 or len(y) != len(x):
@@ -219,29 +220,72 @@ def _find_idx_files(d: Path) -> dict[str, Path] | None:
     return found
 
 
-def _read_idx(path: Path, what: str = "Fashion-MNIST", url: str = FASHION_MNIST_URL) -> np.ndarray:
+# The largest dimensions each file may declare: the official files' own (Fashion-MNIST's and MNIST's are alike).
+IDX_SHAPES: dict[str, tuple[int, ...]] = {
+    "train-images-idx3-ubyte.gz": (60_000, 28, 28),
+    "train-labels-idx1-ubyte.gz": (60_000,),
+    "t10k-images-idx3-ubyte.gz": (10_000, 28, 28),
+    "t10k-labels-idx1-ubyte.gz": (10_000,),
+}
+_IDX_MAX_BYTES = 1 << 28  # any idx file: the largest official one holds 47 MB
+_IDX_CHUNK = 1 << 20
+
+
+def _read_idx(path: Path, what: str = "Fashion-MNIST", url: str = FASHION_MNIST_URL,
+              max_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Decode an idx file (uint8 data only), validating magic, dimensions and length.
 
+    The header is checked before any data is read: it must declare ``len(max_shape)`` dimensions, none
+    larger than in ``max_shape``, and at most ``_IDX_MAX_BYTES`` in all. The data are then decompressed
+    chunk by chunk into an array of exactly the declared size, so a gzip bomb (a small file inflating to
+    gigabytes) or trailing data is refused after reading one byte past the declared size.
     ``what`` and ``url`` name the data set and where to re-download it in error messages.
     """
-    def _bad_idx(path: Path, why: str) -> DatasetError:
+    def bad(why: str) -> DatasetError:
         return _bad_idx_file(path, why, what, url)
 
     try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            dims = _idx_dims(f, max_shape, bad)
+            data = np.empty(math.prod(dims), dtype=np.uint8)  # bounded by _idx_dims
+            got = _read_into(f, data)
+            if got < data.size:
+                raise bad(f"dimensions {dims} need {data.size} bytes of data but it has {got} (truncated or corrupt)")
+            if f.read(1):  # at the end, this also makes gzip check the stream's CRC and length
+                raise bad(f"it holds more than the {data.size} bytes of data its dimensions {dims} declare "
+                          "(corrupt, or a decompression bomb)")
     except (OSError, EOFError, zlib.error) as e:
-        raise _bad_idx(path, f"cannot be read or decompressed: {e}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 3:
-        raise _bad_idx(path, f"bad magic number {data[:4].hex() or 'none'} (expected 00000801/00000803 uint8 idx)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise _bad_idx(path, "truncated header")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + math.prod(dims)  # Python ints: np.prod in int64 wraps around for crafted dimensions
-    if len(data) != expected:
-        raise _bad_idx(path, f"dimensions {dims} need {expected} bytes but it has {len(data)} (truncated or corrupt)")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+        raise bad(f"cannot be read or decompressed: {e}") from None
+    return data.reshape(dims)
+
+
+def _idx_dims(f: Any, max_shape: tuple[int, ...] | None,
+              bad: Callable[[str], DatasetError]) -> tuple[int, ...]:
+    """The dimensions in an idx header, refused if they declare more data than the file may hold."""
+    magic = f.read(4)
+    if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or not 1 <= magic[3] <= 3:
+        raise bad(f"bad magic number {magic.hex() or 'none'} (expected 00000801/00000803 uint8 idx)")
+    ndim = magic[3]
+    raw = f.read(4 * ndim)
+    if len(raw) < 4 * ndim:
+        raise bad("truncated header")
+    dims = struct.unpack(f">{ndim}I", raw)
+    if max_shape is not None and (ndim != len(max_shape) or any(d > m for d, m in zip(dims, max_shape))):
+        raise bad(f"its header declares dimensions {dims}, beyond the official file's {max_shape}")
+    if math.prod(dims) > _IDX_MAX_BYTES:  # Python ints: np.prod in int64 wraps around for crafted dimensions
+        raise bad(f"its header declares dimensions {dims}, more than {_IDX_MAX_BYTES} bytes")
+    return dims
+
+
+def _read_into(f: Any, out: np.ndarray) -> int:
+    """Fill the 1-D uint8 ``out`` from ``f`` in chunks (never more than a chunk in flight); the bytes read."""
+    view, n = memoryview(out), 0
+    while n < len(view):
+        got = f.readinto(view[n : n + _IDX_CHUNK])
+        if not got:
+            break
+        n += got
+    return n
 
 
 def _bad_idx(path: Path, why: str) -> DatasetError:

@@ -12,7 +12,10 @@ per format; every reader checks sizes and values and names the bad file and the 
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
+import struct
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -22,8 +25,9 @@ import numpy as np
 
 from ..atomic import atomic_path
 from .array_cache import cache_is_fresh, open_npy_mmap, write_npy_atomic
-from .datasets import MNIST_FILES, Dataset, _find_idx_files, _make, _read_idx
+from .datasets import IDX_SHAPES, MNIST_FILES, Dataset, _find_idx_files, _make, _read_idx
 from .download import DatasetError, download_file
+from .safe_archive import ArchiveLimitError, open_tar, safe_tar_files
 
 __all__ = ["LOADERS", "load_mnist", "load_stl10", "load_svhn"]
 
@@ -38,6 +42,14 @@ SVHN_FILES = {  # file name -> MD5
 }
 SVHN_CLASSES = [str(d) for d in range(10)]  # label 0 is the digit 0 (the files label it 10)
 _SVHN_CHUNK = 8192  # images per chunk when writing the extra cache (25 MB)
+_SVHN_MAX_IMAGES = {"train_32x32.mat": 73_257, "test_32x32.mat": 26_032, "extra_32x32.mat": 531_131}  # official
+# MAT v5 (scipy.io.matlab's names): numeric data types miINT8..miUINT64 -> bytes per element, the numeric
+# array classes mxDOUBLE..mxUINT64, and the two kinds of top-level element that hold a variable.
+_MI_BYTES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8}
+_MX_NUMERIC, _MX_UINT8 = range(6, 16), 9
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MAT_HEAD_BYTES = 4096  # a variable's header (flags, dimensions, name, data tag): ~100 bytes in SVHN's files
+_MAT_MAX_VARIABLES = 64  # SVHN's files hold two
 
 
 def load_svhn(data_dir: Path, download: bool, extra: bool = False) -> Dataset:
@@ -75,6 +87,7 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except ImportError:
         raise DatasetError("reading SVHN's .mat files needs scipy: pip install 'fixmatch[svhn]'") from None
 
+    _check_mat_sizes(path, _SVHN_MAX_IMAGES.get(path.name, max(_SVHN_MAX_IMAGES.values())))
     try:
         mat = scipy.io.loadmat(path, variable_names=["X", "y"])
     except NotImplementedError:  # scipy reads MATLAB v4-v7.2 files; the official ones are v5
@@ -91,6 +104,85 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if labels.size and (labels.min() < 1 or labels.max() > 10 or not np.array_equal(labels, y.reshape(-1))):
         raise _bad_svhn(path, "labels must be integers 1..10 (10 is the digit 0)")
     return x.transpose(3, 2, 0, 1), labels % 10  # NCHW; the copy is made once, in _make
+
+
+def _check_mat_sizes(path: Path, max_images: int) -> None:
+    """Refuse a file whose X or y declares more data than SVHN's ``max_images``, before loadmat reads it.
+
+    scipy.io.loadmat sizes each array from the headers in the file and inflates a compressed variable
+    whole, so a small crafted file could make it allocate gigabytes. This reads the headers of the MAT v5
+    variables only (inflating at most _MAT_HEAD_BYTES of each) up to the first X and y, the two that
+    loadmat reads, and checks their class, dimensions and data size. Other defects are left to loadmat.
+    """
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(128), os.fstat(f.fileno()).st_size
+            if 0 in head[:4]:  # how scipy tells v4, whose reader trusts the sizes in its headers alike
+                raise _bad_svhn(path, "a MATLAB v4 file; the official files are v5")
+            order = {b"IM": "<", b"MI": ">"}.get(head[126:128])
+            if order is None or struct.unpack(order + "H", head[124:126])[0] >> 8 != 1:
+                return  # not v5: loadmat refuses it (v7.3 is reported as such)
+            pos, seen = 128, set()
+            for _ in range(_MAT_MAX_VARIABLES):
+                if {"X", "y"} <= seen or pos + 8 > size:
+                    return
+                f.seek(pos)
+                mdtype, nbytes = struct.unpack(order + "II", f.read(8))
+                if mdtype == _MI_COMPRESSED:
+                    var = zlib.decompressobj().decompress(f.read(min(nbytes, _MAT_HEAD_BYTES)), _MAT_HEAD_BYTES)
+                elif mdtype == _MI_MATRIX:
+                    var = struct.pack(order + "II", mdtype, nbytes) + f.read(min(nbytes, _MAT_HEAD_BYTES))
+                else:
+                    return  # not a variable: loadmat refuses the file
+                name = _check_mat_variable(path, var, order, max_images, seen)
+                seen.add(name)
+                pos += 8 + nbytes
+    except (OSError, zlib.error, struct.error) as e:
+        raise _bad_svhn(path, f"cannot be parsed as a MATLAB file: {e}") from None
+    raise _bad_svhn(path, f"X and y are not among its first {_MAT_MAX_VARIABLES} variables")
+
+
+def _check_mat_variable(path: Path, var: bytes, order: str, max_images: int, seen: set[str]) -> str:
+    """The name of the variable whose miMATRIX element starts ``var``; an X or y (the first of its name)
+    must be a real numeric array declaring at most ``max_images`` images' worth of data."""
+    mdtype, _, off, _ = _mat_tag(var, 0, order)
+    if mdtype != _MI_MATRIX:
+        raise _bad_svhn(path, "cannot be parsed as a MATLAB file: a variable is not an array")
+    _, _, flags_at, off = _mat_tag(var, off, order)
+    _, count, dims_at, off = _mat_tag(var, off, order)
+    _, length, name_at, off = _mat_tag(var, off, order)
+    name = var[name_at:name_at + length].decode("latin1")
+    if name not in ("X", "y") or name in seen:
+        return name  # loadmat skips it without reading its data
+    flags = struct.unpack_from(order + "I", var, flags_at)[0]  # class in the low byte; 0x800: complex
+    dims = struct.unpack_from(f"{order}{count // 4}i", var, dims_at)
+    real = not flags & 0x800 and flags & 0xFF in _MX_NUMERIC and min(dims, default=0) >= 0  # no cell, sparse...
+    if name == "X":
+        if not real or flags & 0xFF != _MX_UINT8 or len(dims) != 4 or dims[:3] != (32, 32, 3):
+            raise _bad_svhn(path, "no uint8 array 'X' of shape (32, 32, 3, N)")
+        images = dims[3]
+    else:
+        if not real:
+            raise _bad_svhn(path, "'y' is not an array of real numbers")
+        images = math.prod(dims)
+    if images > max_images:
+        what = "images" if name == "X" else "labels"
+        raise _bad_svhn(path, f"{name} declares {images} {what}, more than the official {path.name} holds "
+                              f"({max_images})")
+    elements = math.prod(dims)
+    if elements:  # the data element that loadmat reads next must hold exactly the declared array
+        dtype, nbytes, _, _ = _mat_tag(var, off, order)
+        if dtype not in _MI_BYTES or nbytes != elements * _MI_BYTES[dtype]:
+            raise _bad_svhn(path, f"{name} declares {nbytes} bytes of data for dimensions {dims}")
+    return name
+
+
+def _mat_tag(buf: bytes, off: int, order: str) -> tuple[int, int, int, int]:
+    """(data type, byte count, data offset, next element's offset) of the MAT v5 element at ``off``."""
+    word, nbytes = struct.unpack_from(order + "II", buf, off)
+    if word >> 16:  # small data element: type and count share a word, the data is the next 4 bytes
+        return word & 0xFFFF, word >> 16, off + 4, off + 8
+    return word, nbytes, off + 8, off + 8 + nbytes + (-nbytes % 8)
 
 
 def _svhn_extra(path: Path):
@@ -122,6 +214,13 @@ _STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlab
                 "class_names.txt")
 _STL10_IMAGE_BYTES = 3 * 96 * 96
 _STL10_CHUNK = 2048  # images per chunk when decoding unlabeled_X.bin into the cache (57 MB)
+_STL10_MAX_IMAGES = {"train_X.bin": 5_000, "test_X.bin": 8_000, "unlabeled_X.bin": 100_000}  # the official counts
+_STL10_TEXT_BYTES = 1 << 20  # fold_indices.txt and class_names.txt: under 50 kB officially
+# The most each file may hold, checked from the archive's headers before extracting and from the file's size
+# before reading, so that neither a crafted archive nor an oversized file can exhaust disk or memory.
+_STL10_MAX_BYTES = {**{name: n * _STL10_IMAGE_BYTES for name, n in _STL10_MAX_IMAGES.items()},
+                    "train_y.bin": 5_000, "test_y.bin": 8_000,
+                    "fold_indices.txt": _STL10_TEXT_BYTES, "class_names.txt": _STL10_TEXT_BYTES}
 
 
 def load_stl10(data_dir: Path, download: bool) -> Dataset:
@@ -138,7 +237,7 @@ def load_stl10(data_dir: Path, download: bool) -> Dataset:
                 raise DatasetError(f"STL-10 not found: {folder} lacks {', '.join(missing)} and there is no "
                                    f"{archive}; download {STL10_URL} into {data_dir} or pass download=True")
             download_file(STL10_URL, archive, STL10_MD5)
-        _extract_members(archive, _STL10_DIR, missing, folder, STL10_URL)
+        _extract_members(archive, _STL10_DIR, missing, _STL10_MAX_BYTES, folder, STL10_URL)
     train_x = _read_stl10_images(folder / "train_X.bin")
     test_x = _read_stl10_images(folder / "test_X.bin")
     train_y = _read_stl10_labels(folder / "train_y.bin", len(train_x))
@@ -149,23 +248,34 @@ def load_stl10(data_dir: Path, download: bool) -> Dataset:
     return _make("stl10", (train_x, train_y), (test_x, test_y), classes, unlabeled_images=unlabeled, folds=folds)
 
 
-def _extract_members(archive: Path, top: str, names: list[str], folder: Path, url: str) -> None:
+def _extract_members(archive: Path, top: str, names: list[str], limits: dict[str, int], folder: Path,
+                     url: str) -> None:
     """Extract ``top/name`` for each name into ``folder``, each file atomically; nothing else is written.
 
     Only the exact expected member names are looked at, so a crafted archive cannot write elsewhere.
+    ``limits`` holds the most each member of the official archive holds: a member declaring more (any
+    member, for the largest limit) is refused from its header, before it is extracted or skipped over.
     """
     wanted = {f"{top}/{n}": n for n in names}
     folder.mkdir(parents=True, exist_ok=True)
     done: set[str] = set()
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for info in tar:
+        with open_tar(archive) as tar:
+            for info in safe_tar_files(tar, max_bytes=max(limits.values())):
                 name = wanted.get(info.name)
-                if name is None or not info.isfile():
+                if name is None or name in done:
                     continue
+                if info.size > limits[name]:
+                    raise DatasetError(f"{archive}: {info.name} declares {info.size} bytes, more than the "
+                                       f"official file's {limits[name]}; delete it and re-download {url}")
                 with atomic_path(folder / name, suffix=".part") as tmp, open(tmp, "wb") as out:
                     shutil.copyfileobj(tar.extractfile(info), out, 1 << 20)  # type: ignore[misc]
                 done.add(name)
+                if len(done) == len(wanted):
+                    break
+    except ArchiveLimitError as e:
+        raise DatasetError(f"{archive} is not the official archive ({e}); delete it and re-download {url}") \
+            from None
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DatasetError(f"{archive} is corrupt or truncated ({e}); delete it and re-download {url}") from None
     except OSError as e:
@@ -177,11 +287,15 @@ def _extract_members(archive: Path, top: str, names: list[str], folder: Path, ur
 
 
 def _stl10_count(path: Path) -> int:
+    """The number of images in an images file, from its size: checked before anything is read."""
     size = path.stat().st_size
     if size == 0 or size % _STL10_IMAGE_BYTES:
         raise _bad_stl10(path, f"{size} bytes is not a whole number of 3x96x96 images ({_STL10_IMAGE_BYTES} "
                                "bytes each): truncated or corrupt")
-    return size // _STL10_IMAGE_BYTES
+    n, limit = size // _STL10_IMAGE_BYTES, _STL10_MAX_IMAGES[path.name]
+    if n > limit:
+        raise _bad_stl10(path, f"it holds {n} images, more than the official file's {limit}")
+    return n
 
 
 def _stl10_decode(raw: np.ndarray) -> np.ndarray:
@@ -190,21 +304,24 @@ def _stl10_decode(raw: np.ndarray) -> np.ndarray:
 
 
 def _read_stl10_images(path: Path) -> np.ndarray:
-    _stl10_count(path)
-    return _stl10_decode(np.fromfile(path, dtype=np.uint8))
+    n = _stl10_count(path)
+    return _stl10_decode(np.fromfile(path, dtype=np.uint8, count=n * _STL10_IMAGE_BYTES))
 
 
 def _read_stl10_labels(path: Path, n: int) -> np.ndarray:
-    y = np.fromfile(path, dtype=np.uint8).astype(np.int64)
+    size = path.stat().st_size  # one byte per label: checked before reading
+    if size != n:
+        raise _bad_stl10(path, f"has {size} labels for {n} images (truncated or corrupt)")
+    y = np.fromfile(path, dtype=np.uint8, count=n).astype(np.int64)
     if y.shape != (n,):
-        raise _bad_stl10(path, f"has {y.size} labels for {n} images (truncated or corrupt)")
+        raise _bad_stl10(path, "ended early while being read (truncated)")
     if y.size and (y.min() < 1 or y.max() > 10):
         raise _bad_stl10(path, "labels must be bytes 1..10")
     return y - 1
 
 
 def _read_stl10_classes(path: Path) -> list[str]:
-    names = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    names = [line.strip() for line in _read_stl10_text(path, "utf-8").splitlines()]
     names = [n for n in names if n]
     if len(names) != 10:
         raise _bad_stl10(path, f"expected 10 class names, one per line, found {len(names)}")
@@ -214,7 +331,7 @@ def _read_stl10_classes(path: Path) -> list[str]:
 def _read_stl10_folds(path: Path, n_train: int) -> list[list[int]]:
     """The official folds: one line per fold of space-separated 0-based train indices."""
     folds = []
-    for k, line in enumerate(path.read_text(encoding="ascii", errors="replace").splitlines(), 1):
+    for k, line in enumerate(_read_stl10_text(path, "ascii").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -227,6 +344,13 @@ def _read_stl10_folds(path: Path, n_train: int) -> list[list[int]]:
     if not folds:
         raise _bad_stl10(path, "holds no folds")
     return folds
+
+
+def _read_stl10_text(path: Path, encoding: str) -> str:
+    size = path.stat().st_size
+    if size > _STL10_TEXT_BYTES:
+        raise _bad_stl10(path, f"{size} bytes, more than the {_STL10_TEXT_BYTES} a text file of STL-10 may hold")
+    return path.read_text(encoding=encoding, errors="replace")
 
 
 def _stl10_unlabeled(path: Path):
@@ -271,8 +395,9 @@ def load_mnist(data_dir: Path, download: bool) -> Dataset:
         files = {n: _download_mirrored(MNIST_URLS, n, target / n, md5) for n, md5 in MNIST_FILES.items()}
     arrays = []
     for prefix in ("train", "t10k"):
-        images, labels = files[f"{prefix}-images-idx3-ubyte.gz"], files[f"{prefix}-labels-idx1-ubyte.gz"]
-        x, y = _read_idx(images, "MNIST", MNIST_URLS[0]), _read_idx(labels, "MNIST", MNIST_URLS[0])
+        names = f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"
+        images, labels = files[names[0]], files[names[1]]
+        x, y = (_read_idx(files[n], "MNIST", MNIST_URLS[0], IDX_SHAPES[n]) for n in names)
         if x.ndim != 3 or x.shape[1:] != (28, 28):
             raise _bad_mnist(images, f"expected 28x28 images, got dimensions {x.shape}")
         if y.ndim != 1 or len(y) != len(x):

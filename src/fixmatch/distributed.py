@@ -22,14 +22,20 @@ What several processes mean for a run:
   process counts through those draws, BatchNorm statistics and float summation order only.
 - Rank 0 alone writes (run directory, metrics, checkpoints, progress bar, TensorBoard) and evaluates; the other
   ranks wait for it at their next collective. Training statistics are summed over ranks before logging.
+- torchrun starts each rank in a session of its own, so a ``kill -9`` of torchrun's process group does not
+  reach the ranks. Each rank therefore watches its launcher (``LauncherWatch``) and, once it has gone, stops
+  as on SIGTERM, with a checkpoint, instead of training on alone; ``--resume`` then continues the run.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,10 +47,15 @@ from fixmatch.config import ConfigError
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process stands among the run's processes (rank 0 of 1 without torchrun)."""
+    """Where this process stands among the run's processes (rank 0 of 1 without torchrun).
+
+    ``launcher_pid``: under torchrun, the pid of the process that started this one (its parent when the
+    environment was read), which the rank watches; None for a plain process.
+    """
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launcher_pid: int | None = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -67,11 +78,53 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             raise ConfigError(f"environment variable {name}={text!r} is not a non-negative integer; start "
                               f"several processes with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK")
         values[name] = int(text)
-    env = DistEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+    env = DistEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"], launcher_pid=os.getppid())
     if env.world_size < 1 or env.rank >= env.world_size:
         raise ConfigError(f"RANK={env.rank} is not below WORLD_SIZE={env.world_size}; start the processes "
                           f"with torchrun")
     return env
+
+
+class LauncherWatch:
+    """Tells a rank that its launcher (torchrun) has died, so that it stops instead of training on alone.
+
+    On Linux the kernel sends ``signum`` when the parent dies (``prctl(PR_SET_PDEATHSIG)``); ``gone()`` also
+    compares the parent pid with the one read at start, which covers a launcher that died before the prctl
+    call and systems without it. A plain process (``launcher_pid`` None) watches nothing: a ``fixmatch train``
+    whose shell ends keeps running, as it always did.
+    """
+
+    def __init__(self, env: DistEnv, signum: int | None = signal.SIGTERM) -> None:
+        self.launcher_pid = env.launcher_pid
+        self._signalled = self.launcher_pid is not None and signum is not None  # None: may not take signals
+        if self._signalled:
+            _parent_death_signal(signum)
+
+    def gone(self) -> bool:
+        return self.launcher_pid is not None and os.getppid() != self.launcher_pid
+
+    def close(self) -> None:
+        """No death signal once the loop that handles it has ended (train() may be called in a longer process)."""
+        if self._signalled:
+            _parent_death_signal(0)
+            self._signalled = False
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _parent_death_signal(signum: int) -> None:
+    """Linux: the kernel sends ``signum`` (0: nothing) when the parent dies; elsewhere ``gone()`` alone tells.
+
+    The kernel sends it when the thread that started this process ends; torchrun starts its ranks from its
+    main thread, whose end is the launcher's.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):  # no libc symbol to call: the per-step parent check still works
+        pass
 
 
 def process_device(device: torch.device, env: DistEnv) -> torch.device:

@@ -7,16 +7,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fixmatch.rundir import RunDirError, append_line, write_text_atomic
+from fixmatch.rundir import RunDirError, append_line, read_run_file, write_text_atomic
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of metrics.jsonl. A last line without its newline is a write cut short (power loss during
     append_line) and is left out: its evaluation comes before its checkpoint, so a resume redoes it."""
     path = Path(path)
-    if not path.is_file():
+    text = read_run_file(path)  # a link, a FIFO or a device there is refused in one line, never read
+    if text is None:
         return []
-    text = path.read_text()
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     rows = []

@@ -4,13 +4,18 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fixmatch.config import PRESETS, STRONG_AUGMENTS, WEAK_PADDINGS, Config, ConfigError, describe_keys, resolve_config
+from fixmatch.config import (PRESETS, STRONG_AUGMENTS, WEAK_PADDINGS, Config, ConfigError, describe_keys,
+                              resolve_config, short_repr)
+
+MAX_ERROR_CHARS = 2000  # an error line quotes values and paths: never screens of them
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,7 +25,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _one_line(message: str) -> str:
     """A value or path with a line break (\\n, \\r, ...) in it must not break the one-line error."""
-    return " ".join(str(message).splitlines())
+    line = " ".join(str(message).splitlines())
+    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS - 3] + "..."
+
+
+# Plain ASCII decimals only: int() and float() also take Unicode digits ('٤٠'), underscores (1_000) and spaces.
+_PLAIN_INT = re.compile(r"[-+]?[0-9]+")
+
+
+def _parse_number(base: str, text: str) -> int | float:
+    if base == "int" and _PLAIN_INT.fullmatch(text) and len(text) <= 20:
+        value = int(text)
+        if -(2**63) <= value < 2**63:  # no count or size needs more; the flag's own check bounds it further
+            return value
+    if base == "float" and text.isascii() and "_" not in text and text == text.strip():
+        return float(text)
+    raise ValueError(text)
 
 
 def _converter(type_name: str, flag: str, accepted: str = "") -> Callable[[str], Any]:
@@ -29,13 +49,23 @@ def _converter(type_name: str, flag: str, accepted: str = "") -> Callable[[str],
     def convert(text: str) -> Any:
         if "None" in type_name and text.lower() in ("none", "null"):
             return None
+        if base not in ("int", "float"):
+            return text
         try:
-            return {"int": int, "float": float}.get(base, str)(text)
-        except ValueError:
-            kind = "an integer" if base == "int" else "a number"
+            return _parse_number(base, text)
+        except ValueError:  # also int() of more than 4300 digits
+            kind = "an integer (ASCII digits, 64-bit)" if base == "int" else "a number (ASCII digits)"
             hint = f" ({accepted})" if accepted else ""
-            raise argparse.ArgumentTypeError(f"{flag} expects {kind}, got {text!r}{hint}") from None
+            raise argparse.ArgumentTypeError(f"{flag} expects {kind}, got {short_repr(text)}{hint}") from None
     return convert
+
+
+def _int_flag(flag: str) -> Callable[[str], Any]:
+    return _converter("int", flag)
+
+
+def _float_flag(flag: str) -> Callable[[str], Any]:
+    return _converter("float", flag)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -190,10 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "code is 1 only when no file could be read.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file, run directory or exported .safetensors")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
-    p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes shown per image (default: 1)")
+    p.add_argument("--top-k", type=_int_flag("--top-k"), default=1, metavar="K",
+                   help="classes shown per image (default: 1)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default: table)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--batch-size", type=_int_flag("--batch-size"), default=64,
+                   help="images per forward pass (default: 64)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
     p.set_defaults(func=_cmd_predict)
 
@@ -217,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in its error.txt and the others go on.")
     p.add_argument("study", metavar="STUDY.yaml", help="study file: base, optional variants, grid (see studies/)")
     p.add_argument("--out", metavar="STUDY_DIR", required=True, help="folder that receives one run directory per run")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=_int_flag("--workers"), default=1, metavar="N",
                    help="runs at a time, each with cores/N torch threads (default: 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.set_defaults(func=_cmd_sweep)
@@ -236,17 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
     p.add_argument("--strong", default="randaugment", choices=STRONG_AUGMENTS,
                    help="strong policy (default: randaugment)")
-    p.add_argument("--cutout", type=float, default=0.5,
+    p.add_argument("--cutout", type=_float_flag("--cutout"), default=0.5,
                    help="Cutout side as a fraction of the image side (default: 0.5)")
     p.add_argument("--weak-padding", default="reflect", choices=WEAK_PADDINGS,
                    help="border of the weak view's translation (default: reflect)")
-    p.add_argument("--randaugment-ops", type=int, default=Config.randaugment_ops, metavar="N",
+    p.add_argument("--randaugment-ops", type=_int_flag("--randaugment-ops"), default=Config.randaugment_ops,
+                   metavar="N",
                    help=f"--strong randaugment: ops drawn per image (default: {Config.randaugment_ops}, as in train)")
-    p.add_argument("--randaugment-prob", type=float, default=Config.randaugment_prob, metavar="P",
+    p.add_argument("--randaugment-prob", type=_float_flag("--randaugment-prob"), default=Config.randaugment_prob,
+                   metavar="P",
                    help="--strong randaugment: probability that each op is applied "
                         f"(default: {Config.randaugment_prob}, as in train)")
-    p.add_argument("--num-images", type=int, default=6, help="images in the grid, 1 to 64 (default: 6)")
-    p.add_argument("--seed", type=int, default=0, help="picks the images and draws the views (default: 0)")
+    p.add_argument("--num-images", type=_int_flag("--num-images"), default=6,
+                   help="images in the grid, 1 to 64 (default: 6)")
+    p.add_argument("--seed", type=_int_flag("--seed"), default=0,
+                   help="picks the images and draws the views (default: 0)")
     p.add_argument("--data-dir", default="data", help="where the data set lives (default: data)")
     p.set_defaults(func=_cmd_show_augment)
 
@@ -258,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--dataset", metavar="NAME", help="use this data set's image shape and number of classes")
     size.add_argument("--input-size", metavar="C,H,W", help="image shape, e.g. 3,224,224")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the head (default: the data set's, or 10)")
+    p.add_argument("--num-classes", type=_int_flag("--num-classes"), default=None,
+                   help="classes of the head (default: the data set's, or 10)")
     p.add_argument("--data-dir", default="data", help="where to look for a data set not known by name (default: data)")
     p.set_defaults(func=_cmd_models)
     return parser
@@ -275,7 +312,33 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, CheckpointError, DatasetError, SplitError, ModelError, NonFiniteError, RunDirError
 
 
+# The exit status of a command whose output pipe was closed early (`fixmatch presets | head`): 128 + SIGPIPE,
+# what a shell reports for a tool that the signal ended.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # output still buffered for a closed pipe fails here, not at interpreter exit
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device: Python's final flush would otherwise fail again and print a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no file descriptor (captured, replaced)
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from fixmatch.train import TrainingInterrupted
 
     args = build_parser().parse_args(argv)

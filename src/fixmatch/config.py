@@ -3,13 +3,16 @@
 The defaults are the paper's CIFAR-10 setting (Sohn et al., 2020, and the official code). Keys are
 flat and named as the command-line flags (``num_labels`` <-> ``--num-labels``) so that a YAML file,
 a sweep grid and the command line all speak the same language. Unknown keys and bad values raise
-``ConfigError`` with one line naming the key and what is accepted, before any work starts.
+``ConfigError`` with one line naming the key and what is accepted, before any work starts. Every YAML file the
+project reads goes through ``parse_yaml``: no alias bombs, deep nesting or duplicate keys, and integers are plain
+decimals (an integer key takes 64 bits at most).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -238,16 +241,27 @@ def validate_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]
     out: dict[str, Any] = {}
     for name, value in overrides.items():
         if name not in known:
-            raise ConfigError(f"unknown config key '{name}' in {source}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown config key {short_repr(name)} in {source}; "
+                              f"known keys: {', '.join(sorted(known))}")
         f = known[name]
         value = _coerce(name, value, f)
         check, accepted = f.metadata["check"], f.metadata["accepted"]
         type_ok = _type_ok(value, f)
         if not type_ok or (check is not None and not check(value)):
             want = accepted or f"a value of type {f.type}"
-            raise ConfigError(f"invalid value for '{name}' in {source}: {value!r}; expected {want}")
+            if _is_int(value) and not _fits_64_bits(value):
+                want += " (at most 2^63 - 1 in magnitude)"
+            raise ConfigError(f"invalid value for '{name}' in {source}: {short_repr(value)}; expected {want}")
         out[name] = value
     return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fits_64_bits(value: int) -> bool:
+    return -(2**63) <= value < 2**63
 
 
 def _type_ok(value: Any, f: dataclasses.Field) -> bool:
@@ -256,8 +270,8 @@ def _type_ok(value: Any, f: dataclasses.Field) -> bool:
         return "None" in t
     if t.startswith("str"):
         return isinstance(value, str)
-    if t.startswith("int"):
-        return isinstance(value, int) and not isinstance(value, bool)
+    if t.startswith("int"):  # no key needs more than 64 bits: a longer number is a typo, not a setting
+        return _is_int(value) and _fits_64_bits(value)
     if t.startswith("float"):
         return isinstance(value, float)
     if t.startswith("bool"):
@@ -265,18 +279,145 @@ def _type_ok(value: Any, f: dataclasses.Field) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------- YAML files
+# Config files, study files and RUN_DIR/config.yaml are flat or a few levels deep and hold at most a few thousand
+# values. Anything beyond these limits is refused while the file is composed, before any value is built: an alias
+# bomb ("billion laughs") would otherwise expand to billions of values wherever it is walked or printed.
+MAX_YAML_DEPTH = 20
+MAX_YAML_VALUES = 10_000
+_PLAIN_INT = re.compile(r"[-+]?[0-9]+")  # ASCII digits only: no 1_000, 0x10, 017 (octal) or 1:30 (base 60)
+_MAX_INT_DIGITS = 100  # longer digit strings stay text (Python refuses to convert > 4300 digits anyway)
+
+
+class _YAMLRefused(yaml.YAMLError):
+    """A YAML file that is well-formed but beyond what a configuration needs (message: one line, with the fix)."""
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses nesting deeper than MAX_YAML_DEPTH, documents whose aliases expand beyond
+    MAX_YAML_VALUES values, aliases to the collection that contains them, and a key given twice in one mapping.
+
+    ``_expanded`` counts the values of the document as if every alias were written out: a node adds 1, an alias
+    adds the expanded size of the node it names (its own count when it was composed), so a bomb is refused after
+    MAX_YAML_VALUES steps whatever it would expand to.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> expanded size, for the nodes an alias may name
+
+    def _count(self, n: int, mark: yaml.Mark) -> None:
+        self._expanded += n
+        if self._expanded > MAX_YAML_VALUES:
+            raise _YAMLRefused(f"more than {MAX_YAML_VALUES} values once its aliases are expanded (line "
+                               f"{mark.line + 1}); write the values out or use fewer aliases")
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None:  # an undefined alias is yaml's own error
+                if id(node) not in self._sizes:
+                    raise _YAMLRefused(f"alias *{_clip(event.anchor)} on line {event.start_mark.line + 1} refers to "
+                                       f"a value that contains it; remove the alias")
+                self._count(self._sizes[id(node)], event.start_mark)
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _YAMLRefused(f"nested more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1}); a "
+                               f"configuration needs a few levels at most")
+        before = self._expanded
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._count(1, mark)
+        self._sizes[id(node)] = self._expanded - before
+        return node
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # merged keys (<<) are meant to be overridden; complex keys are refused later
+            line, k = key.start_mark.line + 1, (key.tag, key.value)
+            if k in seen:  # yaml would keep the last value silently
+                raise _YAMLRefused(f"key {short_repr(key.value)} is given twice (lines {seen[k]} and {line}); "
+                                   f"keep one of them")
+            seen[k] = line
+        return node
+
+    def construct_plain_int(self, node: yaml.ScalarNode) -> int | str:
+        """Plain decimal integers only: anything else (1_000, 0x10, Unicode digits, !!int '1:30') stays text,
+        which the key's check then refuses by name."""
+        text = self.construct_scalar(node)
+        return int(text) if _PLAIN_INT.fullmatch(text) and len(text) <= _MAX_INT_DIGITS else text
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+# YAML 1.1 reads 1_000, 0x10, 017 (= 15) and 1:30 (= 90) as integers: here only plain decimals are integers.
+_GuardedLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_GuardedLoader.add_implicit_resolver(_INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_GuardedLoader.add_constructor(_INT_TAG, _GuardedLoader.construct_plain_int)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load within the limits above; ConfigError in one line naming ``source`` ("config file x.yaml")."""
+    try:
+        return yaml.load(text, Loader=_GuardedLoader)  # a SafeLoader: plain data only
+    except _YAMLRefused as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        where = f", line {e.problem_mark.line + 1}" if e.problem_mark is not None else ""
+        reason = _clip(str(e.problem or e.context or "malformed"), 120)
+        raise ConfigError(f"{source} is not valid YAML ({reason}{where}); fix its syntax") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML ({_clip(str(e).splitlines()[0], 120)}); fix its syntax") \
+            from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:  # a date 2001-13-45, !!bool x
+        reason = _clip(" ".join(str(e).split()) or type(e).__name__, 120)
+        raise ConfigError(f"{source} holds a value that YAML cannot build ({reason}); fix that value") from None
+    except RecursionError:  # not reached within MAX_YAML_DEPTH; kept so that no nesting ends in a traceback
+        raise ConfigError(f"{source}: nested too deeply; a configuration needs a few levels at most") from None
+
+
+def read_yaml(path: Path, what: str, option: str) -> Any:
+    """Read and parse a YAML file; ``what`` names it in errors ("study file"), ``option`` is where it was given."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}; check the path given to {option}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # a folder, an unreadable or a binary file
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ConfigError(f"cannot read {what} {path} ({reason}); give {option} a YAML text file") from None
+    return parse_yaml(text, f"{what} {path}")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 3, 60, 60, 60
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to about ``limit`` characters: an error quotes what it refuses, never all of it."""
+    if _is_int(value) and value.bit_length() > 256:  # repr() of a huge int is slow, or refused past 4300 digits
+        return f"<a {value.bit_length()}-bit integer>"
+    return _clip(_SHORT.repr(value), limit)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML override file (flat mapping of config keys) and validate it."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}; check the path given to --config") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # a folder, an unreadable or a binary file
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise ConfigError(f"cannot read config file {path} ({reason}); give --config a YAML text file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    data = read_yaml(path, "config file", "--config")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -320,9 +461,9 @@ def check_combinations(config: Config) -> None:
     """
     if config.fold is not None and config.dataset != "stl10":
         raise ConfigError(f"--fold selects one of STL-10's official labeled folds; it does not apply to "
-                          f"{config.dataset}: leave it unset")
+                          f"{_clip(config.dataset)}: leave it unset")
     if config.svhn_extra and config.dataset != "svhn":
-        raise ConfigError(f"--svhn-extra adds SVHN's extra images; it does not apply to {config.dataset}")
+        raise ConfigError(f"--svhn-extra adds SVHN's extra images; it does not apply to {_clip(config.dataset)}")
     strong_policy_options(config.strong, config.randaugment_ops, config.randaugment_prob)
 
 

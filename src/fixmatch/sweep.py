@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -41,11 +42,13 @@ from typing import Any
 
 import yaml
 
-from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_combinations, load_config, resolve_config
+from fixmatch.config import (RESUME_MUTABLE_KEYS, Config, ConfigError, check_combinations, load_config, read_yaml,
+                              resolve_config, short_repr)
 
 STUDY_KEYS = ("description", "base", "variants", "grid")
 ERROR_FILE = "error.txt"
 ERROR_TAIL_LINES = 40  # lines of a failed run's output kept in its error.txt (the whole log is in logs/)
+MAX_RUNS = 10_000  # a grid of a few short lists multiplies fast: more runs than this is a mistake, not a study
 
 
 @dataclass
@@ -85,7 +88,8 @@ def _mapping(data: Any, what: str, path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"study {path}: '{what}' must be a mapping of config keys, not {type(data).__name__}")
+        raise ConfigError(f"study {path}: {short_repr(what)} must be a mapping of config keys, not "
+                          f"{type(data).__name__}")
     return dict(data)
 
 
@@ -115,31 +119,34 @@ def _resolve(settings: dict[str, Any], where: str) -> Config:
 def load_study(path: str | Path) -> Study:
     """Read a study file and resolve every run's configuration (ConfigError naming the run otherwise)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"study file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"study file {path} is not valid YAML ({str(e).splitlines()[0]}); fix its syntax") from None
+    # Within the limits of every YAML the project reads: no alias bombs, deep nesting or duplicate keys.
+    data = read_yaml(path, "study file", "fixmatch sweep")
     if not isinstance(data, dict):
         raise ConfigError(f"study file {path} must be a mapping with keys {', '.join(STUDY_KEYS)}")
-    unknown = sorted(set(data) - set(STUDY_KEYS))
+    unknown = sorted((k for k in data if k not in STUDY_KEYS), key=str)
     if unknown:
-        raise ConfigError(f"study {path}: unknown top-level key '{unknown[0]}'; expected {', '.join(STUDY_KEYS)}")
+        raise ConfigError(f"study {path}: unknown top-level key {short_repr(unknown[0])}; "
+                          f"expected {', '.join(STUDY_KEYS)}")
     base = _mapping(data.get("base"), "base", path)
     grid = _mapping(data.get("grid"), "grid", path)
     variants = _mapping(data.get("variants"), "variants", path)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"study {path}: grid key '{key}' needs a non-empty list of values, e.g. {key}: [a, b]")
+            raise ConfigError(f"study {path}: grid key {short_repr(key)} needs a non-empty list of values, "
+                              f"e.g. [a, b]")
     for vname, keys in variants.items():
         keys = _mapping(keys, f"variants.{vname}", path)
-        clash = sorted(set(keys) & set(grid))
+        clash = sorted(set(keys) & set(grid), key=str)
         if clash:
-            raise ConfigError(f"study {path}: '{clash[0]}' is set by variant '{vname}' and by the grid; keep it in one")
+            raise ConfigError(f"study {path}: {short_repr(clash[0])} is set by variant {short_repr(vname)} and by "
+                              f"the grid; keep it in one")
         variants[vname] = keys
 
     variant_items: list[tuple[str | None, dict[str, Any]]] = list(variants.items()) or [(None, {})]
+    count = math.prod(len(v) for v in grid.values()) * len(variant_items)
+    if count > MAX_RUNS:
+        raise ConfigError(f"study {path}: its grid and variants make {short_repr(count)} runs, more than {MAX_RUNS}; "
+                          f"split it into smaller studies")
     runs: list[PlannedRun] = []
     for combo in itertools.product(*grid.values()):
         for vname, vkeys in variant_items:
@@ -148,10 +155,12 @@ def load_study(path: str | Path) -> Study:
             name = run_name(values)
             config = _resolve({**base, **vkeys, **point}, f"study {path}, run {name}")
             runs.append(PlannedRun(name, values, config))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ConfigError(f"study {path}: two runs would share the directory '{dup}'; make the grid values distinct")
+    seen: set[str] = set()
+    for dup in (r.name for r in runs):
+        if dup in seen:
+            raise ConfigError(f"study {path}: two runs would share the directory '{dup}'; make the grid values "
+                              f"distinct")
+        seen.add(dup)
     return Study(path, str(data.get("description") or ""), runs)
 
 
@@ -173,8 +182,9 @@ def _check_existing(study: Study, out: Path) -> None:
         saved = Config(**load_config(saved_path))
         for key, value in run.config.to_dict().items():
             if key not in RESUME_MUTABLE_KEYS and getattr(saved, key) != value:
-                raise ConfigError(f"{out / run.name} was run with {key}={getattr(saved, key)!r} but the study now "
-                                  f"gives {value!r}; restore the study file or choose another --out")
+                raise ConfigError(f"{out / run.name} was run with {key}={short_repr(getattr(saved, key))} but the "
+                                  f"study now gives {short_repr(value)}; restore the study file or choose another "
+                                  f"--out")
 
 
 def worker_env(workers: int, cores: int | None = None) -> dict[str, str]:

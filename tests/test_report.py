@@ -1,17 +1,25 @@
-"""fixmatch report: grouping over seeds, mean ± std, paper numbers, CSV/Markdown, figures, and index.html
-checked in a real headless Chromium (every image decodes, no console messages)."""
+"""fixmatch report: grouping over seeds, mean ± std, paper numbers, CSV/Markdown, figures (legible: nothing
+outside the image, page-wide; no error bars from one seed; a colour bar), macro-F1 read from metrics.jsonl,
+and index.html self-contained and checked in a real headless Chromium (every image decodes, no console
+messages)."""
+import base64
 import csv
 import importlib
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
 
+import numpy as np
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.container import ErrorbarContainer
 
 import fixmatch
+from fixmatch import report_figures
 from fixmatch.config import Config
 from fixmatch.report import PAPER_ERROR_RATES, ReportError, load_runs, paper_accuracy, write_report
 
@@ -27,7 +35,7 @@ def _fake_run(root, name, accs, macro_f1=None, finished=True, **config):
         row = {"step": 10 * i, "test_acc": acc, "test_top5": 99.0, "raw_test_acc": acc - 1, "loss_s": 1.0 / i,
                "loss_u": 0.5 / i, "mask_rate": 0.1 * i, "pseudo_label_acc": 80.0, "lr": 0.03, "wall_s": 2.0 * i}
         if macro_f1 is not None:
-            row["macro_f1"] = macro_f1 + i  # the row of the best accuracy is the one reported
+            row["test_macro_f1"] = macro_f1 + i  # the row of the best accuracy is the one reported
         rows.append(row)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
@@ -77,7 +85,7 @@ def test_table_groups_seeds_with_mean_and_sample_std(tmp_path):
     for png in ("accuracy_vs_step.png", "best_vs_labels.png", "losses.png", "mask_rate.png",
                 "pseudo_label_acc.png", "ema_vs_raw.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f'src="{png}"' in page
+        assert f'data-file="{png}"' in page
 
 
 def test_paper_numbers_for_matching_settings_only():
@@ -97,7 +105,7 @@ def test_a_study_with_one_label_count_gets_a_bar_per_configuration(tmp_path):
         _fake_run(tmp_path / "s", f"cta-s{seed}", [50.0, 65.0 + seed], num_labels=40, seed=seed, strong="ctaugment")
     page = write_report([tmp_path / "s"], tmp_path / "r").read_text()
     assert (tmp_path / "r" / "best_by_configuration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert 'src="best_by_configuration.png"' in page and "best_vs_labels" not in page
+    assert 'data-file="best_by_configuration.png"' in page and "best_vs_labels" not in page
     assert not (tmp_path / "r" / "best_vs_labels.png").exists()
 
 
@@ -110,6 +118,125 @@ def test_paper_column_in_the_table(tmp_path):
     assert "| fixmatch | 0 | 82.50 | 85.00 | 85.00 | 17.50 |" in md and "| 94.93 ± 0.65 |" in md
     assert md.count("94.93") == 1  # the supervised row has no paper number
     assert "Sohn et al., 2020, Table 2" in md
+
+
+def test_paper_column_hidden_when_no_row_has_a_paper_number(tmp_path):
+    _fake_run(tmp_path / "s", "a", [60.0, 70.0])  # synthetic: the paper has no number for it
+    index = write_report([tmp_path / "s"], tmp_path / "r")
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert md.splitlines()[0].endswith("| steps run | wall time (s) |") and "paper (%)" not in md
+    assert "paper (%)" not in index.read_text() and "Sohn et al." not in md
+    row = next(csv.DictReader((tmp_path / "r" / "results.csv").open()))
+    assert row["paper_acc"] == row["paper_std"] == ""  # the CSV keeps its columns
+
+
+def test_index_html_embeds_its_figures_and_tables_and_the_files_stay(tmp_path):
+    index = write_report([_study(tmp_path)], tmp_path / "r")
+    page = index.read_text()
+    refs = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert len(refs) == 8 and all(r.startswith("data:") for r in refs)  # nothing to fetch beside the page
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)" data-file="([^"]+)"', page)
+    assert len(embedded) == 6
+    for data, name in embedded:
+        assert base64.b64decode(data) == (tmp_path / "r" / name).read_bytes()
+    for name in ("results.md", "results.csv"):
+        data = re.search(rf'href="data:text/[a-z]+;charset=utf-8;base64,([^"]+)" download="{name}"', page).group(1)
+        assert base64.b64decode(data).decode() == (tmp_path / "r" / name).read_text()
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib figures a report draws, by file name (still usable after they are saved and closed)."""
+    drawn = {}
+    save = report_figures._save
+
+    def keep(fig, path):
+        save(fig, path)
+        drawn[path.name] = fig
+    monkeypatch.setattr(report_figures, "_save", keep)
+    return drawn
+
+
+def _renderer(fig):
+    """The figure drawn again as when saved (closing it took its Agg canvas away)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def _outside(fig):
+    """The parts of a figure (each axes with its labels, ticks and title; each figure legend) that reach past
+    the image's edges."""
+    renderer = _renderer(fig)
+    parts = [(ax.get_ylabel() or ax.get_title() or "axes", ax.get_tightbbox(renderer)) for ax in fig.axes]
+    parts += [("legend", legend.get_window_extent(renderer)) for legend in fig.legends]
+    edge = fig.bbox.padded(1)
+    return [name for name, box in parts
+            if not (edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0 and box.y1 <= edge.y1)]
+
+
+def _png_width(path):
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def _cut_at_the_edge(path):
+    """Whether anything is drawn on the saved image's outermost pixels: a label or legend cut by the edge."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("L"))
+    edges = np.concatenate([pixels[:2].ravel(), pixels[-2:].ravel(), pixels[:, :2].ravel(), pixels[:, -2:].ravel()])
+    return bool((edges < 250).any())
+
+
+def test_figures_keep_their_labels_inside_and_fill_the_page_width(tmp_path, figures):
+    index = write_report([_study(tmp_path)], tmp_path / "r")
+    assert len(figures) == 6
+    for name, fig in figures.items():
+        assert _outside(fig) == [], name
+        assert not _cut_at_the_edge(tmp_path / "r" / name), name
+    mask = figures["mask_rate.png"].axes[0]
+    label = mask.yaxis.label.get_window_extent(_renderer(mask.figure))
+    assert mask.figure.bbox.contains(label.x0, label.y0) and mask.figure.bbox.contains(label.x1, label.y1)
+    column = int(re.search(r"max-width: (\d+)px", index.read_text()).group(1))
+    for name in figures:  # as wide as the page's text column (1400-px window), not half of it
+        assert 0.9 * column <= _png_width(tmp_path / "r" / name) <= column, name
+
+
+def test_confusion_matrix_has_a_colour_bar(tmp_path, figures):
+    from fixmatch.report import Run
+
+    report_figures.confusion(Run(tmp_path / "run", {}, {}, []), [[5, 5], [0, 10]], ["a", "b"], tmp_path / "c.png")
+    fig = figures["c.png"]
+    assert fig.axes[0].images[0].colorbar is not None and fig.axes[1] is fig.axes[0].images[0].colorbar.ax
+    assert fig.axes[1].get_ylabel() == "fraction of the true class" and _outside(fig) == []
+
+
+def _error_bars(ax):
+    """How many error bars the axes draws (each ErrorbarContainer's line collection holds one per point)."""
+    return sum(len(c.lines[2][0].get_segments()) for c in ax.containers if isinstance(c, ErrorbarContainer))
+
+
+def test_no_error_bar_from_a_single_seed_and_n_in_the_legend(tmp_path, figures):
+    _fake_run(tmp_path / "a", "ra-s0", [60.0, 70.0], num_labels=40, seed=0)
+    for seed in (0, 1):
+        _fake_run(tmp_path / "a", f"cta-s{seed}", [50.0, 65.0 + seed], num_labels=40, seed=seed, strong="ctaugment")
+    write_report([tmp_path / "a"], tmp_path / "ra")
+    ax = figures["best_by_configuration.png"].axes[0]
+    assert _error_bars(ax) == 1  # the two-seed configuration only; none (not a zero-length one) for n = 1
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["strong=ctaugment (n=2)", "strong=randaugment (n=1)"]
+
+    figures.clear()
+    _fake_run(tmp_path / "b", "fm40", [60.0, 70.0], num_labels=40, seed=0)
+    _fake_run(tmp_path / "b", "fm250", [80.0, 90.0], num_labels=250, seed=0)
+    write_report([tmp_path / "b"], tmp_path / "rb")
+    fig = figures["best_vs_labels.png"]
+    assert _error_bars(fig.axes[0]) == 0
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fixmatch (n=1)"]
+    assert [t.get_text() for t in figures["mask_rate.png"].legends[0].get_texts()] == [
+        "num_labels=40 (n=1)", "num_labels=250 (n=1)"]
+    _fake_run(tmp_path / "b", "fm40-s1", [60.0, 72.0], num_labels=40, seed=1)
+    write_report([tmp_path / "b"], tmp_path / "rb")
+    assert _error_bars(figures["best_vs_labels.png"].axes[0]) == 1  # at 40 labels (two seeds) only
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
@@ -136,6 +263,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (run / "config.yaml").write_text("learning_rate: 0.03\n")
     with pytest.raises(ReportError, match=r"cannot read .*config.yaml: .*learning_rate"):
         load_runs([run])
+    _fake_run(tmp_path / "ok", "a", [1.0])
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(ReportError, match=r"cannot write the report into .*a-file \(File exists\); give as --out"):
+        write_report([tmp_path / "ok"], tmp_path / "a-file")
     from fixmatch.cli import main
     assert main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
 
@@ -171,7 +302,8 @@ def real_report(trained_study):
     return write_report([trained_study / "study"], trained_study / "report")
 
 
-def test_macro_f1_and_confusion_come_from_the_best_checkpoint_when_metrics_lack_them(tmp_path, monkeypatch):
+def test_macro_f1_and_confusion_come_from_the_best_checkpoint_when_metrics_lack_them(tmp_path, monkeypatch,
+                                                                                   capsys):
     root = tmp_path / "s"
     for seed in (0, 1):
         run = _fake_run(root, f"r{seed}", [50.0 + seed, 60.0 + seed], seed=seed)
@@ -192,6 +324,41 @@ def test_macro_f1_and_confusion_come_from_the_best_checkpoint_when_metrics_lack_
     assert (float(row["macro_f1_mean"]), float(row["macro_f1_std"])) == (71.0, math.sqrt(2))
     assert calls[-1].parent.parent.name == "r1"  # the confusion matrix is the best run's (61% > 60%)
     assert (tmp_path / "r" / "confusion_best.png").is_file() and "confusion_best.png" in index.read_text()
+    said = [line for line in capsys.readouterr().err.splitlines() if "macro-F1" in line]
+    assert said == ["macro-F1: 2 of 2 runs have no test_macro_f1 in metrics.jsonl (made before it was logged); "
+                    "evaluating their best checkpoints on the test set"]
+
+
+def test_macro_f1_is_read_from_metrics_without_evaluating_checkpoints(trained_study, tmp_path, monkeypatch, capsys):
+    runs = trained_study / "study"
+    calls = []
+
+    def refuse(path, **kwargs):
+        calls.append(path)
+        raise RuntimeError("a checkpoint was loaded")
+
+    monkeypatch.setattr(importlib.import_module("fixmatch.evaluate"), "evaluate", refuse)
+    write_report([runs], tmp_path / "r")
+    assert len(calls) == 1  # the confusion matrix of the best run: one evaluation, not one per run
+    best_f1 = {}
+    for name in ("fm", "sup"):
+        rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        best_f1[name] = max(rows, key=lambda r: r["test_acc"])["test_macro_f1"]
+    table = {r["method"]: float(r["macro_f1_mean"]) for r in csv.DictReader((tmp_path / "r" / "results.csv").open())}
+    assert table == {"fixmatch": best_f1["fm"], "supervised": best_f1["sup"]}
+    assert "no test_macro_f1" not in capsys.readouterr().err
+
+
+def test_logged_macro_f1_is_the_best_checkpoints(trained_study):
+    """train.py logs the EMA model's test macro-F1: the number an evaluation of best.pt gives."""
+    from fixmatch.evaluate import evaluate
+
+    for name in ("fm", "sup"):
+        run = trained_study / "study" / name
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        best = max(rows, key=lambda r: r["test_acc"])
+        assert best["test_macro_f1"] == pytest.approx(evaluate(run / "checkpoints" / "best.pt", device="cpu")
+                                                      ["macro_f1"], abs=1e-6)
 
 
 needs_per_class_metrics = pytest.mark.skipif(
@@ -204,18 +371,23 @@ def test_real_runs_get_macro_f1_and_a_confusion_matrix(real_report):
     rows = list(csv.DictReader((real_report.parent / "results.csv").open()))
     assert len(rows) == 2 and all(0 <= float(r["macro_f1_mean"]) <= 100 for r in rows)
     assert (real_report.parent / "confusion_best.png").is_file()
-    assert 'src="confusion_best.png"' in real_report.read_text()
+    assert 'data-file="confusion_best.png"' in real_report.read_text()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/setup.sh installs it with apt)")
 def test_index_html_in_headless_chromium_loads_every_image_without_console_messages(real_report, tmp_path):
-    report = shutil.copytree(real_report.parent, tmp_path / "report")
-    index = report / "index.html"
+    # index.html alone, without the PNG files beside it: the page is self-contained.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    index = alone / "index.html"
+    shutil.copy(real_report, index)
     status, console = _browser_check(index)
     n = index.read_text().count("<img ")
-    assert n == len(list(report.glob("*.png"))) >= 6 and status == f"all {n} images loaded"
+    assert n == len(list(real_report.parent.glob("*.png"))) >= 6 and status == f"all {n} images loaded"
     assert console == []
-    # The check does detect a broken figure: the test would fail on a page with a missing image.
-    (report / "losses.png").unlink()
+    # The check does detect a broken figure: the test would fail on a page with a damaged image.
+    page = index.read_text()
+    start = page.rindex('src="data:image/png;base64,', 0, page.index('data-file="losses.png"'))
+    index.write_text(page[:start] + 'src="data:image/png;base64,AAAA"' + page[page.index('"', start + 5) + 1:])
     status, _ = _browser_check(index)
     assert status.startswith("error") or status == "broken images: losses.png"

@@ -1,29 +1,34 @@
 """`fixmatch report STUDY_DIR_OR_RUN_DIRS... --out REPORT_DIR`: a study's results as a table and figures.
 
-Everything comes from the runs' files: config.yaml, metrics.jsonl and summary.json (and, only for the
-macro-F1 of runs whose metrics rows lack it and for the confusion matrix, the run's best checkpoint evaluated
-on its test set). Runs that differ only in their seed form one configuration: a row of the table with the
-mean and sample standard deviation over the seeds. Written into REPORT_DIR:
+Everything comes from the runs' files: config.yaml, metrics.jsonl and summary.json. Checkpoints are
+evaluated only for the confusion matrix (the best run's best checkpoint, once) and for the macro-F1 of runs
+made before training logged it (``test_macro_f1`` in metrics.jsonl). Runs that differ only in their seed form
+one configuration: a row of the table with the mean and sample standard deviation over the seeds. Written
+into REPORT_DIR:
 
     results.md, results.csv    the table
     *.png                      the figures (report_figures.py)
-    index.html                 the table and every figure on one self-contained page
+    index.html                 the table and every figure on one self-contained page: the figures, results.md
+                               and results.csv are embedded in it (data: URIs), so it can be moved or mailed alone
 """
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fixmatch.config import RESUME_MUTABLE_KEYS, ConfigError, config_from_dict
+from fixmatch.atomic import atomic_path
+from fixmatch.config import RESUME_MUTABLE_KEYS, ConfigError, config_from_dict, parse_yaml
 
 # The paper's error rates (%, mean +- std over 5 folds): Sohn et al., 2020, "FixMatch: Simplifying
 # Semi-Supervised Learning with Consistency and Confidence", Table 2. Keyed by (data set, labels, model);
@@ -42,6 +47,9 @@ PAPER_ERROR_RATES: dict[tuple[str, int, str], dict[str, tuple[float, float]]] = 
 }
 PAPER_CITATION = "Sohn et al., 2020, Table 2 (error rate, mean ± std over 5 folds)"
 
+# The metrics.jsonl key of the EMA model's test macro-F1 (%), logged at each evaluation by train.py.
+MACRO_F1_KEY = "test_macro_f1"
+
 # Keys that never make two runs different configurations: where and how a run ran, and its seed.
 NOT_CONFIGURATION = frozenset(RESUME_MUTABLE_KEYS | {"seed", "progress", "channels_last", "eval_batch_size"})
 
@@ -57,7 +65,7 @@ class Run:
     config: dict[str, Any]
     summary: dict[str, Any]
     rows: list[dict[str, Any]]   # metrics.jsonl
-    macro_f1: float | None = None
+    macro_f1: float | None = None  # of the best evaluation, the one checkpoints/best.pt holds
 
 
 @dataclass
@@ -80,7 +88,7 @@ class Group:
 
 def _read_yaml_config(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(), "the file")  # no alias bombs, deep nesting or duplicate keys
         return config_from_dict(data, str(path)).to_dict()  # old runs gain the defaults of newer keys
     except (yaml.YAMLError, TypeError, ConfigError) as e:
         raise ReportError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
@@ -127,8 +135,10 @@ def load_runs(paths: list[str | Path]) -> tuple[list[Run], list[Path]]:
         except json.JSONDecodeError:
             raise ReportError(f"{summary_path} is not JSON; re-run the run or remove it") from None
         run = Run(d, _read_yaml_config(d / "config.yaml"), summary, rows)
+        # The first best row, as train.py saves best.pt only on a strict improvement: the fallback
+        # (fill_macro_f1) evaluates that checkpoint, so both give the same number.
         best_row = max(rows, key=lambda r: r["test_acc"])
-        run.macro_f1 = best_row.get("macro_f1")
+        run.macro_f1 = best_row.get(MACRO_F1_KEY)
         runs.append(run)
     return runs, unfinished
 
@@ -177,10 +187,14 @@ def paper_accuracy(config: dict[str, Any]) -> tuple[float, float] | None:
 
 
 def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
-    """Runs whose metrics rows lack macro_f1: evaluate their best checkpoint (EMA weights) on the test set."""
+    """Runs whose metrics rows lack test_macro_f1 (made before training logged it): evaluate their best
+    checkpoint (EMA weights) on the test set. Slow (a test-set pass per run), hence the line on stderr."""
     from fixmatch.evaluate import evaluate
 
     missing = [r for r in runs if r.macro_f1 is None]
+    if missing:
+        print(f"macro-F1: {len(missing)} of {len(runs)} runs have no {MACRO_F1_KEY} in metrics.jsonl (made before "
+              f"it was logged); evaluating their best checkpoints on the test set", file=sys.stderr, flush=True)
     failed = []
     for run in missing:
         best = run.path / "checkpoints" / "best.pt"
@@ -193,9 +207,11 @@ def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
         if run.macro_f1 is None:
             failed.append(f"{run.path.name} (the evaluation code gives no macro-F1)")
     if missing:
-        notes.append(f"Macro-F1: from metrics.jsonl where logged; otherwise from each run's best checkpoint "
-                     f"(checkpoints/best.pt, EMA weights) evaluated on the test set "
-                     f"({len(missing) - len(failed)} of {len(missing)} runs).")
+        notes.append(f"Macro-F1: the EMA model's, at each run's best evaluation; from metrics.jsonl "
+                     f"({MACRO_F1_KEY}) where logged, otherwise from the run's best checkpoint (checkpoints/best.pt) "
+                     f"evaluated on the test set ({len(missing) - len(failed)} of {len(missing)} runs).")
+    elif runs:
+        notes.append(f"Macro-F1: the EMA model's, at each run's best evaluation (metrics.jsonl, {MACRO_F1_KEY}).")
     if failed:
         notes.append("Macro-F1 left empty for: " + "; ".join(failed) + ".")
 
@@ -205,9 +221,14 @@ TABLE_COLUMNS = ["seeds", "median last 20 (%)", "best (%)", "last (%)", "error r
 
 
 def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
-    """Header, formatted rows (Markdown/HTML) and raw rows (CSV, with separate mean and std columns)."""
+    """Header, formatted rows (Markdown/HTML) and raw rows (CSV, with separate mean and std columns).
+
+    The paper column is left out of the Markdown/HTML table when no row has a paper number (an empty column
+    says nothing); the CSV keeps its paper_acc and paper_std columns, empty, so that its columns never change.
+    """
     varying = list(groups[0].values) if groups else []
-    header = varying + TABLE_COLUMNS
+    with_paper = any(paper_accuracy(g.config) for g in groups)
+    header = varying + [c for c in TABLE_COLUMNS if with_paper or c != "paper (%)"]
     rows, raw = [], []
     for g in groups:
         med = mean_std([r.summary["test_acc_median_last20"] for r in g.runs])
@@ -222,8 +243,7 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[di
         seeds = ", ".join(str(r.config["seed"]) for r in g.runs)
         rows.append([str(g.values[k]) for k in varying] + [
             seeds, fmt(*med), fmt(*best), fmt(*last), fmt(*err), fmt(*f1), "/".join(map(str, steps)),
-            fmt(wall[0], None, 0),
-            fmt(*paper) if paper else ""])
+            fmt(wall[0], None, 0)] + ([fmt(*paper) if paper else ""] if with_paper else []))
         raw.append({**{k: g.values[k] for k in varying}, "seeds": seeds, "n": len(g.runs),
                     "median_last20_mean": med[0], "median_last20_std": med[1], "best_mean": best[0],
                     "best_std": best[1], "last_mean": last[0], "last_std": last[1], "error_rate_mean": err[0],
@@ -254,10 +274,12 @@ def csv_text(raw: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------- page
 
 # After the page loads, a script checks that every figure decoded (naturalWidth > 0) and writes the result
-# into #image-status; script errors are written there too. A headless browser reads it back (tests).
+# into #image-status; script errors are written there too. A headless browser reads it back (tests). Figures
+# are named by their file (data-file): their src is the whole image.
 _CHECK_SCRIPT = """
 window.addEventListener("error", (e) => {
-  document.getElementById("image-status").textContent = "error: " + (e.message || (e.target && e.target.src));
+  const t = e.target;
+  document.getElementById("image-status").textContent = "error: " + (e.message || (t && t.dataset && t.dataset.file));
 }, true);
 window.addEventListener("load", () => {
   const images = Array.from(document.images);
@@ -265,30 +287,42 @@ window.addEventListener("load", () => {
   const status = document.getElementById("image-status");
   if (status.textContent.startsWith("error")) return;
   status.textContent = broken.length === 0 ? `all ${images.length} images loaded`
-    : "broken images: " + broken.map((img) => img.getAttribute("src")).join(", ");
+    : "broken images: " + broken.map((img) => img.dataset.file).join(", ");
 });
 """
 
+# The text column is as wide as the wide figures (report_figures.FIG_WIDTH x DPI = 1260 px, plus a border), so
+# they are shown at their own size; a narrower window scales them down.
 _STYLE = """
-body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font-family: sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1264px; color: #222; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
 th { background: #eee; }
 figure { margin: 1.5em 0; }
-figure img { max-width: 100%; border: 1px solid #ddd; }
+figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { color: #555; font-size: 0.9em; }
 #image-status { color: #888; font-size: 0.8em; }
 """
 
 
+def data_uri(data: bytes, mime: str) -> str:
+    """The bytes as a data: URI, so that the page carries them instead of linking a file beside it."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 def html_page(title: str, description: str, header: list[str], rows: list[list[str]], notes: list[str],
-              figures: list[tuple[str, str]]) -> str:
+              figures: list[tuple[str, str, bytes]], downloads: list[tuple[str, str, bytes]]) -> str:
+    """The page, self-contained: ``figures`` are (file name, caption, PNG bytes) and ``downloads`` (file name,
+    MIME type, content), all embedded as data: URIs; the file names say which file each one also is."""
     esc = html.escape
     thead = "".join(f"<th>{esc(h)}</th>" for h in header)
     tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n" for row in rows)
     notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
-    figs = "".join(f'<figure><img src="{esc(name)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption>'
-                   f"</figure>\n" for name, caption in figures)
+    links = " and ".join(f'<a href="{data_uri(content, mime)}" download="{esc(name)}">{esc(name)}</a>'
+                         for name, mime, content in downloads)
+    figs = "".join(f'<figure><img src="{data_uri(png, "image/png")}" data-file="{esc(name)}" alt="{esc(caption)}">'
+                   f"<figcaption>{esc(caption)} ({esc(name)})</figcaption></figure>\n"
+                   for name, caption, png in figures)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{_STYLE}</style></head>
 <body>
@@ -297,13 +331,19 @@ def html_page(title: str, description: str, header: list[str], rows: list[list[s
 <h2>Results</h2>
 <table><thead><tr>{thead}</tr></thead><tbody>
 {tbody}</tbody></table>
-<p>Also as <a href="results.md">Markdown</a> and <a href="results.csv">CSV</a>.</p>
+<p>Download the table: {links}.</p>
 <ul>{notes_html}</ul>
 <h2>Figures</h2>
 {figs}<p id="image-status">checking images…</p>
 <script>{_CHECK_SCRIPT}</script>
 </body></html>
 """
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic, like the figures: an interrupted report leaves the previous file whole, never half of one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> Path:
@@ -319,11 +359,10 @@ def write_report(paths: list[str | Path], out: str | Path, title: str | None = N
         raise ReportError(f"none of the {len(unfinished)} run directories found has finished (summary.json); "
                           f"finish them (fixmatch sweep again resumes them) before reporting")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     notes = [f"{len(runs)} finished runs in {len(group_runs(runs))} configurations. Accuracy is the EMA model's "
              f"top-1 test accuracy; 'median last 20' is the median over a run's last 20 evaluations (the paper's "
-             f"statistic), 'best' its highest evaluation, 'last' the last; mean ± sample std (n - 1) over seeds; "
-             f"error rate = 100 - median last 20."]
+             f"statistic), 'best' its highest evaluation, 'last' the last; mean ± sample std (n - 1) over the "
+             f"seeds (no ± for a single seed); error rate = 100 - median last 20."]
     if unfinished:
         notes.append("Not finished, left out: " + ", ".join(d.name for d in unfinished) + ".")
     fill_macro_f1(runs, notes)
@@ -332,14 +371,23 @@ def write_report(paths: list[str | Path], out: str | Path, title: str | None = N
         notes.append(f"Paper: accuracy = 100 - error rate of {PAPER_CITATION}, for the same data set, labels and "
                      f"model, RandAugment or CTAugment as the run's strong augmentation.")
     header, rows, raw = table_rows(groups)
-    (out / "results.csv").write_text(csv_text(raw))
-    figures = make_figures(groups, out, notes)
-    notes.append("Reproduce: " + "; ".join(_sweep_commands(paths) + [
-        "fixmatch report " + " ".join(map(str, paths)) + f" --out {out}"]) + ".")
-    (out / "results.md").write_text(markdown_table(header, rows) + "\n" + "".join(f"- {n}\n" for n in notes))
-    description = _study_description(paths)
-    page = html_page(title or "FixMatch study report", description, header, rows, notes, figures)
-    (out / "index.html").write_text(page)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        table_csv = csv_text(raw)
+        _write_text(out / "results.csv", table_csv)
+        figures = make_figures(groups, out, notes)
+        notes.append("Reproduce: " + "; ".join(_sweep_commands(paths) + [
+            "fixmatch report " + " ".join(map(str, paths)) + f" --out {out}"]) + ".")
+        table_md = markdown_table(header, rows) + "\n" + "".join(f"- {n}\n" for n in notes)
+        _write_text(out / "results.md", table_md)
+        page = html_page(title or "FixMatch study report", _study_description(paths), header, rows, notes,
+                         [(name, caption, (out / name).read_bytes()) for name, caption in figures],
+                         [("results.md", "text/markdown;charset=utf-8", table_md.encode()),
+                          ("results.csv", "text/csv;charset=utf-8", table_csv.encode())])
+        _write_text(out / "index.html", page)
+    except OSError as e:
+        raise ReportError(f"cannot write the report into {out} ({e.strerror or e}); give as --out a "
+                          f"writable folder on a disk with free space") from None
     return out / "index.html"
 
 
@@ -361,8 +409,8 @@ def _study_description(paths: list[str | Path]) -> str:
         study = p / "study.yaml"
         if study.is_file():
             try:
-                data = yaml.safe_load(study.read_text())
-            except yaml.YAMLError:
+                data = parse_yaml(study.read_text(), str(study))
+            except ConfigError:
                 continue
             if isinstance(data, dict) and data.get("description"):
                 texts.append(str(data["description"]).strip())

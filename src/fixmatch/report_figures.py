@@ -1,14 +1,20 @@
 """The report's PNG figures, drawn with matplotlib (Agg: files only) from the runs' metrics.jsonl rows.
 
-Curves are the mean over a configuration's seeds at each evaluation step. Each function writes one file and
-returns its caption; ``make_figures`` skips (with a note) the figures a study has nothing for, such as the
+Curves are the mean over a configuration's seeds at each evaluation step; every legend says over how many
+seeds (n). Error bars are the sample std over seeds, drawn only where n >= 2. Each function writes one file
+and returns its caption; ``make_figures`` skips (with a note) the figures a study has nothing for, such as the
 mask rate of a study of supervised runs only.
+
+Sizes: the wide figures are FIG_WIDTH inches at DPI, 1260 pixels, the width of the page's text column
+(report.py), so that index.html shows them at their own size. Every figure uses matplotlib's constrained
+layout, which keeps labels, legends and colour bars inside the image.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import matplotlib
 import torch
@@ -18,19 +24,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fixmatch.atomic import atomic_path  # noqa: E402
 from fixmatch.evaluate import draw_confusion  # noqa: E402
-
-if TYPE_CHECKING:
-    from fixmatch.report import Group, Run
+from fixmatch.report import Group, Run, fmt, mean_std  # noqa: E402
 
 LINESTYLES = {"fixmatch": "-", "supervised": "--"}
+FIG_WIDTH = 12.6  # inches
+DPI = 100
+STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
+         "xtick.labelsize": 10, "ytick.labelsize": 10}
+F = TypeVar("F", bound=Callable[..., str])
+
+
+def _styled(draw: F) -> F:
+    """Font sizes are read when each text is made: the whole drawing runs under STYLE."""
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> str:
+        with plt.rc_context(STYLE):
+            return draw(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
+def _figure(nrows: int = 1, ncols: int = 1, height: float = 4.8, width: float = FIG_WIDTH, **kw: Any
+            ) -> tuple[Any, Any]:
+    return plt.subplots(nrows, ncols, figsize=(width, height), layout="constrained", squeeze=False, **kw)
 
 
 def _save(fig: Any, path: Path) -> None:
     """Atomic: a reader (or a browser) never sees half a PNG."""
     try:
-        fig.tight_layout()
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         plt.close(fig)
 
@@ -54,20 +76,39 @@ def several_label_counts(groups: list[Group]) -> bool:
 
 
 def best_mean_std(group: Group) -> tuple[float, float | None]:
-    """Mean and sample std over the group's seeds of each run's best test accuracy."""
-    from fixmatch.report import mean_std
-
+    """Mean and sample std over the group's seeds of each run's best test accuracy (no std for one seed)."""
     return mean_std([r.summary["test_acc_best"] for r in group.runs])
 
 
-def _legend(ax: Any, n: int) -> None:
-    if n:
-        ax.legend(fontsize=7, loc="best")
+def _name(group: Group, label: str | None = None) -> str:
+    """A legend entry: the configuration and the number of seeds its numbers are the mean of."""
+    return f"{label or group.label} (n={len(group.runs)})"
 
 
+def _n_range(counts: list[int]) -> str:
+    return f"n={min(counts)}" if min(counts) == max(counts) else f"n={min(counts)}-{max(counts)}"
+
+
+def _legend_outside(fig: Any, axes: list[Any]) -> None:
+    """One legend for the figure, below the panels: it never hides a curve nor narrows the panels, whatever
+    the number and length of the entries (as many columns as fit the width)."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if not handles:
+        return
+    size = matplotlib.font_manager.FontProperties(size=plt.rcParams["legend.fontsize"]).get_size_in_points()
+    entry = max(map(len, handles)) * 0.55 * size / 72 + 0.8  # inches: text (about 0.55 em a character) + line
+    ncols = max(1, min(len(handles), int(fig.get_figwidth() * 0.95 // entry)))
+    fig.set_figheight(fig.get_figheight() + 0.23 * -(-len(handles) // ncols))  # room for the legend's rows
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols, frameon=False)
+
+
+@_styled
 def accuracy_vs_step(groups: list[Group], path: Path) -> str:
     models = sorted({g.config["model"] for g in groups})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False, sharey=True)
+    fig, axes = _figure(1, len(models), height=5.2, sharey=True)
     labels = sorted({g.config["num_labels"] for g in groups})
     by_labels = several_label_counts(groups)
 
@@ -77,32 +118,39 @@ def accuracy_vs_step(groups: list[Group], path: Path) -> str:
         return plt.get_cmap("tab10")(groups.index(g) % 10)
 
     for ax, model in zip(axes[0], models):
-        members = [g for g in groups if g.config["model"] == model]
-        for g in members:
+        for g in (g for g in groups if g.config["model"] == model):
             steps, acc = mean_curve(g.runs, "test_acc")
-            ax.plot(steps, acc, LINESTYLES.get(g.config["method"], ":"), color=colour(g), label=g.label)
+            ax.plot(steps, acc, LINESTYLES.get(g.config["method"], ":"), color=colour(g), label=_name(g))
         ax.set_title(model)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        _legend(ax, len(members))
     axes[0][0].set_ylabel("test accuracy (%), mean over seeds")
+    _legend_outside(fig, list(axes[0]))
     _save(fig, path)
     what = "number of labels" if by_labels else "configuration"
-    return f"Test accuracy (EMA) against step; colour: {what}, solid: FixMatch, dashed: supervised."
+    return (f"Test accuracy (EMA) against step, mean over the n seeds; colour: {what}, solid: FixMatch, "
+            f"dashed: supervised.")
 
 
+@_styled
 def best_vs_labels(groups: list[Group], path: Path) -> str:
-    """One line per configuration apart from the label count (method, model, ...), error bars = std over seeds."""
-    series: dict[str, list[tuple[int, float, float]]] = {}
+    """One line per configuration apart from the label count (method, model, ...); error bars = std over
+    seeds, only at the label counts with two or more seeds."""
+    series: dict[str, list[tuple[int, float, float | None, int]]] = {}
     for g in groups:
         name = ", ".join(f"{k}={v}" for k, v in g.values.items() if k != "num_labels") or g.config["method"]
-        mean, std = best_mean_std(g)
-        series.setdefault(name, []).append((g.config["num_labels"], mean, std or 0.0))
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name, points in sorted(series.items()):
+        series.setdefault(name, []).append((g.config["num_labels"], *best_mean_std(g), len(g.runs)))
+    fig, axes = _figure(height=5.2)
+    ax = axes[0][0]
+    for i, (name, points) in enumerate(sorted(series.items())):
         points.sort()
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    capsize=3, label=name)
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color=colour,
+                label=f"{name} ({_n_range([p[3] for p in points])})")
+        spread = [p for p in points if p[2] is not None]  # a single seed has no std: no bar, not a zero one
+        if spread:
+            ax.errorbar([p[0] for p in spread], [p[1] for p in spread], yerr=[p[2] for p in spread], fmt="none",
+                        ecolor=colour, capsize=4)
     ax.set_xscale("log")
     counts = sorted({p[0] for points in series.values() for p in points})
     ax.set_xticks(counts, [str(c) for c in counts])  # the label counts themselves, not powers of ten
@@ -110,11 +158,13 @@ def best_vs_labels(groups: list[Group], path: Path) -> str:
     ax.set_xlabel("labeled images (log scale)")
     ax.set_ylabel("best test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
-    _legend(ax, len(series))
+    _legend_outside(fig, [ax])
     _save(fig, path)
-    return "Best test accuracy against the number of labels (mean ± std over seeds)."
+    return ("Best test accuracy against the number of labels: mean over the n seeds, error bars ± sample std "
+            "where n ≥ 2.")
 
 
+@_styled
 def losses(groups: list[Group], path: Path) -> str:
     """Ls, Lu and the total Ls + lambda_u * Lu against step (top) and their change since the previous evaluation."""
     def total(run: Run, row: dict) -> float | None:
@@ -123,71 +173,88 @@ def losses(groups: list[Group], path: Path) -> str:
         return row["loss_s"] + run.config["lambda_u"] * row["loss_u"]
 
     curves = [("supervised loss Ls", "loss_s", None), ("unsupervised loss Lu", "loss_u", None),
-              ("total Ls + lambda_u Lu", None, total)]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+              ("total Ls + λu Lu", None, total)]
+    fig, axes = _figure(2, 3, height=8.0)
     for col, (title, key, fn) in enumerate(curves):
         for g in groups:
             steps, values = mean_curve(g.runs, key or "", fn)
             style = LINESTYLES.get(g.config["method"], ":")
-            axes[0][col].plot(steps, values, style, label=g.label)
+            axes[0][col].plot(steps, values, style, label=_name(g))
             axes[1][col].plot(steps[1:], [b - a for a, b in zip(values, values[1:])], style, marker=".",
-                              label=g.label)
+                              label=_name(g))
         axes[0][col].set_title(title)
         axes[1][col].set_title(f"change of {title.split(' ')[0] if col < 2 else 'total'} per evaluation")
         axes[1][col].axhline(0, color="grey", lw=0.8)
         for row in (0, 1):
             axes[row][col].set_xlabel("step")
             axes[row][col].grid(alpha=0.3)
-    _legend(axes[0][2], len(groups))
+    _legend_outside(fig, [axes[0][0]])
     _save(fig, path)
-    return ("Training losses (averages over the steps since the previous evaluation) against step, and their "
-            "change from one evaluation to the next.")
+    return ("Training losses (averages over the steps since the previous evaluation, mean over the n seeds) "
+            "against step, and their change from one evaluation to the next.")
 
 
-def _per_group(groups: list[Group], key: str, ylabel: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+def _per_group(groups: list[Group], key: str, title: str, ylabel: str, path: Path) -> None:
+    fig, axes = _figure()
+    ax = axes[0][0]
     for g in groups:
         steps, values = mean_curve(g.runs, key)
-        ax.plot(steps, values, LINESTYLES.get(g.config["method"], ":"), label=g.label)
+        ax.plot(steps, values, LINESTYLES.get(g.config["method"], ":"), label=_name(g))
+    ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    _legend(ax, len(groups))
+    _legend_outside(fig, [ax])
     _save(fig, path)
 
 
+@_styled
 def mask_rate(groups: list[Group], path: Path) -> str:
-    _per_group(groups, "mask_rate", "mask rate (fraction of mu*B with confidence >= tau)", path)
-    return "Mask rate: the fraction of unlabeled samples whose pseudo-label is used, against step (FixMatch runs)."
+    # The axis label stays short (a long one runs past the top and bottom of the image); the title explains.
+    _per_group(groups, "mask_rate", "Fraction of the μB unlabeled images of a step with confidence ≥ τ",
+               "mask rate", path)
+    return ("Mask rate: the fraction of unlabeled samples whose pseudo-label is used, against step (FixMatch runs, "
+            "mean over the n seeds).")
 
 
+@_styled
 def pseudo_label_accuracy(groups: list[Group], path: Path) -> str:
-    _per_group(groups, "pseudo_label_acc", "pseudo-label accuracy (%) of the masked samples", path)
+    _per_group(groups, "pseudo_label_acc", "Accuracy of the pseudo-labels of the masked samples",
+               "pseudo-label accuracy (%)", path)
     return ("Accuracy of the used pseudo-labels, measured with the unlabeled images' true labels (monitoring only), "
-            "against step (FixMatch runs).")
+            "against step (FixMatch runs, mean over the n seeds).")
 
 
+@_styled
 def ema_vs_raw(groups: list[Group], path: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = _figure(height=5.2)
+    ax = axes[0][0]
     for i, g in enumerate(groups):
         colour = plt.get_cmap("tab10")(i % 10)
         steps, ema = mean_curve(g.runs, "test_acc")
         _, raw = mean_curve(g.runs, "raw_test_acc")
-        ax.plot(steps, ema, "-", color=colour, label=f"{g.label} (EMA)")
-        ax.plot(steps, raw, ":", color=colour, label=f"{g.label} (raw)")
+        ax.plot(steps, ema, "-", color=colour, label=_name(g, f"{g.label}, EMA"))
+        ax.plot(steps, raw, ":", color=colour, label=_name(g, f"{g.label}, raw"))
     ax.set_xlabel("step")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    _legend(ax, len(groups))
+    _legend_outside(fig, [ax])
     _save(fig, path)
-    return "Test accuracy of the EMA weights (solid) and of the raw weights (dotted) against step."
+    return ("Test accuracy of the EMA weights (solid) and of the raw weights (dotted) against step, mean over the "
+            "n seeds.")
 
 
+@_styled
 def confusion(run: Run, matrix: list[list[int]], class_names: list[str], path: Path) -> str:
-    side = max(4.5, 0.55 * len(class_names) + 2.5)
-    fig, ax = plt.subplots(figsize=(side, side))
+    n = len(class_names)
+    side = min(FIG_WIDTH - 1.6, max(5.0, 0.6 * n + 3.0))  # many classes: no wider than the page, smaller names
+    fig, axes = _figure(height=side, width=side + 1.6)
+    ax = axes[0][0]
     draw_confusion(ax, torch.tensor(matrix), class_names)
-    ax.set_title(f"{run.path.name}: best checkpoint", fontsize=9)
+    if n > 16:
+        ax.tick_params(labelsize=max(4.0, min(10.0, 160 / n)))
+    fig.colorbar(ax.images[0], ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_title(f"{run.path.name}: best checkpoint")
     _save(fig, path)
     return (f"Confusion matrix (counts; colour: fraction of the true class) of the best run, {run.path.name}, "
             f"best checkpoint (EMA weights) on the test set.")
@@ -210,21 +277,28 @@ def _best_run_confusion(groups: list[Group], out: Path, notes: list[str]) -> tup
     return "confusion_best.png", confusion(best, metrics["confusion"], names, out / "confusion_best.png")
 
 
+@_styled
 def best_by_configuration(groups: list[Group], path: Path) -> str:
-    """For a study with one label count: a bar per configuration, error bars = std over seeds."""
-    stats = [(g.label, *best_mean_std(g)) for g in groups]
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(stats) + 1.4))
+    """For a study with one label count: a bar per configuration; error bars = std over seeds where n >= 2."""
+    stats = [(_name(g), *best_mean_std(g)) for g in groups]
+    fig, axes = _figure(height=0.5 * len(stats) + 1.6)
+    ax = axes[0][0]
     y = list(range(len(stats)))
-    ax.barh(y, [m for _, m, _ in stats], xerr=[sd or 0.0 for _, _, sd in stats], capsize=3,
-            color=[plt.get_cmap("tab10")(i % 10) for i in y])
-    for i, (_, m, _) in enumerate(stats):
-        ax.text(m / 2, i, f"{m:.2f}", va="center", ha="center", fontsize=8, color="white")
-    ax.set_yticks(y, [name for name, _, _ in stats], fontsize=8)
+    ax.barh(y, [m for _, m, _ in stats], color=[plt.get_cmap("tab10")(i % 10) for i in y])
+    spread = [(i, m, sd) for i, (_, m, sd) in enumerate(stats) if sd is not None]  # one seed: no std, no bar
+    if spread:
+        ax.errorbar([m for _, m, _ in spread], [i for i, _, _ in spread], xerr=[sd for _, _, sd in spread],
+                    fmt="none", ecolor="black", capsize=4)
+    for i, (_, m, sd) in enumerate(stats):  # the number right of the bar and of its error bar
+        ax.annotate(fmt(m, sd), (m + (sd or 0.0), i), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=9)
+    ax.margins(x=0.12)  # room for those numbers inside the axes
+    ax.set_yticks(y, [name for name, _, _ in stats])
     ax.invert_yaxis()  # the table's order, top to bottom
-    ax.set_xlabel("best test accuracy (%), mean ± std over seeds")
+    ax.set_xlabel("best test accuracy (%): mean over the n seeds, ± sample std where n ≥ 2")
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
-    return "Best test accuracy of each configuration (mean ± std over seeds)."
+    return "Best test accuracy of each configuration: mean over the n seeds, error bars ± sample std where n ≥ 2."
 
 
 def best_figure(groups: list[Group], out: Path) -> tuple[str, str]:

@@ -1,10 +1,13 @@
 """Atomic, weights-only-loadable checkpoints of a run."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,8 +25,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
     A crash at any moment leaves either the previous checkpoint or the new one, never a torn file, and
     a failed write (disk full, read-only folder) leaves no temporary file behind and raises
-    ``CheckpointError`` in one line.
+    ``CheckpointError`` in one line. A checksum of every tensor (``tensor_digest``) is stored with the state,
+    so that ``load_checkpoint`` notices data that changed on disk.
     """
+    state = {**state, DIGEST_KEY: tensor_digest(state)}
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,19 +79,178 @@ def _test_pause_before_rename() -> None:
         time.sleep(float(pause))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code."""
+DEFAULT_FIX = "give a checkpoint that a fixmatch run wrote (RUN_DIR/checkpoints/last.pt or best.pt)"
+DAMAGED_FIX = "use another checkpoint of the run (checkpoints/best.pt or last.pt) or an intact copy of this file"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", fix: str | None = None
+                    ) -> dict[str, Any]:
+    """Load with ``weights_only=True``: tensors and plain containers only, so a crafted file cannot run code.
+
+    The tensors are checked against the checksum saved with them. ``fix``, when given, replaces the advice
+    at the end of the error messages (resuming a run has its own).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         state = load_weights_only(path, map_location)
     except ValueError as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}; give a checkpoint that a fixmatch run wrote "
-                              f"(RUN_DIR/checkpoints/last.pt or best.pt)") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}; {fix or DEFAULT_FIX}") from None
     if not isinstance(state, dict) or state.get("format") != "fixmatch-checkpoint":
         raise CheckpointError(f"{path} is not a fixmatch checkpoint")
+    verify_digest(state, state.get(DIGEST_KEY), path, fix or DAMAGED_FIX)
     return state
+
+
+# ------------------------------------------------------------------ checksum of the tensor data
+
+DIGEST_KEY = "tensor_digest"  # in a checkpoint's dict, and in the metadata of a safetensors export
+_DIGEST_PREFIX = "blake2b-256:"
+
+
+def tensor_digest(obj: Any) -> str:
+    """BLAKE2b over every tensor in ``obj`` (nested dicts, lists, tuples): its place, dtype, shape and bytes.
+
+    Containers are walked in a fixed order (dict keys sorted by their repr), so the same tensors give the
+    same digest after a save and a load whatever order the file keeps. Values other than tensors are left
+    out (the checks of each field cover them). About 1 GB/s, so a few ms for a small network's checkpoint.
+    """
+    h = hashlib.blake2b(digest_size=32)
+    seen: set[int] = set()  # a crafted file may hold a container that contains itself
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            h.update(f"{where}|{t.dtype}|{tuple(t.shape)}|".encode())
+            if t.numel():
+                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            items = sorted(value.items(), key=lambda kv: repr(kv[0])) if isinstance(value, dict) else enumerate(value)
+            # Pushed in reverse so that they are hashed in order; the stored digest itself is not hashed.
+            stack += [(f"{where}/{k!r}", v) for k, v in reversed(list(items)) if not (where == "" and k == DIGEST_KEY)]
+    return _DIGEST_PREFIX + h.hexdigest()
+
+
+_NOTED_WITHOUT_DIGEST: set[str] = set()
+
+
+def verify_digest(tensors: Any, stored: Any, path: str | Path, fix: str) -> None:
+    """CheckpointError when the tensors do not match the stored digest; a file without one (written before
+    checksums were saved) loads, with a note on stderr once per file."""
+    if stored is None:
+        if str(path) not in _NOTED_WITHOUT_DIGEST:
+            _NOTED_WITHOUT_DIGEST.add(str(path))
+            print(f"fixmatch: note: {path} has no checksum of its tensors (an older file); it loads, but damage "
+                  f"to its data cannot be detected", file=sys.stderr)
+        return
+    try:
+        intact = isinstance(stored, str) and stored.startswith(_DIGEST_PREFIX) and tensor_digest(tensors) == stored
+    except RuntimeError:  # a tensor whose bytes cannot be read (one on the meta device: NotImplementedError)
+        intact = False
+    if not intact:
+        raise CheckpointError(f"{path} is damaged: its tensor data does not match the checksum saved with it "
+                              f"(changed on disk or in a copy); {fix}")
+
+
+# ------------------------------------------------------------------ reading fields
+
+def _reason(e: BaseException) -> str:
+    """An exception as a short phrase for a one-line message."""
+    if isinstance(e, KeyError):
+        return f"no field {e.args[0]!r}" if e.args else "a field is missing"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # load_state_dict's message starts with "Error(s) in loading state_dict for X:"; the detail follows.
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    text = " ".join(lines) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class CheckpointFields:
+    """Typed access to a checkpoint's fields: a missing, mistyped or unfitting field is one CheckpointError
+    naming the file and the field, with ``fix`` as the advice."""
+
+    def __init__(self, state: dict[str, Any], path: str | Path, fix: str = DAMAGED_FIX) -> None:
+        self.state, self.path, self.fix = state, Path(path), fix
+
+    def error(self, field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: its field {field!r} {problem}; {self.fix}")
+
+    def get(self, field: str) -> Any:
+        if field not in self.state:
+            raise self.error(field, "is missing")
+        return self.state[field]
+
+    def integer(self, field: str, default: int | None = None, minimum: int = 0) -> int:
+        value = self.state.get(field, default) if default is not None else self.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self.error(field, f"is {_short(value)}, not an integer >= {minimum}")
+        return value
+
+    def number(self, field: str) -> float:
+        """A real number (-inf allowed: a run's best accuracy before its first evaluation)."""
+        value = self.get(field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or value == float("inf"):
+            raise self.error(field, f"is {_short(value)}, not a number")
+        return float(value)
+
+    def restore(self, field: str, load: Callable[[Any], Any]) -> Any:
+        """``load(state[field])``, with whatever it raises (a shape or type that does not fit) as one line."""
+        value = self.get(field)
+        try:
+            return load(value)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise self.error(field, f"cannot be restored ({_reason(e)})") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """``optimizer.load_state_dict``, refusing per-parameter state (momentum) whose shape is not the parameter's:
+    torch would take it and fail at the first step."""
+    if not isinstance(state, dict):
+        raise TypeError(f"a {type(state).__name__}, not a dict")
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.ndim and v.shape != p.shape:
+                    raise ValueError(f"its {name} of shape {tuple(v.shape)} is for a parameter of shape "
+                                     f"{tuple(p.shape)}")
+
+
+def tensor_like(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """``value`` if it is a tensor of ``like``'s shape (``copy_`` would broadcast a wrong-sized one silently)."""
+    if not isinstance(value, torch.Tensor) or value.shape != like.shape:
+        found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"expected a tensor of shape {tuple(like.shape)}, found {found}")
+    return value
+
+
+def restore_rng(rng: Any, device: torch.device) -> None:
+    """The CPU generator's state, and the GPU's (dropout's draws) when the run is on one."""
+    if not isinstance(rng, dict):
+        raise TypeError(f"a {type(rng).__name__}, not a dict")
+    torch.set_rng_state(tensor_like(rng["torch"], torch.get_rng_state()).cpu())
+    if rng.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def resume_fix(run_dir: str | Path) -> str:
+    """What to do when a run's last.pt cannot be resumed from."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if (ckpts / "best.pt").is_file():
+        return (f"to resume from the best evaluation instead, copy {ckpts / 'best.pt'} over {ckpts / 'last.pt'}; "
+                f"or start a new run with another --out")
+    return f"restore {ckpts / 'last.pt'} from a copy, or start a new run with another --out"
 
 
 def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

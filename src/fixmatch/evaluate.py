@@ -4,6 +4,7 @@ The metric functions are pure (tensors in, numbers out); ``evaluate`` loads, pre
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,28 @@ import torch
 from torch import Tensor, nn
 
 from fixmatch.atomic import atomic_path
-from fixmatch.config import ConfigError
+from fixmatch.config import Config, ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the values the ``device`` config key takes) as a torch.device."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' requested but there are {torch.cuda.device_count()} CUDA devices; "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, cuda or auto")
+    return device
+
+
+def check_device_name(name: Any) -> None:
+    """ConfigError for a value the ``device`` config key refuses (train checks the same with that key)."""
+    key = next(f for f in fields(Config) if f.name == "device")
+    if not isinstance(name, str) or not key.metadata["check"](name):
+        raise ConfigError(f"unknown device {name!r}; use {key.metadata['accepted']}")
 
 
 def normalize(x: Tensor, mean: Tensor, std: Tensor, channels_last: bool) -> Tensor:
@@ -144,7 +158,9 @@ def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto"
     from fixmatch.model_spec import load_run_dataset
 
     model = load(path, weights=weights, device=device, data_dir=data_dir)
-    name = dataset or model.config["dataset"]
+    name = dataset or model.config.get("dataset")
+    if not isinstance(name, str):
+        raise ConfigError(f"{model.source} names no data set in its config; give one with --dataset")
     data = load_run_dataset(model.config, data_dir, name)
     spec = model.spec
     if data.num_classes != spec.num_classes:
@@ -153,7 +169,10 @@ def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto"
     if data.in_channels != spec.in_channels or data.image_size != tuple(spec.input_size):
         raise ConfigError(f"data set {name!r} has {data.in_channels}x{data.image_size[0]}x{data.image_size[1]} "
                           f"images but the model takes {spec.in_channels}x{spec.input_size[0]}x{spec.input_size[1]}")
-    logits = model.logits(data.test_images, batch_size=int(model.config.get("eval_batch_size", 256)))
+    batch_size = model.config.get("eval_batch_size")
+    # The run's setting, unless the config is damaged (the model description alone was checked on loading).
+    batch_size = batch_size if type(batch_size) is int and 0 < batch_size <= 65536 else 256
+    logits = model.logits(data.test_images, batch_size=batch_size)
     metrics = classification_metrics(logits, data.test_labels, list(spec.class_names))
     if confusion_png is not None:
         plot_confusion(torch.tensor(metrics["confusion"]), list(spec.class_names), confusion_png,

@@ -7,7 +7,8 @@ a .pt2 or ONNX graph takes the one it was exported for (``input_dtype``). The mo
 names, input size, normalisation: ``ModelSpec``) travels with every file: TorchScript and .pt2 in the
 extra file ``fixmatch.json``, ONNX in the metadata property ``fixmatch``, safetensors in its header
 metadata ``fixmatch``. A safetensors file holds the backbone's state dict only (no preprocessing): load it with
-``fixmatch.load(FILE)`` or into ``create_model(name, num_classes, in_channels, **kwargs)``.
+``fixmatch.load(FILE)``, which checks it against the checksum in its metadata ``tensor_digest``
+(``checkpoint.tensor_digest``), or into ``create_model(name, num_classes, in_channels, **kwargs)``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from fixmatch.atomic import atomic_path
+from fixmatch.checkpoint import DIGEST_KEY, tensor_digest
 from fixmatch.config import ConfigError
 from fixmatch.inference import FixMatchModel, load
 
@@ -127,4 +129,6 @@ def _safetensors(model: FixMatchModel, path: Path) -> None:
 
     # clone(): save_file refuses tensors that share memory, and a state dict may hold views.
     state = {k: v.detach().clone().contiguous() for k, v in model.module.backbone.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "fixmatch": model.spec.to_json()})
+    # The checksum of the tensors lets fixmatch.load tell a damaged file from a good one.
+    save_file(state, str(path), metadata={"format": "pt", "fixmatch": model.spec.to_json(),
+                                          DIGEST_KEY: tensor_digest(state)})

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from fixmatch.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from fixmatch.checkpoint import (
+    DIGEST_KEY,
+    CheckpointError,
+    CheckpointFields,
+    find_checkpoint,
+    load_checkpoint,
+    verify_digest,
+)
 from fixmatch.config import ConfigError
 from fixmatch.model_spec import ModelSpec, spec_from_checkpoint
 
@@ -229,15 +236,17 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
         return _load_safetensors(Path(path), dev)
     ckpt = find_checkpoint(path)
     state = load_checkpoint(ckpt)
+    fields = CheckpointFields(state, ckpt)
+    step = fields.integer("step")
+    config = state.get("config")
+    if not isinstance(config, (dict, type(None))):
+        raise fields.error("config", f"is a {type(config).__name__}, not a mapping of config keys")
     spec = spec_from_checkpoint(state, ckpt, data_dir)
-    backbone = spec.build()
     key = "ema" if weights == "ema" and state.get("ema") is not None else "model"
-    try:
-        backbone.load_state_dict(state[key])
-    except (KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt}: the {key} weights do not fit model {spec.name!r} ({first})") from None
-    return FixMatchModel(spec, backbone, dev, str(ckpt), int(state["step"]), state.get("config"))
+    spec.check_weights(fields.get(key), str(ckpt), f"{key} ")  # before anything is allocated for them
+    backbone = spec.build()
+    fields.restore(key, backbone.load_state_dict)
+    return FixMatchModel(spec, backbone, dev, str(ckpt), step, config)
 
 
 def _load_safetensors(path: Path, device: torch.device) -> FixMatchModel:
@@ -264,10 +273,8 @@ def _load_safetensors(path: Path, device: torch.device) -> FixMatchModel:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: its model description is not valid JSON ({e})") from None
     spec = ModelSpec.from_dict(description, str(path))
+    verify_digest(state, meta.get(DIGEST_KEY), path, "export it again from its checkpoint")
+    spec.check_weights(state, str(path))
     backbone = spec.build()
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit model {spec.name!r} "
-                              f"({str(e).splitlines()[0]})") from None
+    backbone.load_state_dict(state)  # check_weights has matched every name and shape
     return FixMatchModel(spec, backbone, device, str(path))

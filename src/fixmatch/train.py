@@ -15,7 +15,8 @@ import math
 import signal
 import statistics
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,17 @@ import yaml
 from fixmatch import distributed
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.augment.visualize import AugmentGrids
-from fixmatch.checkpoint import load_checkpoint, save_checkpoint
-from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config, strong_policy_options
+from fixmatch.checkpoint import (
+    CheckpointFields,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    resume_fix,
+    save_checkpoint,
+    tensor_like,
+)
+from fixmatch.config import (RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config, short_repr,
+                              strong_policy_options)
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.label_selection import select_labels
@@ -35,7 +45,8 @@ from fixmatch.data.pool import gather_pool, pool_labels
 from fixmatch.data.split import Split, fold_split, load_split, save_split, train_digest, unlabeled_pool
 from fixmatch.dist_align import DistributionAlignment
 from fixmatch.ema import EMA
-from fixmatch.evaluate import accuracy_metrics, channel_stats, normalize, predict_logits, resolve_device
+from fixmatch.evaluate import (accuracy_metrics, channel_stats, confusion_matrix, macro_f1, normalize,
+                               predict_logits, resolve_device)
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.model_spec import checkpoint_fields
 from fixmatch.models import create_model
@@ -80,14 +91,49 @@ def load_run_config(run_dir: Path) -> Config:
 
 def _resume_config(run_dir: Path, config: Config | None) -> Config:
     saved = load_run_config(run_dir)
+    _check_config_file_unchanged(run_dir, saved)
     if config is None:
         return saved
     changed = [k for k, v in config.to_dict().items() if k not in RESUME_MUTABLE_KEYS and v != getattr(saved, k)]
     if changed:
         k = changed[0]
-        raise ConfigError(f"cannot change '{k}' when resuming ({getattr(saved, k)!r} -> {getattr(config, k)!r}); "
-                          f"start a new run with another --out instead")
+        raise ConfigError(f"cannot change '{k}' when resuming ({short_repr(getattr(saved, k))} -> "
+                          f"{short_repr(getattr(config, k))}); start a new run with another --out instead")
     return config
+
+
+def _check_config_file_unchanged(run_dir: Path, saved: Config) -> None:
+    """RUN_DIR/config.yaml must still hold what the last checkpoint was trained with: a hand edit (lr, steps)
+    would otherwise change the resumed run silently, where the same change as a flag is refused."""
+    trained = _checkpoint_config(run_dir / "checkpoints" / "last.pt")
+    if trained is None:  # killed before its first checkpoint: it restarts from step 0 with the file as it is
+        return
+    defaults = Config().to_dict()  # a checkpoint older than a key was trained with its default
+    edited = [k for k, v in saved.to_dict().items()
+              if k not in RESUME_MUTABLE_KEYS and trained.get(k, defaults[k]) != v]
+    if edited:
+        shown = "; ".join(f"{k}: {short_repr(trained.get(k, defaults[k]))} in the checkpoint, "
+                          f"{short_repr(getattr(saved, k))} in the file" for k in edited[:4])
+        more = f"; and {len(edited) - 4} more" if len(edited) > 4 else ""
+        raise ConfigError(f"cannot resume: {run_dir / 'config.yaml'} no longer matches the run's last checkpoint "
+                          f"({shown}{more}); put the checkpoint's values back in the file, or start a new run with "
+                          f"another --out")
+
+
+def _checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The configuration stored in a checkpoint, read without its tensor data: memory-mapped, the tensors are
+    not read here (restoring them below is the checkpoint's one full load). None where there is no readable
+    file: restoring reports a damaged one in its own words."""
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the load below repeats any warning about the file
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises several types for a damaged file; restoring it names the damage
+        return None
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -118,8 +164,12 @@ def _split_for(config: Config, run_dir: Path, resume: bool, data: Dataset) -> Sp
 
 
 @contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps, so a step is never cut in half."""
+def _stop_requests(env: distributed.DistEnv) -> Iterator[Callable[[], bool]]:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps, so a step is never cut in half.
+
+    Under torchrun, a launcher that has died is a stop request too (distributed.LauncherWatch): the rank
+    checkpoints and stops instead of training on alone.
+    """
     received: list[int] = []
     handler = lambda signum, frame: received.append(signum)  # noqa: E731
     previous = {}
@@ -128,9 +178,12 @@ def _stop_requests() -> Iterator[list[int]]:
             previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: signals stay with their owner
         pass
+    # After the handlers: the launcher's death signal must find them (else SIGTERM's default would kill).
+    launcher = distributed.LauncherWatch(env, signal.SIGTERM if previous else None)
     try:
-        yield received
+        yield lambda: bool(received) or launcher.gone()
     finally:
+        launcher.close()
         for sig, old in previous.items():
             signal.signal(sig, old)
 
@@ -225,25 +278,28 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss_s, loss_u, mask, pl_correct, steps, pl_known
     distributed.barrier(env)  # every rank has checked the run directory before rank 0 writes to it
     if resumed:
-        state = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
-        guard.skipped = state.get("nonfinite_steps", 0)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"].get("cuda") is not None and device.type == "cuda":  # dropout's draws on the GPU
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        start_step, best_acc, wall_before = state["step"], state["best_acc"], state["wall_s"]
+        # Every field is checked as it is restored: a damaged or hand-edited last.pt stops here, in one line
+        # naming the file and the field, before anything in the run directory changes.
+        last, fix = run_dir / "checkpoints" / "last.pt", resume_fix(run_dir)
+        state = load_checkpoint(last, map_location=device, fix=fix)
+        saved = CheckpointFields(state, last, fix)
+        guard.skipped = saved.integer("nonfinite_steps", default=0)
+        start_step, best_acc, wall_before = saved.integer("step"), saved.number("best_acc"), saved.number("wall_s")
+        saved.restore("model", model.load_state_dict)
+        saved.restore("ema", ema.load_state_dict)
+        saved.restore("optimizer", functools.partial(restore_optimizer, optimizer))
+        saved_sums = saved.restore("sums", functools.partial(tensor_like, like=sums))
         if env.is_main:  # the saved sums are over all ranks: summed again at the next evaluation
-            sums.copy_(state["sums"])
+            sums.copy_(saved_sums)
         if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+            saved.restore("scaler", scaler.load_state_dict)
         if cta is not None:
-            cta.load_state_dict(state["ctaugment"])
+            saved.restore("ctaugment", cta.load_state_dict)
         if align is not None:
-            align.load_state_dict(state["dist_align"], device)
+            saved.restore("dist_align", functools.partial(align.load_state_dict, device=device))
         if state.get("schedule") is not None:
-            schedule.load_state_dict(state["schedule"])
+            saved.restore("schedule", schedule.load_state_dict)
+        saved.restore("rng", functools.partial(restore_rng, device=device))  # last: it changes global state
         if env.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", start_step)
     elif env.is_main:
@@ -285,7 +341,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     model.train()
     step = start_step
     try:
-        with _stop_requests() as stop:
+        with _stop_requests(env) as stop_requested:
             while step < config.steps:
                 lr = schedule.lr(step)
                 set_lr(optimizer, lr)
@@ -380,8 +436,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                         sums.zero_()
                 # Several processes agree on stopping where they sync anyway, so that all stop at the same step.
                 # A request during the last step lets the run finish: its final checkpoint is written already.
-                stop_now = step < config.steps and (bool(stop) if not env.enabled else (
-                    step % LOG_EVERY == 0 and distributed.any_rank(bool(stop), env, device)))
+                stop_now = step < config.steps and (stop_requested() if not env.enabled else (
+                    step % LOG_EVERY == 0 and distributed.any_rank(stop_requested(), env, device)))
                 if stop_now:
                     guard.check_weights(step, model, ema.module)
                     distributed.all_reduce_sum_(sums, env)
@@ -417,11 +473,14 @@ def _evaluate_step(model: torch.nn.Module, ema: EMA, data: Dataset, mean: torch.
     raw_logits = ema_logits if config.ema == 0 else predict_logits(model, data.test_images, mean, std,
                                                                    config.eval_batch_size, config.channels_last)
     ema_m, raw_m = accuracy_metrics(ema_logits, data.test_labels), accuracy_metrics(raw_logits, data.test_labels)
+    # Logged so that `fixmatch report` reads it instead of evaluating every run's checkpoint again.
+    ema_f1 = macro_f1(confusion_matrix(ema_logits.argmax(1), data.test_labels, ema_logits.shape[1]))
     loss_s, loss_u, mask_sum, pl_correct, n, masked = sums.tolist()
 
     def mean(total: float) -> float | None:  # None (JSON null): every step since the last evaluation was skipped
         return total / n if n > 0 else None
-    return {"step": step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "raw_test_acc": raw_m["top1"],
+    return {"step": step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "test_macro_f1": ema_f1,
+            "raw_test_acc": raw_m["top1"],
             "loss_s": mean(loss_s), "loss_u": mean(loss_u), "mask_rate": mean(mask_sum),
             # None (JSON null) when no used pseudo-label has a known true label: undefined, not 0% accurate.
             "pseudo_label_acc": 100.0 * pl_correct / masked if masked > 0 else None, "lr": lr, "wall_s": wall_s}

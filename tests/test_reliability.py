@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 import fixmatch
+import fixmatch.atomic as atomic_module
 import fixmatch.checkpoint as checkpoint_module
 import fixmatch.models as models
 from fixmatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -313,7 +314,7 @@ def test_disk_filling_up_inside_torch_save_is_named_not_hidden(tmp_path, monkeyp
     path = tmp_path / "last.pt"
     save_checkpoint({"format": "fixmatch-checkpoint", "w": torch.ones(3)}, path)
     before = path.read_bytes()
-    monkeypatch.setattr(checkpoint_module, "open", lambda p, mode: _FillingFile(p, mode, room), raising=False)
+    monkeypatch.setattr(atomic_module, "open", lambda p, mode: _FillingFile(p, mode, room), raising=False)
     with pytest.raises(CheckpointError, match="No space left on device.*is intact"):
         save_checkpoint({"format": "fixmatch-checkpoint", "w": torch.zeros(3000)}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]

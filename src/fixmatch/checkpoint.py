@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from fixmatch.atomic import atomic_path
+from fixmatch.atomic import atomic_file
 
 
 class CheckpointError(RuntimeError):
@@ -32,15 +32,16 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:  # synced, then renamed over path (atomic.py)
-            with open(tmp, "wb") as f:
-                writer = _ErrorKeepingWriter(f)
-                try:
-                    torch.save(state, writer)
-                except RuntimeError:  # torch reports a failed write as a RuntimeError about the zip stream
-                    if writer.error is None:
-                        raise
-                    raise writer.error from None
+        # Written through the descriptor mkstemp returned, synced, then renamed over path (atomic.py): a link
+        # planted at the temporary name is never written through.
+        with atomic_file(path, "wb") as f:
+            writer = _ErrorKeepingWriter(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:  # torch reports a failed write as a RuntimeError about the zip stream
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             _test_pause_before_rename()
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoint there, "

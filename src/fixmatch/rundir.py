@@ -61,7 +61,7 @@ def open_regular(path: str | Path, flags: int, mode: int = 0o666, single_link: b
     path = Path(path)
     try:
         fd = os.open(path, flags | _SAFE_OPEN, mode)
-    except OSError as e:
+    except OSError:
         kind = _kind(path)
         if kind is not None:  # ELOOP/EMLINK for a link, ENXIO for a FIFO, EISDIR for a folder
             raise _not_regular(path, kind) from None

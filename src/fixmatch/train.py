@@ -36,8 +36,15 @@ from fixmatch.checkpoint import (
     save_checkpoint,
     tensor_like,
 )
-from fixmatch.config import (RESUME_MUTABLE_KEYS, Config, ConfigError, check_config, load_config, short_repr,
-                              strong_policy_options)
+from fixmatch.config import (
+    RESUME_MUTABLE_KEYS,
+    Config,
+    ConfigError,
+    check_config,
+    load_config,
+    short_repr,
+    strong_policy_options,
+)
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.label_selection import select_labels
@@ -45,15 +52,22 @@ from fixmatch.data.pool import gather_pool, pool_labels
 from fixmatch.data.split import Split, fold_split, load_split, save_split, train_digest, unlabeled_pool
 from fixmatch.dist_align import DistributionAlignment
 from fixmatch.ema import EMA
-from fixmatch.evaluate import (accuracy_metrics, channel_stats, confusion_matrix, macro_f1, normalize,
-                               predict_logits, resolve_device)
+from fixmatch.evaluate import (
+    accuracy_metrics,
+    channel_stats,
+    confusion_matrix,
+    macro_f1,
+    normalize,
+    predict_logits,
+    resolve_device,
+)
 from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
 from fixmatch.model_spec import checkpoint_fields
 from fixmatch.models import create_model
 from fixmatch.models.pretrained import load_init_weights
 from fixmatch.nonfinite import NonFiniteGuard
 from fixmatch.optim import LRSchedule, make_optimizer, set_lr
-from fixmatch.rundir import LOCK_NAME, lock_run_dir, write_text_atomic
+from fixmatch.rundir import LOCK_NAME, RunDirError, check_regular_file, lock_run_dir, read_run_file, write_text_atomic
 from fixmatch.speed import check_amp, check_compile, compile_module, make_grad_scaler
 from fixmatch.step import forward_loss
 
@@ -84,6 +98,7 @@ def default_run_dir(config: Config) -> Path:
 
 def load_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
+    check_regular_file(path)  # read before the lock is taken: never through a link or from a FIFO
     if not path.is_file():
         raise ConfigError(f"cannot resume: {path} not found; is {run_dir} a fixmatch run directory?")
     return Config(**load_config(path))  # one-line errors for a damaged or hand-edited file
@@ -462,7 +477,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "summary.json").read_text())
+    text = read_run_file(run_dir / "summary.json")
+    if text is None:
+        raise RunDirError(f"{run_dir / 'summary.json'} is missing; resume the run with --resume to write it")
+    return json.loads(text)
 
 
 def _evaluate_step(model: torch.nn.Module, ema: EMA, data: Dataset, mean: torch.Tensor, std: torch.Tensor,

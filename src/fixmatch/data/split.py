@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_file
+from ..rundir import read_run_file
 
 __all__ = ["Split", "SplitError", "make_split", "save_split", "load_split", "train_digest"]
 
@@ -129,8 +130,8 @@ def make_split(labels: torch.Tensor | np.ndarray, num_labels: int, num_classes: 
 def save_split(split: Split, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:  # a crash never leaves a torn split.json
-        tmp.write_text(json.dumps(split.to_json()) + "\n")
+    with atomic_file(path, "w") as f:  # a crash never leaves a torn split.json; never written through a link
+        f.write(json.dumps(split.to_json()) + "\n")
     return path
 
 
@@ -139,7 +140,10 @@ def load_split(path: str | Path, num_train: int | None = None, digest: str | Non
     ``train_digest``) that it was made for these very images (splits that record none are taken on trust)."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text())
+        text = read_run_file(path)  # never through a link, nor from a FIFO
+        if text is None:
+            raise FileNotFoundError(path)
+        d = json.loads(text)
     except FileNotFoundError:
         raise SplitError(f"split file {path} not found; create it with save_split or check the path") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -10,7 +10,9 @@ array. The policy is the one train() runs with the defaults:
   14, each applied with p = 0.5, integer level 1..9 of 10 mapped onto the appendix ranges, as in
   fixmatch.augment.policies), then Cutout: a grey square of half the side, centre uniform, clipped.
 
-Only the benchmark uses it; it is kept next to it so the comparison can be checked and rerun.
+It is kept next to the benchmark so the comparison can be checked and rerun. The tests also use its
+geometric ops (tests/test_augment_every_op.py): at every level, the batched RandAugment gives exactly
+the pixels of these Pillow calls.
 """
 from __future__ import annotations
 

@@ -5,19 +5,22 @@ Images from sample_images.py: the Grace Hopper photo from matplotlib
 when the file is absent). Ops run on ``uint8 / 255`` and are compared with
 Pillow on the 0..255 scale; d = ours * 255 - Pillow. Tolerances:
 
-- invert: exact. equalize blended: d in [0, 1] (Pillow's blend truncates).
-- smooth, blur: Pillow rounds the filtered image, then truncates the blend:
-  d in [-0.5, 1.5], as for sharpness.
-- autocontrast blended: autocontrast and the blend both truncate: d in [0, 2].
+- invert: exact. Without exact=True (continuous ops): equalize blended: d in
+  [0, 1] (Pillow's blend truncates); smooth, blur: Pillow rounds the filtered
+  image, then truncates the blend: d in [-0.5, 1.5], as for sharpness;
+  autocontrast blended: autocontrast and the blend both truncate: d in [0, 2].
+- with exact=True, as CTAugment runs them, all of these are exact: d = 0,
+  including blend strengths up to 1 (0.97..1.0, where the continuous
+  autocontrast blend was up to 2 levels brighter).
 - rescale: Pillow rounds its horizontal pass and its output to uint8 and uses
   fixed-point weights: |d| <= 1.5 for the kernels with negative lobes
   (Lanczos, bicubic; 1.17 seen) and <= 1.0 for bilinear and Hamming, mean
   |d| < 0.5, and the rounded result at most 1 level off. Nearest and box are
   exact, including the tied rows and columns of the 48x40 photo, where
   Pillow's accumulated NEAREST coordinate is copied.
-- CTAugment ops against the official PIL definitions: rounded results at most
-  2 levels apart, except the geometric ones (at most 0.2% of pixels differ,
-  as for rotate in test_augment_ops.py).
+- CTAugment ops against the official PIL definitions: exact, pixel for pixel,
+  for every op but Rescale, Cutout (random) and TranslateX/Y (a fraction of
+  the side on purpose), at the edges, centres and ends of the 17 bins.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _batch(imgs: list[Image.Image], n: int) -> list[Image.Image]:
 
 # ----------------------------------------------------------------------------- new ops vs Pillow
 
-LEVELS = [0.0, 0.25, 0.5, 0.77, 1.0]
+LEVELS = [0.0, 0.25, 0.5, 0.77, 0.97, 0.98, 0.99, 1.0]
 
 
 def _blended(op):
@@ -66,6 +69,17 @@ POINT_OPS = {
                            _blended(ImageOps.autocontrast), LEVELS, (0.0, 2.0)),
     "equalize_blend": (lambda x, v: ops.blend(x, ops.equalize(x), v), _blended(ImageOps.equalize), LEVELS, (0.0, 1.0)),
     "invert_blend": (lambda x, v: ops.blend(x, ops.invert(x), v), _blended(ImageOps.invert), LEVELS, (0.0, 1.0)),
+    # Pillow's arithmetic, as CTAugment runs them: exact.
+    "smooth_exact": (lambda x, v: ops.smooth(x, v, exact=True),
+                     lambda im, v: Image.blend(im, im.filter(ImageFilter.SMOOTH), v), LEVELS, (0.0, 0.0)),
+    "blur_exact": (lambda x, v: ops.blur(x, v, exact=True),
+                   lambda im, v: Image.blend(im, im.filter(ImageFilter.BLUR), v), LEVELS, (0.0, 0.0)),
+    "autocontrast_blend_exact": (lambda x, v: ops.blend(x, ops.auto_contrast(x, exact=True), v, exact=True),
+                                 _blended(ImageOps.autocontrast), LEVELS, (0.0, 0.0)),
+    "equalize_blend_exact": (lambda x, v: ops.blend(x, ops.equalize(x), v, exact=True),
+                             _blended(ImageOps.equalize), LEVELS, (0.0, 0.0)),
+    "invert_blend_exact": (lambda x, v: ops.blend(x, ops.invert(x), v, exact=True),
+                           _blended(ImageOps.invert), LEVELS, (0.0, 0.0)),
 }  # fmt: skip
 
 
@@ -142,29 +156,23 @@ OFFICIAL = {
     "Solarize": lambda im, l: ImageOps.solarize(im, int(l * 255.999)),
     "Blur": lambda im, l: Image.blend(im, im.filter(ImageFilter.BLUR), l),
 }
-CTA_LEVELS = [0.02, 0.11, 0.3, 0.44, 0.5, 0.62, 0.8, 0.93, 1.0]
-GEOMETRIC = {"Rotate", "ShearX", "ShearY"}
+# Values in [0, 1]: the edge, a third and the centre of each of the 17 bins, the ends, and strengths near 1.
+CTA_LEVELS = sorted({0.02, 0.11, 0.3, 0.44, 0.62, 0.8, 0.93, 0.97, 0.98, 0.99, 1.0}
+                    | {(b + u) / 17 for b in range(17) for u in (0.0, 0.3, 0.5)})
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_cta_op_matches_official(name: str, images: list[Image.Image]) -> None:
     cta = CTAugment(blur=True)
     k = [op.name for op in cta.ops].index(name)
-    # Shears of -0.24, -0.12, 0, 0.06, 0.24, 0.3: the values test_augment_ops.py checks, away from the
-    # half-pixel ties that Pillow's fixed point rounds the other way.
-    levels = [0.1, 0.3, 0.5, 0.6, 0.9, 1.0] if name.startswith("Shear") else CTA_LEVELS
-    levels = [float(np.float32(v)) for v in levels]
+    levels = [float(np.float32(v)) for v in CTA_LEVELS]  # the official code gets the float32 value we see
     batch = _batch(images, len(levels))
     values = torch.tensor([[v, 0.0] for v in levels])
     x = to_tensor(batch)
     ours = to_numpy(cta.ops[k].fn(x, cta.ops[k].params(values), generator(0)))
     ref = to_array([OFFICIAL[name](im, v) for im, v in zip(batch, levels)]).astype(np.float64)
-    if name in GEOMETRIC:
-        differs = (np.round(ours) != ref).any(axis=-1)
-        assert differs.mean(axis=(1, 2)).max() <= 0.002
-    else:
-        assert np.abs(np.round(ours) - ref).max() <= 2
-        assert np.abs(ours - ref).mean() < 1.0
+    assert np.abs(ours - ref).max() < 1e-3, [(v, float(np.abs(o - r).max())) for v, o, r in zip(levels, ours, ref)
+                                              if np.abs(o - r).max() >= 1e-3]
 
 
 def test_cta_rescale_and_cutout_match_official(images: list[Image.Image]) -> None:

@@ -50,6 +50,20 @@ decay) * proximity``. ``update`` gives the same result without a loop: a
 cell updated k times from rate r with proximities q_1..q_k ends at
 ``decay^k r + (1 - decay) sum_t decay^(k - t) q_t``.
 
+**Pillow's arithmetic.** On uint8 images each op gives the official op's
+pixels exactly, except Rescale and the intended differences below (Cutout's
+squares are placed at random). The parameters are computed in double from
+the values, as the official Python code computes them. The blended ops
+(AutoContrast, Equalize, Invert, Smooth, Blur: ``Image.blend(x, op(x), l)``)
+and the enhancements (Brightness, Color, Contrast, Sharpness:
+``Image.blend(degenerate, x, factor)``) run with ``exact=True`` (ops.py):
+Pillow truncates twice, in the op (AutoContrast's lookup table, the SMOOTH /
+BLUR filter, ``convert("L")``) and in the blend (float32 factor and sum, then
+truncation), and so do they, on the nearest 0..255 levels (the official
+code's images are uint8 between ops), giving whole levels. Posterize and
+Solarize are exact on levels anyway; the geometric ops read the pixels
+Pillow's NEAREST transform reads (16.16 fixed point, ties included).
+
 **Strong view** (``__call__``): the CTA policy, then Cutout of side
 ``round(cutout * min(H, W))`` with ``fill`` (official: its own Cutout op at
 level 1, side 16 of 32, grey 127).
@@ -64,9 +78,9 @@ Differences from the official code, on purpose:
   ``int(value * bins * 0.999)``, which credits the bin below for values just
   above a bin's lower edge (under 0.1% of its width per bin index). Here the
   drawn bin is stored and updated.
-- The ops work on float images without Pillow's uint8 rounding (see ops.py),
-  and Rescale's Lanczos/bicubic/Hamming kernels are Pillow's, not an
-  approximation, but without its fixed-point arithmetic.
+- Rescale's Lanczos/bicubic/Hamming kernels are Pillow's, not an
+  approximation, but without its fixed-point weights and uint8 rounding
+  (about one grey level; NEAREST and BOX are exact).
 - Geometric ops fill with ``geometric_fill`` (default 0, black: Pillow's
   default fill in the official code); Cutout fills with ``fill``.
 """
@@ -75,6 +89,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -106,20 +121,22 @@ class CTAChoices:
     values: Tensor  # (N, depth, 2) float in [0, 1]: (bin + U(0, 1)) / bins; 0 where unused
 
 
+# The parameters are computed in double from the (float32) values, as the official code computes them in Python.
 def _level(v: Tensor) -> list[Tensor]:
     return [v[:, 0]]
 
 
 def _enhance(v: Tensor) -> list[Tensor]:
-    return [0.1 + 1.9 * v[:, 0]]
+    return [0.1 + 1.9 * v[:, 0].double()]
 
 
 def _symmetric(v: Tensor) -> list[Tensor]:
-    return [0.3 * (2 * v[:, 0] - 1)]
+    return [0.3 * (2 * v[:, 0].double() - 1)]
 
 
 def _blended(op: Callable[[Tensor], Tensor]) -> Callable[[Tensor, list[Tensor], torch.Generator], Tensor]:
-    return lambda x, p, g: ops.blend(x, op(x), p[0])
+    """The official ``Image.blend(x, op(x), level)``, with Pillow's arithmetic (ops.blend(exact=True))."""
+    return lambda x, p, g: ops.blend(x, op(x), p[0], exact=True)
 
 
 def _cutout_side(x: Tensor, frac: Tensor) -> Tensor:
@@ -161,29 +178,29 @@ class CTAugment:
         none = lambda *a: ""  # noqa: E731
         level = "{:.2f}".format
         self.ops: list[_CTAOp] = [
-            _CTAOp("AutoContrast", (17,), _level, _blended(ops.auto_contrast), level),
-            _CTAOp("Blur", (17,), _level, lambda x, p, g: ops.blur(x, p[0]), level),
-            _CTAOp("Brightness", (17,), _enhance, lambda x, p, g: ops.brightness(x, p[0]), level),
-            _CTAOp("Color", (17,), _enhance, lambda x, p, g: ops.color(x, p[0]), level),
-            _CTAOp("Contrast", (17,), _enhance, lambda x, p, g: ops.contrast(x, p[0]), level),
+            _CTAOp("AutoContrast", (17,), _level, _blended(partial(ops.auto_contrast, exact=True)), level),
+            _CTAOp("Blur", (17,), _level, lambda x, p, g: ops.blur(x, p[0], exact=True), level),
+            _CTAOp("Brightness", (17,), _enhance, lambda x, p, g: ops.brightness(x, p[0], exact=True), level),
+            _CTAOp("Color", (17,), _enhance, lambda x, p, g: ops.color(x, p[0], exact=True), level),
+            _CTAOp("Contrast", (17,), _enhance, lambda x, p, g: ops.contrast(x, p[0], exact=True), level),
             _CTAOp("Cutout", (17,), lambda v: [0.499 * v[:, 0]],
                    lambda x, p, g: ops.cutout_per_sample(x, _cutout_side(x, p[0]), g, fill), level),
             _CTAOp("Equalize", (17,), _level, _blended(ops.equalize), level),
             _CTAOp("Invert", (17,), _level, _blended(ops.invert), level),
             _CTAOp("Identity", (), lambda v: [], lambda x, p, g: x, none),
-            _CTAOp("Posterize", (8,), lambda v: [1 + (7.999 * v[:, 0]).floor()],
+            _CTAOp("Posterize", (8,), lambda v: [1 + (7.999 * v[:, 0].double()).floor()],
                    lambda x, p, g: ops.posterize(x, p[0]), "{:.0f}".format),
-            _CTAOp("Rescale", (17, 6), lambda v: [0.25 * v[:, 0], (5.99 * v[:, 1]).floor()],
+            _CTAOp("Rescale", (17, 6), lambda v: [0.25 * v[:, 0].double(), (5.99 * v[:, 1].double()).floor()],
                    lambda x, p, g: ops.rescale(x, p[0], p[1]),
                    lambda c, m: f"{c:.3f}, {ops.RESCALE_METHODS[int(m)]}"),
-            _CTAOp("Rotate", (17,), lambda v: [(45 * (2 * v[:, 0] - 1)).round()],
+            _CTAOp("Rotate", (17,), lambda v: [(45 * (2 * v[:, 0].double() - 1)).round()],
                    lambda x, p, g: ops.rotate(x, p[0], **geo), "{:+.0f}".format),
-            _CTAOp("Sharpness", (17,), _enhance, lambda x, p, g: ops.sharpness(x, p[0]), level),
+            _CTAOp("Sharpness", (17,), _enhance, lambda x, p, g: ops.sharpness(x, p[0], exact=True), level),
             _CTAOp("ShearX", (17,), _symmetric, lambda x, p, g: ops.shear_x(x, p[0], **geo), "{:+.2f}".format),
             _CTAOp("ShearY", (17,), _symmetric, lambda x, p, g: ops.shear_y(x, p[0], **geo), "{:+.2f}".format),
-            _CTAOp("Smooth", (17,), _level, lambda x, p, g: ops.smooth(x, p[0]), level),
+            _CTAOp("Smooth", (17,), _level, lambda x, p, g: ops.smooth(x, p[0], exact=True), level),
             # Threshold t on the 0..255 scale; ops.solarize takes t / 256.
-            _CTAOp("Solarize", (17,), lambda v: [(255.999 * v[:, 0]).floor()],
+            _CTAOp("Solarize", (17,), lambda v: [(255.999 * v[:, 0].double()).floor()],
                    lambda x, p, g: ops.solarize(x, p[0] / 256), "{:.0f}".format),
             _CTAOp("TranslateX", (17,), _symmetric,
                    lambda x, p, g: ops.translate_x(x, p[0], **geo), "{:+.2f}".format),

@@ -8,18 +8,47 @@ broadcast) in the op's natural unit. Outputs are float tensors clamped to
 own parameter in one kernel launch.
 
 Each op reproduces the Pillow function named in its docstring. Pillow works
-on uint8 and truncates where these ops stay continuous. For a uint8 image
-``p``, ``op(p / 255, v) * 255`` therefore lies within about one grey level of
+on uint8 and truncates where these ops stay continuous by default. For a uint8
+image ``p``, ``op(p / 255, v) * 255`` then lies within about one grey level of
 Pillow's result; the tests give the exact bound for each op. Equalize and
 posterize are defined on the 256-level grid, so they quantise (round
-``x * 255``). Solarize rounds only to compare with its threshold. The other
-ops never quantise.
+``x * 255``). Solarize rounds only to compare with its threshold.
+
+With ``exact=True`` (brightness, color, contrast, sharpness, auto_contrast,
+blend, smooth, blur; CTAugment runs them so), an op instead takes the input's
+nearest 0..255 levels and reproduces Pillow's uint8 arithmetic bit for bit,
+returning whole levels / 255:
+
+- ``Image.blend`` (and so every ImageEnhance op): the factor becomes a C float
+  (float32), each level is ``a + v * (b - a)`` in float32, clipped to
+  [0, 255] and truncated (Blend.c);
+- autocontrast: Python's lookup table ``int(i * scale + offset)`` in double;
+- SMOOTH / BLUR (Filter.c): float32 kernel ``k / divisor``, each pixel summed
+  from 0.5 in Pillow's order, truncated, the border copied;
+- ``convert("L")`` in 16.16 fixed point and Contrast's ``int(mean + 0.5)``.
+
+Each float32 step is one torch op, so it is rounded once, as in Pillow's C
+(no fused multiply-add), on any device; divisions that matter divide a tensor
+by a tensor (CUDA multiplies by the reciprocal of a scalar divisor).
 
 Geometric ops use Pillow's ``Image.transform(size, AFFINE, (a, b, c, d, e, f))``
 convention: output pixel ``(x, y)`` (pixel-corner coordinates, origin at the
 top-left, pixel centres at ``i + 0.5``) samples the input at
-``(a x + b y + c, d x + e y + f)``. Sampling is nearest-neighbour by default,
-as in Pillow. Pixels that map outside the image are set to ``fill``.
+``(a x + b y + c, d x + e y + f)``. Pixels that map outside the image are set
+to ``fill``. Sampling is nearest-neighbour by default, as in Pillow, and then
+reads exactly the pixels Pillow reads, at every parameter: the coefficients
+are computed in float64 as Pillow's Python code computes them (Image.rotate's
+matrix step by step, with its rounding of cos and sin to 15 decimals), and
+libImaging/Geometry.c's arithmetic is reproduced (_pil_nearest_index): a
+translation sums its positions ``c + a / 2 + k a`` in double and truncates;
+any other transform converts its coefficients to 16.16 fixed point,
+``floor(v * 65536 + 0.5)``, sums integers and shifts right by 16. Sample
+points exactly on a pixel edge (e.g. shear 0.12: ``0.56 + 12 * 0.12 = 2``,
+which Pillow's integers put just below 2) therefore go where Pillow sends
+them, and the integer arithmetic gives the same pixels on a GPU (torch's cos
+and sin may differ from the C library's in the last bit, but no rotation a
+policy draws is within a few ulps of a 16.16 rounding boundary). Bilinear and
+bicubic sampling use grid_sample and do not reproduce Pillow's filters.
 """
 
 from __future__ import annotations
@@ -59,7 +88,6 @@ __all__ = [
     "cutout_per_sample",
 ]
 
-_TIE_BREAK = 1e-4  # pixels; see _pil_affine
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L")
 
 
@@ -99,9 +127,32 @@ def _grey(x: Tensor) -> Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def _blend(degenerate: Tensor, x: Tensor, factor: Tensor | float) -> Tensor:
-    """Computes PIL ImageEnhance's ``Image.blend(degenerate, x, factor)``: 0 gives the degenerate image, 1 gives x."""
+def _blend(degenerate: Tensor, x: Tensor, factor: Tensor | float, exact: bool = False) -> Tensor:
+    """Computes PIL ImageEnhance's ``Image.blend(degenerate, x, factor)``: 0 gives the degenerate image, 1 gives x.
+
+    exact=True uses Pillow's arithmetic (_pil_blend).
+    """
+    if exact:
+        return _pil_blend(degenerate, x, factor)
     return (degenerate + _param(factor, x) * (x - degenerate)).clamp_(0, 1)
+
+
+def _pil_blend(x: Tensor, y: Tensor, v: Tensor | float) -> Tensor:
+    """Pillow's ``Image.blend(x, y, v)`` exactly, on the nearest 0..255 levels of x and y; whole levels / 255."""
+    return _pil_blend_levels(_levels(x).float(), _levels(y).float(), v).to(x.dtype) / 255
+
+
+def _pil_blend_levels(a: Tensor, b: Tensor, v: Tensor | float) -> Tensor:
+    """libImaging/Blend.c on float32 levels a and b (either may broadcast), one factor per sample; float32 levels.
+
+    Pillow passes v to C as a float (float32), computes ``a + v * (b - a)`` in float32 (one rounding
+    for the product, one for the sum; no fused multiply-add) and casts to UINT8, i.e. clips to
+    [0, 255] and truncates. The same float32 operations, one torch op each, give the same bits on
+    every device.
+    """
+    n = max(a.shape[0], b.shape[0])
+    alpha = torch.as_tensor(v, dtype=torch.float64, device=b.device).to(torch.float32).expand(n).view(-1, 1, 1, 1)
+    return (b - a).mul_(alpha).add_(a).clamp_(0, 255).floor_()
 
 
 # ----------------------------------------------------------------------------- point / colour ops
@@ -112,13 +163,26 @@ def identity(x: Tensor, v: Tensor | None = None) -> Tensor:
     return x
 
 
-def auto_contrast(x: Tensor, v: Tensor | None = None) -> Tensor:
+def auto_contrast(x: Tensor, v: Tensor | None = None, exact: bool = False) -> Tensor:
     """Does ``PIL.ImageOps.autocontrast(img, cutoff=0)``.
 
     Each channel is stretched linearly so that its min becomes 0 and its max
     becomes 1. A constant channel is left unchanged. PIL truncates the
-    stretched value to an integer; this op does not.
+    stretched value to an integer; this op does not, unless exact=True: then
+    it builds Pillow's lookup table on the nearest 0..255 levels, in double as
+    Python does, ``lut[i] = int(i * scale + offset)`` with ``scale = 255.0 /
+    (hi - lo)`` and ``offset = -lo * scale``, clipped to 0..255.
     """
+    if exact:
+        n, c, h, w = x.shape
+        q = _quantise(x).view(n, c, h * w)
+        lo, hi = q.amin(2, keepdim=True).double(), q.amax(2, keepdim=True).double()  # (N, C, 1)
+        # 255.0 / (hi - lo) as a true division, as Python's (torch's scalar / tensor multiplies by a reciprocal);
+        # inf where hi == lo, where the channel keeps its levels.
+        scale = torch.full_like(hi, 255.0) / (hi - lo)
+        levels = torch.arange(256, dtype=torch.float64, device=x.device)
+        lut = torch.where(hi > lo, (levels * scale + -lo * scale).trunc_().clamp_(0, 255), levels)  # (N, C, 256)
+        return lut.to(x.dtype).gather(2, q).view(n, c, h, w) / 255  # whole levels: exact in any float dtype
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
     span = hi - lo
@@ -162,31 +226,42 @@ def posterize(x: Tensor, v: Tensor) -> Tensor:
     return torch.div(_levels(x), drop, rounding_mode="floor") * drop / 255
 
 
-def brightness(x: Tensor, v: Tensor) -> Tensor:
-    """Does ``PIL.ImageEnhance.Brightness(img).enhance(v)``, a blend with black."""
+def brightness(x: Tensor, v: Tensor, exact: bool = False) -> Tensor:
+    """Does ``PIL.ImageEnhance.Brightness(img).enhance(v)``, a blend with black.
+
+    exact=True: with Pillow's uint8 arithmetic (see _pil_blend), as for the other enhance ops.
+    """
+    if exact:
+        black = torch.zeros(1, 1, 1, 1, device=x.device)
+        return _pil_blend_levels(black, _levels(x).float(), v).to(x.dtype) / 255
     return _blend(torch.zeros_like(x), x, v)
 
 
-def color(x: Tensor, v: Tensor) -> Tensor:
+def color(x: Tensor, v: Tensor, exact: bool = False) -> Tensor:
     """Does ``PIL.ImageEnhance.Color(img).enhance(v)``, a blend with the greyscale image.
 
-    It is the identity when C = 1.
+    It is the identity when C = 1. exact=True blends with Pillow's rounded
+    ``convert("L")`` (_grey_levels) using Pillow's arithmetic (_pil_blend).
     """
     if x.shape[1] == 1:
-        return x
+        return _levels(x) / 255 if exact else x
+    if exact:
+        return _pil_blend_levels(_grey_levels(x).float(), _levels(x).float(), v).to(x.dtype) / 255
     return _blend(_grey(x).expand_as(x), x, v)
 
 
-def contrast(x: Tensor, v: Tensor) -> Tensor:
+def contrast(x: Tensor, v: Tensor, exact: bool = False) -> Tensor:
     """Does ``PIL.ImageEnhance.Contrast(img).enhance(v)``, a blend with the image's mean grey level.
 
     The mean is PIL's: ``int(mean + 0.5)`` of the whole-level image ``convert("L")`` (``_grey_levels``),
-    so the degenerate image is the same 0..255 level as Pillow's.
+    so the degenerate image is the same 0..255 level as Pillow's. exact=True: with Pillow's blend arithmetic.
     """
     levels = _grey_levels(x)
     count = levels[0].numel()
     total = levels.sum(dim=(1, 2, 3), keepdim=True)  # int64: exact
     mean = torch.div(2 * total + count, 2 * count, rounding_mode="floor")  # floor(total / count + 0.5)
+    if exact:
+        return _pil_blend_levels(mean.float(), _levels(x).float(), v).to(x.dtype) / 255
     return _blend((mean.to(x.dtype) / 255).expand_as(x), x, v)
 
 
@@ -202,12 +277,16 @@ def _grey_levels(x: Tensor) -> Tensor:
     return ((rgb * w).sum(1, keepdim=True, dtype=torch.int32) + 0x8000) >> 16
 
 
-def sharpness(x: Tensor, v: Tensor) -> Tensor:
+def sharpness(x: Tensor, v: Tensor, exact: bool = False) -> Tensor:
     """Does ``PIL.ImageEnhance.Sharpness(img).enhance(v)``, a blend with ``img.filter(ImageFilter.SMOOTH)``.
 
     SMOOTH is the 3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13. Like
-    PIL, it leaves the 1-pixel border as it was.
+    PIL, it leaves the 1-pixel border as it was. exact=True: Pillow's filter
+    and blend arithmetic (_pil_filter_levels, _pil_blend).
     """
+    if exact:
+        q = _levels(x).float()
+        return _pil_blend_levels(_pil_filter_levels(q, *_SMOOTH), q, v).to(x.dtype) / 255
     n, c, h, w = x.shape
     if h < 3 or w < 3:
         return x
@@ -222,24 +301,152 @@ def sharpness(x: Tensor, v: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- geometric ops
 
+_FIXED_ONE = 65536.0  # affine_fixed's 16.16 fixed point: 1.0 is 2 ** 16
+_FIXED_LIMIT = 32768.0  # affine_fixed is used only where every corner maps inside +-2 ** 15 (check_fixed)
+
+
+def _fix(v: Tensor) -> Tensor:
+    """Pillow's ``FIX(v) = FLOOR(v * 65536.0 + 0.5)``, evaluated in double as Pillow does, as int64."""
+    return (v * _FIXED_ONE + 0.5).floor_().long()
+
+
+def _fits_fixed_point(a: Tensor, h: int, w: int) -> Tensor:
+    """Pillow's check_fixed at the four corners (0, 0), (W, H), (0, H), (W, 0), per sample (N,)."""
+    cx = torch.tensor([0.0, w, 0.0, w], dtype=torch.float64, device=a.device)
+    cy = torch.tensor([0.0, h, h, 0.0], dtype=torch.float64, device=a.device)
+    m = a.view(-1, 2, 3, 1)  # (N, axis, coefficient, corner)
+    return ((m[:, :, 0] * cx + m[:, :, 1] * cy) + m[:, :, 2]).abs().lt(_FIXED_LIMIT).flatten(1).all(1)
+
+
+def _closed_form_sum(start: Tensor, step: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Gives ``start + k * step`` for k = 0..n-1 (a new last axis) and, per row, whether it equals Pillow's running sum.
+
+    Pillow adds ``step`` n - 1 times in double, rounding after each addition. Where every term of the
+    closed form plus step gives the next term exactly, the closed form obeys that recurrence and so
+    equals the running sum term by term (always the case for the policies' coefficients).
+    """
+    pos = start[..., None] + torch.arange(n, dtype=start.dtype, device=start.device) * step[..., None]
+    exact = ((pos[..., :-1] + step[..., None]) == pos[..., 1:]).all(-1)
+    return pos, exact
+
+
+def _running_sum(start: Tensor, step: Tensor, n: int) -> Tensor:
+    """Pillow's running sum start, start + step, ... (a new last axis of n terms), one double rounding per addition."""
+    pos = start.new_empty(*start.shape, n)
+    pos[..., 0] = start
+    for k in range(1, n):  # a loop over pixels of one row, for the rare rows _closed_form_sum cannot give
+        pos[..., k] = pos[..., k - 1] + step
+    return pos
+
+
+def _coord(pos: Tensor, size: int) -> Tensor:
+    """Pillow's COORD (truncation, -1 below 0) as an int64 pixel index, with -1 for every position outside [0, size)."""
+    return torch.where((pos >= 0) & (pos < size), pos, -1).floor_().long()  # NaN is outside too
+
+
+def _sources_sequential(a: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """The source column and row (n, H, W), -1 outside, of rare samples that need Pillow's double sums in order.
+
+    ImagingScaleAffine (no rotation or shear) accumulates the column and row positions separately;
+    ImagingTransformAffine's fallback (a corner outside check_fixed's range) accumulates each row's
+    start, then along the row.
+    """
+    a0, a1, a2, a3, a4, a5 = a.unbind(1)
+    scale = ((a1 == 0) & (a3 == 0)).view(-1, 1, 1)
+    sx = _running_sum(a2 + a0 * 0.5, a0, w)[:, None, :].expand(-1, h, -1)
+    sy = _running_sum(a5 + a4 * 0.5, a4, h)[:, :, None].expand(-1, -1, w)
+    dx = _running_sum(_running_sum(a2 + a1 * 0.5 + a0 * 0.5, a1, h), a0[:, None], w)
+    dy = _running_sum(_running_sum(a5 + a4 * 0.5 + a3 * 0.5, a4, h), a3[:, None], w)
+    return _coord(torch.where(scale, sx, dx), w), _coord(torch.where(scale, sy, dy), h)
+
+
+def _pil_nearest_index(coeffs: Tensor, h: int, w: int) -> Tensor:
+    """Gives the pixel that Pillow's NEAREST AFFINE transform reads for each output pixel (N, H, W), int64.
+
+    The index is into the input padded with one pixel of fill on every side, flattened ((H + 2) x
+    (W + 2) per sample): a source outside the image reads the padding, as Pillow leaves the fill there.
+    This is libImaging/Geometry.c's ImagingTransformAffine, one sample per row of coeffs (N, 6), with
+    each of its three paths:
+
+    - a1 == a3 == 0 (translation, or no transform): ImagingScaleAffine. The column position starts at
+      ``a2 + a0 * 0.5`` and adds a0 per column in double, the row position likewise with a5 and a4, and
+      COORD truncates them;
+    - otherwise, when the corners map inside +-32768 (any image a policy sees): affine_fixed. Each
+      coefficient becomes a 16.16 fixed-point integer ``FIX(v) = floor(v * 65536 + 0.5)`` (the offsets
+      with the half-pixel terms folded in first: ``FIX(a2 + a0 * 0.5 + a1 * 0.5)``), the integers are
+      summed exactly, and the source index is the sum shifted right by 16 (a floor). Integer
+      arithmetic gives the same result on every device;
+    - otherwise the double-precision version of the same sums, accumulated in order.
+
+    A sample point exactly on a pixel edge therefore goes where Pillow sends it, including the 16.16
+    rounding that moves some edge points down by one pixel (e.g. shear 0.12: ``0.56 + 12 * 0.12 = 2``,
+    which Pillow's integers put just below 2).
+
+    Both axes are written as ``(row term + column term) >> 16``, the scale path's indices shifted up
+    by 16 bits, so every sample takes the same few full-size int32 passes; the rare samples whose
+    double sums the closed form cannot give are redone one pixel at a time.
+    """
+    a = coeffs.to(torch.float64)
+    a0, a1, a2, a3, a4, a5 = a.unbind(1)
+    n, dev = a.shape[0], a.device
+    scale = (a1 == 0) & (a3 == 0)
+    fixed = ~scale & _fits_fixed_point(a, h, w)
+    # affine_fixed's integers (zeros for the other samples), as (N, 1, 1).
+    folded = torch.stack([a0, a1, a2 + a0 * 0.5 + a1 * 0.5, a3, a4, a5 + a3 * 0.5 + a4 * 0.5], 1)
+    f0, f1, f2, f3, f4, f5 = _fix(torch.where(fixed[:, None], folded, 0)).view(n, 6, 1, 1).unbind(1)
+    # ImagingScaleAffine: a closed form, checked against the running sums.
+    sx, x_exact = _closed_form_sum(a2 + a0 * 0.5, a0, w)
+    sy, y_exact = _closed_form_sum(a5 + a4 * 0.5, a4, h)
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    one, zero = 1 << 16, torch.zeros((), dtype=torch.int64, device=dev)  # one pixel: the padding's offset
+    # (row term, column term) of each axis on each path.
+    x_fixed, y_fixed = (f2 + rows * f1 + one, cols * f0), (f5 + rows * f4 + one, cols * f3)
+    x_scale = (zero, (_coord(sx, w) + 1).view(n, 1, w) << 16)
+    y_scale = ((_coord(sy, h) + 1).view(n, h, 1) << 16, zero)
+    is_scale = scale.view(n, 1, 1)
+    x_src = _shift_sum(is_scale, x_scale, x_fixed, w, h)
+    y_src = _shift_sum(is_scale, y_scale, y_fixed, h, w)
+    index = (y_src * (w + 2)).add_(x_src).long()
+    slow = (scale & ~(x_exact & y_exact)) | (~scale & ~fixed)
+    if bool(slow.any()):  # one host sync rules out the rare samples summed one pixel at a time
+        i = slow.nonzero().squeeze(1)
+        xs, ys = _sources_sequential(a[i], h, w)
+        index[i] = (ys + 1) * (w + 2) + (xs + 1)
+    return index
+
+
+def _shift_sum(pick: Tensor, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor], size: int,
+               other: int) -> Tensor:
+    """``(row term + column term) >> 16``, from ``first`` where pick else ``second``, clamped to [0, size + 1].
+
+    int32 unless the image is huge: a term may wrap, but the sum of an in-image source fits, and a
+    wrapped sum is far outside and clamps to the padding like any other outside source.
+    """
+    small = torch.int32 if max(size, other) < 1 << 14 else torch.int64
+    row = torch.where(pick, first[0], second[0]).to(small)
+    col = torch.where(pick, first[1], second[1]).to(small)
+    return ((row + col) >> 16).clamp_(0, size + 1)
+
 
 def _pil_affine(x: Tensor, coeffs: Tensor, fill: float, mode: str) -> Tensor:
-    """Does ``Image.transform(size, AFFINE, coeffs[i])`` for each sample i with one grid_sample call.
+    """Does ``Image.transform(size, AFFINE, coeffs[i])`` for each sample i.
 
-    coeffs (N, 6) = (a, b, c, d, e, f) in PIL's convention: output pixel
-    (x, y) samples the input at (a x + b y + c, d x + e y + f), in pixel
-    coordinates with the origin at the image corner. With align_corners=False,
-    normalised coordinates map linearly onto the same corner-based pixel
-    coordinates, so the PIL matrix M becomes ``theta = T M T^-1``.
+    coeffs (N, 6) = (a, b, c, d, e, f) in PIL's convention: output pixel (x, y) samples the input at
+    (a x + b y + c, d x + e y + f), in pixel coordinates with the origin at the image corner.
+    Nearest sampling reads exactly the pixels Pillow reads (_pil_nearest_index) with one gather.
+    Other modes use grid_sample: with align_corners=False, normalised coordinates map linearly onto
+    the same corner-based pixel coordinates, so the PIL matrix M becomes ``theta = T M T^-1``; these
+    do not reproduce Pillow's filters.
     """
-    n, _, h, w = x.shape
-    m = torch.zeros(n, 3, 3, dtype=x.dtype, device=x.device)
-    m[:, :2, :] = coeffs.view(n, 2, 3)
-    m[:, 2, 2] = 1
+    n, c, h, w = x.shape
     if mode == "nearest":
-        # PIL floors the corner-based coordinate, which rounds half up. grid_sample rounds half to even.
-        # A tiny offset resolves exact ties (e.g. a 3.5 px shift) the way PIL does.
-        m[:, :2, 2] += _TIE_BREAK
+        index = _pil_nearest_index(coeffs, h, w).view(n, 1, h * w).expand(n, c, h * w)
+        padded = F.pad(x, (1, 1, 1, 1), value=min(max(fill, 0.0), 1.0))
+        return padded.view(n, c, -1).gather(2, index).view(n, c, h, w)
+    m = torch.zeros(n, 3, 3, dtype=x.dtype, device=x.device)
+    m[:, :2, :] = coeffs.to(x.dtype).view(n, 2, 3)
+    m[:, 2, 2] = 1
     t = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=x.dtype, device=x.device)
     t_inv = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]], dtype=x.dtype, device=x.device)
     theta = (t @ m @ t_inv)[:, :2, :]
@@ -255,27 +462,64 @@ def affine(x: Tensor, coeffs: Tensor, fill: float = 0.5, mode: str = "nearest") 
 
     The geometric ops below are this with the coefficients of their ``*_coeffs`` function; a policy
     that draws different geometric ops for different samples can transform them all in one call.
+    Pass the coefficients in float64 (as the ``*_coeffs`` functions give them): Pillow computes them in
+    double, and float32 rounding of a rotation's offsets can move a pixel.
     """
     return _pil_affine(x, coeffs, fill, mode)
 
 
-def _param_1d(v: Tensor | float, x: Tensor) -> Tensor:
-    return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[0])
+def _param_f64(v: Tensor | float, x: Tensor) -> Tensor:
+    """Gives each sample's parameter (N,) in float64, in which Pillow computes the affine coefficients."""
+    return torch.as_tensor(v, dtype=torch.float64, device=x.device).expand(x.shape[0])
 
 
 def _coeffs(v: Tensor, *rows: Tensor | float) -> Tensor:
-    """Stacks six scalars or (N,) tensors into an (N, 6) coefficient tensor (N, dtype and device of v)."""
+    """Stacks six scalars or (N,) tensors into an (N, 6) float64 coefficient tensor (N and device of v)."""
     n = v.shape[0]
-    return torch.stack([torch.as_tensor(r, dtype=v.dtype, device=v.device).expand(n) for r in rows], dim=1)
+    return torch.stack([torch.as_tensor(r, dtype=torch.float64, device=v.device).expand(n) for r in rows], dim=1)
+
+
+_SPLIT = 134217729.0  # 2 ** 27 + 1: Veltkamp's splitting of a double into two 26-bit halves
+_E15 = 1e15
+_E15_HI = _SPLIT * _E15 - (_SPLIT * _E15 - _E15)
+_E15_LO = _E15 - _E15_HI
+
+
+def _round15(t: Tensor) -> Tensor:
+    """Python's ``round(t, 15)`` (|t| <= 1), as Image.rotate applies it to cos and sin: exact, not just close.
+
+    Python rounds the exact decimal value half to even, then converts back. Here p = t * 1e15 is
+    rounded by the multiplication; its exact error e (Dekker's two-product, no fused multiply-add)
+    decides the cases where p and t * 10 ** 15 round to different integers. K / 1e15, both exact
+    doubles, is then correctly rounded like Python's conversion of the decimal string.
+    """
+    p = t * _E15
+    c = t * _SPLIT
+    hi = c - (c - t)
+    lo = t - hi
+    e = (((hi * _E15_HI - p) + hi * _E15_LO) + lo * _E15_HI) + lo * _E15_LO  # t * 1e15 - p, exactly
+    k = p.round()  # half to even, right unless e moves t * 10 ** 15 across a half
+    d = p - k  # exact: |d| <= 0.5
+    k = torch.where((d - 0.5) > -e, k + 1, torch.where((d + 0.5) < -e, k - 1, k))
+    return k / torch.full_like(k, _E15)  # tensor / tensor: CUDA multiplies by the reciprocal of a scalar divisor
 
 
 def rotate_coeffs(v: Tensor, h: int, w: int) -> Tensor:
-    """PIL's inverse map of a rotation by v (N,) degrees counter-clockwise about (W/2, H/2)."""
-    theta = v * (math.pi / 180)
-    cos, sin = theta.cos(), theta.sin()
+    """Image.rotate's inverse map for a rotation by v (N,) degrees counter-clockwise about (W/2, H/2), float64.
+
+    Each step is Image.rotate's, in double: ``angle = -radians(v % 360)``, cos and sin rounded to 15
+    decimals, and the offsets ``c = cos * -cx + sin * -cy + cx``, ``f = -sin * -cx + cos * -cy + cy``.
+    This gives Pillow's matrix bit for bit wherever torch's cos and sin agree with the C library's;
+    where they differ in the last bit, the rounding to 15 decimals and to 16.16 fixed point absorbs it
+    for every angle the policies draw (tested), and for any other angle short of a 1e-10 coincidence.
+    """
+    v = v.to(torch.float64)
+    angle = torch.fmod(v, 360.0)
+    angle = torch.where(angle < 0, angle + 360.0, angle)  # Python's v % 360.0
+    theta = -(angle * (math.pi / 180))
+    cos, sin = _round15(torch.stack([theta.cos(), theta.sin()])).unbind(0)
     cx, cy = w / 2, h / 2
-    # input = R(theta) (output - centre) + centre, with y pointing down.
-    return _coeffs(v, cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
+    return _coeffs(v, cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
 
 
 def shear_x_coeffs(v: Tensor, h: int, w: int) -> Tensor:
@@ -287,19 +531,21 @@ def shear_y_coeffs(v: Tensor, h: int, w: int) -> Tensor:
 
 
 def translate_x_coeffs(v: Tensor, h: int, w: int) -> Tensor:
-    return _coeffs(v, 1, 0, -v * w, 0, 1, 0)
+    return _coeffs(v, 1, 0, -v.to(torch.float64) * w, 0, 1, 0)
 
 
 def translate_y_coeffs(v: Tensor, h: int, w: int) -> Tensor:
-    return _coeffs(v, 1, 0, 0, 0, 1, -v * h)
+    return _coeffs(v, 1, 0, 0, 0, 1, -v.to(torch.float64) * h)
 
 
 def rotate(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
     """Does ``img.rotate(v, resample=NEAREST, fillcolor=fill)``: v degrees counter-clockwise about the image centre.
 
-    The centre is (W/2, H/2) in corner coordinates, as in PIL.
+    The centre is (W/2, H/2) in corner coordinates, as in PIL. Pillow's shortcuts (no transform at
+    0 degrees, transposes at 180 and, for square images, at 90 and 270) give the same pixels as its
+    affine transform, which this op reproduces.
     """
-    return _pil_affine(x, rotate_coeffs(_param_1d(v, x), *x.shape[2:]), fill, mode)
+    return _pil_affine(x, rotate_coeffs(_param_f64(v, x), *x.shape[2:]), fill, mode)
 
 
 def shear_x(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
@@ -307,7 +553,7 @@ def shear_x(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> T
 
     Output (x, y) samples input (x + v y, y), so the top row stays fixed.
     """
-    return _pil_affine(x, shear_x_coeffs(_param_1d(v, x), *x.shape[2:]), fill, mode)
+    return _pil_affine(x, shear_x_coeffs(_param_f64(v, x), *x.shape[2:]), fill, mode)
 
 
 def shear_y(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
@@ -315,7 +561,7 @@ def shear_y(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> T
 
     Output (x, y) samples input (x, v x + y), so the left column stays fixed.
     """
-    return _pil_affine(x, shear_y_coeffs(_param_1d(v, x), *x.shape[2:]), fill, mode)
+    return _pil_affine(x, shear_y_coeffs(_param_f64(v, x), *x.shape[2:]), fill, mode)
 
 
 def translate_x(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
@@ -323,7 +569,7 @@ def translate_x(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") 
 
     The content moves right by v * W pixels (v > 0 means right).
     """
-    return _pil_affine(x, translate_x_coeffs(_param_1d(v, x), *x.shape[2:]), fill, mode)
+    return _pil_affine(x, translate_x_coeffs(_param_f64(v, x), *x.shape[2:]), fill, mode)
 
 
 def translate_y(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") -> Tensor:
@@ -331,7 +577,7 @@ def translate_y(x: Tensor, v: Tensor, fill: float = 0.5, mode: str = "nearest") 
 
     The content moves down by v * H pixels (v > 0 means down).
     """
-    return _pil_affine(x, translate_y_coeffs(_param_1d(v, x), *x.shape[2:]), fill, mode)
+    return _pil_affine(x, translate_y_coeffs(_param_f64(v, x), *x.shape[2:]), fill, mode)
 
 
 # ----------------------------------------------------------------------------- cutout
@@ -385,13 +631,15 @@ def _fill_squares(x: Tensor, cy: Tensor, cx: Tensor, size: Tensor, fill: float) 
 # ----------------------------------------------------------------------------- ops added for CTAugment
 
 
-def blend(x: Tensor, y: Tensor, v: Tensor | float) -> Tensor:
+def blend(x: Tensor, y: Tensor, v: Tensor | float, exact: bool = False) -> Tensor:
     """Does ``Image.blend(x, y, v)``: ``x + v * (y - x)``, so v = 0 gives x and v = 1 gives y.
 
     CTAugment uses it to apply AutoContrast, Equalize, Invert, Smooth and Blur
-    with a strength v in [0, 1]. Pillow truncates the result; this op does not.
+    with a strength v in [0, 1]. Pillow truncates the result; this op does
+    not, unless exact=True: then it is Pillow's arithmetic on the nearest
+    0..255 levels of x and y (v as float32, float32 sums, truncation).
     """
-    return _blend(x, y, v)
+    return _blend(x, y, v, exact)
 
 
 def invert(x: Tensor, v: Tensor | None = None) -> Tensor:
@@ -404,6 +652,7 @@ def _pil_filter(x: Tensor, kernel: tuple[tuple[int, ...], ...], divisor: int) ->
 
     Like Pillow's Filter.c, the outer k // 2 rows and columns keep their
     values, and an image smaller than the kernel is returned unchanged.
+    _pil_filter_levels has Pillow's arithmetic.
     """
     _, c, h, w = x.shape
     k = len(kernel)
@@ -416,26 +665,63 @@ def _pil_filter(x: Tensor, kernel: tuple[tuple[int, ...], ...], divisor: int) ->
     return out
 
 
+def _pil_filter_levels(q: Tensor, kernel: tuple[tuple[int, ...], ...], divisor: int) -> Tensor:
+    """Pillow's Filter.c (ImagingFilter3x3 / 5x5) on whole levels q (float32), exactly.
+
+    The kernel is Pillow's float32 ``k / divisor``. Each output pixel starts at 0.5 (the offset plus
+    Pillow's rounding term) and adds the kernel rows from the bottom image row (y + k // 2) up, each
+    row summed left to right; every product and sum is one float32 rounding, as in Pillow's C, and
+    the result is clipped to [0, 255] and truncated. The outer k // 2 rows and columns keep their
+    levels; an image smaller than the kernel is returned unchanged.
+    """
+    h, w = q.shape[2:]
+    k = len(kernel)
+    r = k // 2
+    if h < k or w < k:
+        return q
+    # float32 k / divisor as a true division on the CPU (CUDA would multiply by the divisor's reciprocal)
+    weights = (torch.tensor(kernel, dtype=torch.float32) / torch.tensor(float(divisor))).to(q.device)
+    total = torch.full_like(q[:, :, r:h - r, r:w - r], 0.5)
+    for i in range(k):  # kernel row i weights image row y + r - i
+        row = None
+        for j in range(k):  # column j weights image column x + j - r; zero weights add exactly nothing
+            if kernel[i][j] == 0:
+                continue
+            term = q[:, :, 2 * r - i:h - i, j:w - 2 * r + j] * weights[i, j]
+            row = term if row is None else row + term
+        if row is not None:
+            total = total + row
+    out = q.clone()
+    out[:, :, r:h - r, r:w - r] = total.clamp_(0, 255).floor_()
+    return out
+
+
 _SMOOTH = (((1, 1, 1), (1, 5, 1), (1, 1, 1)), 13)  # ImageFilter.SMOOTH
 _BLUR = (((1, 1, 1, 1, 1), (1, 0, 0, 0, 1), (1, 0, 0, 0, 1), (1, 0, 0, 0, 1), (1, 1, 1, 1, 1)), 16)  # ImageFilter.BLUR
 
 
-def smooth(x: Tensor, v: Tensor | float) -> Tensor:
+def smooth(x: Tensor, v: Tensor | float, exact: bool = False) -> Tensor:
     """Does ``Image.blend(img, img.filter(ImageFilter.SMOOTH), v)``, CTAugment's Smooth.
 
     SMOOTH is the 3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 with the
     1-pixel border left as it was (the degenerate image of sharpness()). v = 0
-    gives x and v = 1 the smoothed image.
+    gives x and v = 1 the smoothed image. exact=True: Pillow's filter and blend arithmetic.
     """
+    if exact:
+        q = _levels(x).float()
+        return _pil_blend_levels(q, _pil_filter_levels(q, *_SMOOTH), v).to(x.dtype) / 255
     return blend(x, _pil_filter(x, *_SMOOTH), v)
 
 
-def blur(x: Tensor, v: Tensor | float) -> Tensor:
+def blur(x: Tensor, v: Tensor | float, exact: bool = False) -> Tensor:
     """Does ``Image.blend(img, img.filter(ImageFilter.BLUR), v)``, the official CTAugment's Blur.
 
     BLUR is Pillow's 5x5 kernel: ones on the outer ring, zeros inside, divided
-    by 16. The 2-pixel border is left as it was.
+    by 16. The 2-pixel border is left as it was. exact=True: Pillow's filter and blend arithmetic.
     """
+    if exact:
+        q = _levels(x).float()
+        return _pil_blend_levels(q, _pil_filter_levels(q, *_BLUR), v).to(x.dtype) / 255
     return blend(x, _pil_filter(x, *_BLUR), v)
 
 

@@ -223,7 +223,7 @@ class RandAugment:
 
     def _affine_coeffs(self, op: Tensor, level: Tensor, h: int, w: int) -> Tensor:
         """Gives the affine coefficients (N, 6) of samples that each drew one of the geometric ops."""
-        coeffs = torch.empty(op.shape[0], 6, device=op.device)
+        coeffs = torch.empty(op.shape[0], 6, dtype=torch.float64, device=op.device)  # double, as Pillow's
         for k in self._geometric:
             sel = op == k
             if bool(sel.any()):

@@ -3,24 +3,77 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-from fixmatch.config import (PRESETS, STRONG_AUGMENTS, WEAK_PADDINGS, Config, ConfigError, describe_keys,
-                              resolve_config, short_repr)
+from fixmatch.config import (
+    PRESETS,
+    STRONG_AUGMENTS,
+    WEAK_PADDINGS,
+    Config,
+    ConfigError,
+    closest_name,
+    describe_keys,
+    resolve_config,
+    short_repr,
+)
 
 MAX_ERROR_CHARS = 2000  # an error line quotes values and paths: never screens of them
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """The help beside its flag where the flag is short enough: at argparse's column 24, most of train's flags
+    would take a line of their own."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse.BooleanOptionalAction) and len(action.option_strings) == 2:
+            return "--[no-]" + action.option_strings[0][2:]  # --[no-]compile: one line, not two
+        return super()._format_action_invocation(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    """Every parser of the command, sub-commands included (add_subparsers(parser_class=_Parser)).
+
+    No abbreviated flags: argparse would take --num-label (a typo) as --num-labels and start a long run. An
+    unknown flag is refused in one line that names the nearest real one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"formatter_class": _HelpFormatter, **kwargs, "allow_abbrev": False})
+
     def error(self, message: str) -> None:  # one line, not argparse's usage dump
         self.exit(2, f"fixmatch: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        # Only parse_args uses this: a leftover argument is an error, reported by the (sub-)parser that knows
+        # which flags it takes, so that the message can name the closest one and the right --help. Unknown flags
+        # are looked for first: "--form onnx" is the typo to name, not "--format is required". The flags of a
+        # parser with sub-commands are the words before the command.
+        args = list(sys.argv[1:] if args is None else args)
+        own = itertools.takewhile((lambda a: a != "--") if self._subparsers is None else
+                                  (lambda a: a.startswith("-")), args)
+        self._refuse([a for a in own if a.startswith("--") and a.split("=", 1)[0] not in self._option_string_actions])
+        parsed, extras = super().parse_known_args(args, namespace)
+        self._refuse(extras)
+        return parsed, extras
+
+    def _refuse(self, unknown: list[str]) -> None:
+        if unknown:
+            flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("--")), None)
+            close = closest_name(flag, self._option_string_actions) if flag is not None else None
+            hint = f"; did you mean {close}?" if close is not None else ""
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
 def _one_line(message: str) -> str:
@@ -68,17 +121,40 @@ def _float_flag(flag: str) -> Callable[[str], Any]:
     return _converter("float", flag)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config key (--num-labels for num_labels); absent flags override nothing."""
+def _config_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One argument group per section of Config (data, model, ...), in Config's order."""
+    titles = dict.fromkeys(f.metadata["group"] for f in fields(Config))
+    return {title: parser.add_argument_group(title) for title in titles}
+
+
+def _add_config_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
+    """One flag per Config key (--num-labels for num_labels), in its section's group; absent flags override
+    nothing."""
     for f in fields(Config):
+        group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {_as_yaml(f.default)})"
         if str(f.type).startswith("bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=_converter(str(f.type), flag, f.metadata["accepted"]),
-                                default=None, metavar=f.name.upper(), help=help_text)
+            group.add_argument(flag, dest=f.name, type=_converter(str(f.type), flag, f.metadata["accepted"]),
+                               default=None, metavar=_metavar(f), help=help_text)
+
+
+def _metavar(f: Field) -> str:
+    """{a,b} for a key with a fixed set of values (from the tuple its check reads), else its own (NAME, FILE)
+    or one by type."""
+    if f.metadata["choices"]:
+        return "{" + ",".join(f.metadata["choices"]) + "}"
+    if f.metadata["metavar"]:
+        return f.metadata["metavar"]
+    return {"int": "N", "float": "X"}.get(str(f.type).split("|")[0].strip(), f.name.upper())
+
+
+def _as_yaml(value: Any) -> str:
+    """A default as a config file spells it (null, true, false)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -126,7 +202,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {' '.join(args.paths)}")
     model = load(args.checkpoint, weights=args.weights, device=args.device)
-    ok, bad = write_rows(predict_files(model, files, args.batch_size, args.top_k), args.format)
+    ok, bad = write_rows(predict_files(model, files, args.batch_size, args.top_k), args.format,
+                         top_k=min(args.top_k, model.spec.num_classes))  # top() gives at most every class
     if bad:
         print(f"fixmatch: {bad} of {ok + bad} files could not be read", file=sys.stderr)
     return 0 if ok else 1
@@ -189,24 +266,40 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# The values of --device for evaluate and predict: the device key's own ({auto,cpu,cuda,cuda:N}).
+_DEVICES = next(f.metadata["metavar"] for f in fields(Config) if f.name == "device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fixmatch", description="FixMatch semi-supervised image classification.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                help="what to do (fixmatch COMMAND --help describes its arguments)")
 
     p = sub.add_parser("train", help="train a model (or resume a run)",
+                       usage="%(prog)s [--preset NAME] [--config FILE.yaml] [--out RUN_DIR] [--resume] "
+                             "[--KEY VALUE ...]",
                        description="Train with FixMatch or the supervised baseline. Precedence: "
-                                   "defaults < --preset < --config file < flags.")
+                                   "defaults < --preset < --config file < flags. Every config key is a flag "
+                                   "(num_labels: --num-labels; true/false keys: --KEY and --no-KEY); a config "
+                                   "file uses the keys' names.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named setting (see: fixmatch presets)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys")
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<dataset>-<method>-...)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    _add_config_flags(p)
+    groups = _config_groups(p)
+    groups["run"].add_argument("--out", metavar="RUN_DIR",
+                               help="run directory (default: runs/<dataset>-<method>-...)")
+    groups["run"].add_argument("--resume", action="store_true",
+                               help="continue the run in --out from its last checkpoint")
+    _add_config_flags(groups)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint on the test set")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--data-dir", default=None, help="where the data set lives (default: the run's data_dir)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint on the test set",
+                       description="Top-1, top-5, macro-F1 and per-class accuracy of a trained model on a test set, "
+                                   "optionally with its confusion matrix.")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its last checkpoint) or a checkpoint file")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the data set lives (default: the run's data_dir)")
+    p.add_argument("--device", default="auto", metavar=_DEVICES, help="where to run (default: auto)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--dataset", default=None, metavar="NAME",
@@ -223,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_int_flag("--top-k"), default=1, metavar="K",
                    help="classes shown per image (default: 1)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default: table)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=_int_flag("--batch-size"), default=64,
+    p.add_argument("--device", default="auto", metavar=_DEVICES, help="where to run (default: auto)")
+    p.add_argument("--batch-size", type=_int_flag("--batch-size"), default=64, metavar="N",
                    help="images per forward pass (default: 64)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA (default) or raw weights")
     p.set_defaults(func=_cmd_predict)
@@ -268,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG file to write")
     p.add_argument("--strong", default="randaugment", choices=STRONG_AUGMENTS,
                    help="strong policy (default: randaugment)")
-    p.add_argument("--cutout", type=_float_flag("--cutout"), default=0.5,
+    p.add_argument("--cutout", type=_float_flag("--cutout"), default=0.5, metavar="X",
                    help="Cutout side as a fraction of the image side (default: 0.5)")
     p.add_argument("--weak-padding", default="reflect", choices=WEAK_PADDINGS,
                    help="border of the weak view's translation (default: reflect)")
@@ -279,14 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="P",
                    help="--strong randaugment: probability that each op is applied "
                         f"(default: {Config.randaugment_prob}, as in train)")
-    p.add_argument("--num-images", type=_int_flag("--num-images"), default=6,
+    p.add_argument("--num-images", type=_int_flag("--num-images"), default=6, metavar="N",
                    help="images in the grid, 1 to 64 (default: 6)")
-    p.add_argument("--seed", type=_int_flag("--seed"), default=0,
+    p.add_argument("--seed", type=_int_flag("--seed"), default=0, metavar="N",
                    help="picks the images and draws the views (default: 0)")
-    p.add_argument("--data-dir", default="data", help="where the data set lives (default: data)")
+    p.add_argument("--data-dir", default="data", metavar="DIR", help="where the data set lives (default: data)")
     p.set_defaults(func=_cmd_show_augment)
 
-    p = sub.add_parser("presets", help="list the presets and their values")
+    p = sub.add_parser("presets", help="list the presets and their values",
+                       description="Every named setting of train --preset with the keys it sets (and their "
+                                   "defaults where they differ).")
     p.set_defaults(func=_cmd_presets)
     p = sub.add_parser("models", help="list the models with their parameter counts and FLOPs",
                        description="Every registered model with its parameter count and forward FLOPs per image "
@@ -294,9 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--dataset", metavar="NAME", help="use this data set's image shape and number of classes")
     size.add_argument("--input-size", metavar="C,H,W", help="image shape, e.g. 3,224,224")
-    p.add_argument("--num-classes", type=_int_flag("--num-classes"), default=None,
+    p.add_argument("--num-classes", type=_int_flag("--num-classes"), default=None, metavar="N",
                    help="classes of the head (default: the data set's, or 10)")
-    p.add_argument("--data-dir", default="data", help="where to look for a data set not known by name (default: data)")
+    p.add_argument("--data-dir", default="data", metavar="DIR",
+                   help="where to look for a data set not known by name (default: data)")
     p.set_defaults(func=_cmd_models)
     return parser
 

@@ -10,10 +10,11 @@ decimals (an integer key takes 64 bits at most).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,29 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid (message: one line, with the fix)."""
 
 
-def _key(help: str, check: Callable[[Any], bool] | None = None, accepted: str = "", **kw: Any) -> Any:
-    return field(metadata={"help": help, "check": check, "accepted": accepted}, **kw)
+# The help group of the keys that follow: Config's body calls _section before each group of keys, so that a key's
+# group is where it is written (``fixmatch train --help`` lists the keys by group, in this order).
+_SECTION = ""
+
+
+def _section(title: str) -> None:
+    global _SECTION
+    _SECTION = title
+
+
+def _key(help: str, check: Callable[[Any], bool] | None = None, accepted: str = "", *,
+         choices: tuple[str, ...] = (), metavar: str = "", **kw: Any) -> Any:
+    return field(metadata={"help": help, "check": check, "accepted": accepted, "group": _SECTION,
+                           "choices": choices, "metavar": metavar}, **kw)
+
+
+def _one_of(help: str, choices: tuple[str, ...], default: str) -> Any:
+    """A key with a fixed set of values: its check, its error message and --help all read ``choices``."""
+    return _key(help, lambda v: v in choices, _or_list(choices), choices=choices, default=default)
+
+
+def _or_list(words: tuple[str, ...]) -> str:
+    return " or ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _positive_int(v: Any) -> bool:
@@ -51,42 +73,50 @@ def _positive_float(v: Any) -> bool:
     return _nonneg_float(v) and v > 0
 
 
+def _time_budget(v: Any) -> bool:
+    from fixmatch.budget import is_budget  # imported here: budget.py reads this module
+    return v is None or is_budget(v)
+
+
 @dataclass
 class Config:
-    # --- data -------------------------------------------------------------------------------
+    _section("data")
     dataset: str = _key("data set name (cifar10, cifar100, svhn, stl10, mnist, fashion-mnist, synthetic) or "
-                        "folder:PATH for your own images", default="cifar10")
-    data_dir: str = _key("folder searched for (and receiving downloads of) the data set files", default="data")
+                        "folder:PATH for your own images", metavar="NAME", default="cifar10")
+    data_dir: str = _key("folder searched for (and receiving downloads of) the data set files", metavar="DIR",
+                         default="data")
     num_labels: int = _key("labeled training images, split equally over the classes", _positive_int,
                            "a positive integer divisible by the number of classes", default=250)
-    split_file: str | None = _key("a saved split.json to reuse instead of drawing a new one", default=None)
+    split_file: str | None = _key("a saved split.json to reuse instead of drawing a new one", metavar="FILE",
+                                  default=None)
     fold: int | None = _key("stl10: label the 1000 images of official fold 0-9 (fold_indices.txt; set --num-labels "
                             "1000); null = draw num_labels per class with the seed, as the official FixMatch code "
                             "does (5000 = every train image)", lambda v: v is None or v in range(10),
                             "an integer 0-9 or null", default=None)
     svhn_extra: bool = _key("svhn: add the 531,131 extra images to the unlabeled pool (the paper uses train only)",
                             lambda v: isinstance(v, bool), "true or false", default=False)
-    label_selection: str = _key("which images get labels: random (stratified), file (--split-file), "
-                                "representative / unrepresentative (nearest to / farthest from the class centroid; "
-                                "a study tool that reads the true labels)", lambda v: v in LABEL_SELECTIONS,
-                                ", ".join(LABEL_SELECTIONS), default="random")
+    label_selection: str = _one_of("which images get labels: random (stratified), file (--split-file), "
+                                   "representative / unrepresentative (nearest to / farthest from the class "
+                                   "centroid; a study tool that reads the true labels)", LABEL_SELECTIONS,
+                                   default="random")
     selection_checkpoint: str | None = _key("checkpoint whose EMA model's features place the images for "
                                             "(un)representative selection; null = a fixed random projection of "
-                                            "the pixels", default=None)
+                                            "the pixels", metavar="FILE", default=None)
     image_size: int | None = _key("folder data sets: side of the square images; null = the median shorter side, "
                                   "at most 96", lambda v: v is None or _positive_int(v), "a positive integer or null",
                                   default=None)
-    on_bad_image: str = _key("folder data sets: error (stop and list unreadable images) or skip (leave them out)",
-                             lambda v: v in ("error", "skip"), "error or skip", default="error")
+    on_bad_image: str = _one_of("folder data sets: error (stop and list unreadable images) or skip (leave them "
+                                "out)", ("error", "skip"), default="error")
     labels_csv: str | None = _key("folder data sets: a CSV of path,label rows instead of labeled/<class>/ folders",
-                                  default=None)
-    # --- model ------------------------------------------------------------------------------
-    model: str = _key("backbone from the model registry (fixmatch models)", default="wrn28_2")
+                                  metavar="FILE", default=None)
+    _section("model")
+    model: str = _key("backbone from the model registry (fixmatch models)", metavar="NAME", default="wrn28_2")
     init_weights: str | None = _key("a local state dict (.safetensors or weights-only torch file) loaded into the "
-                                    "backbone before training; the classifier head is re-initialised", default=None)
-    # --- algorithm --------------------------------------------------------------------------
-    method: str = _key("fixmatch, or supervised: the same pipeline with the unlabeled loss off",
-                       lambda v: v in ("fixmatch", "supervised"), "fixmatch or supervised", default="fixmatch")
+                                    "backbone before training; the classifier head is re-initialised", metavar="FILE",
+                                    default=None)
+    _section("algorithm")
+    method: str = _one_of("fixmatch, or supervised: the same pipeline with the unlabeled loss off",
+                          ("fixmatch", "supervised"), default="fixmatch")
     batch_size: int = _key("B: labeled images per step (the paper's 64)", _positive_int, "a positive integer",
                            default=64)
     mu: int = _key("unlabeled images per step = mu * B (the paper's 7)", _positive_int, "a positive integer",
@@ -98,21 +128,21 @@ class Config:
     T: float = _key("pseudo-label temperature: 1 (or 0) = hard argmax labels, as the paper and official code; "
                     "any other T > 0 = soft targets softmax(weak logits / T)", _nonneg_float, "a number >= 0",
                     default=1.0)
-    lu_norm: str = _key("Lu's denominator: all = the mu*B unlabeled samples (the paper), masked = the samples "
-                        "over tau only", lambda v: v in ("all", "masked"), "all or masked", default="all")
+    lu_norm: str = _one_of("Lu's denominator: all = the mu*B unlabeled samples (the paper), masked = the samples "
+                           "over tau only", ("all", "masked"), default="all")
     dist_align: bool = _key("distribution alignment (ReMixMatch): scale the weak view's probabilities by "
                             "p_labeled / p_model before the threshold; not in the paper's FixMatch",
                             lambda v: isinstance(v, bool), "true or false", default=False)
-    # --- augmentation -----------------------------------------------------------------------
+    _section("augmentation")
     weak_flip: bool | None = _key("random horizontal flip in the weak view; null = the data set's default",
                                   lambda v: v is None or isinstance(v, bool), "true, false or null", default=None)
     weak_translate: float = _key("max random translation of the weak view, as a fraction of the side (4 px at 32)",
                                  lambda v: _unit_interval(v) and v < 0.5, "a number in [0, 0.5)", default=0.125)
-    weak_padding: str = _key("border of the weak view's translation: reflect (the official code) or zeros (black, "
-                             "for objects on a black background that reach the edges)",
-                             lambda v: v in WEAK_PADDINGS, " or ".join(WEAK_PADDINGS), default="reflect")
-    strong: str = _key("strong augmentation policy (augment/randaugment_variants.py says where each comes from)",
-                       lambda v: v in STRONG_AUGMENTS, ", ".join(STRONG_AUGMENTS), default="randaugment")
+    weak_padding: str = _one_of("border of the weak view's translation: reflect (the official code) or zeros "
+                                "(black, for objects on a black background that reach the edges)", WEAK_PADDINGS,
+                                default="reflect")
+    strong: str = _one_of("strong augmentation policy (augment/randaugment_variants.py says where each comes from)",
+                          STRONG_AUGMENTS, default="randaugment")
     randaugment_ops: int = _key("--strong randaugment: ops drawn per image, with replacement (the paper's 2)",
                                 _positive_int, "a positive integer", default=2)
     randaugment_prob: float = _key("--strong randaugment: probability that each drawn op is applied (the paper's "
@@ -122,9 +152,14 @@ class Config:
     fill: float | None = _key("value in [0, 1] of the pixels that Cutout and the strong policy's geometric ops leave "
                               "empty; null = the policy's own (0.5 grey for the paper's RandAugment)",
                               lambda v: v is None or _unit_interval(v), "a number in [0, 1] or null", default=None)
-    # --- optimisation -----------------------------------------------------------------------
+    _section("optimisation")
     steps: int = _key("K: total optimiser steps, also the K of the cosine schedule (the paper's 2^20)",
                       _positive_int, "a positive integer", default=2**20)
+    time_budget: str | None = _key("how long the run may take (90s, 15m, 2h, 1h30m): a short timed calibration at "
+                                   "the start chooses steps (at most --steps) and eval_every, written into "
+                                   "config.yaml (budget.py); null = train --steps steps", _time_budget,
+                                   "a duration such as 90s, 15m, 2h or 1h30m, or null", metavar="DURATION",
+                                   default=None)
     lr: float = _key("SGD step size at step 0; decays as lr * cos(7*pi*k / (16*K))", _positive_float,
                      "a number > 0", default=0.03)
     momentum: float = _key("SGD momentum (Nesterov)", lambda v: _unit_interval(v) and v < 1, "a number in [0, 1)",
@@ -133,13 +168,11 @@ class Config:
                           "true or false", default=True)
     wd: float = _key("L2 weight decay on convolution and linear weights only (the paper's 5e-4)",
                      _nonneg_float, "a number >= 0", default=5e-4)
-    optimizer: str = _key("sgd (the paper: momentum, Nesterov), adam (L2 decay) or adamw (decoupled decay); "
-                          "decay on kernels only in all three", lambda v: v in ("sgd", "adam", "adamw"),
-                          "sgd, adam or adamw", default="sgd")
-    schedule: str = _key("learning-rate schedule: cosine (lr * cos(7*pi*k/16K)), plateau (times plateau_factor "
-                         "after plateau_patience evaluations without a better test_acc) or constant",
-                         lambda v: v in ("cosine", "plateau", "constant"), "cosine, plateau or constant",
-                         default="cosine")
+    optimizer: str = _one_of("sgd (the paper: momentum, Nesterov), adam (L2 decay) or adamw (decoupled decay); "
+                             "decay on kernels only in all three", ("sgd", "adam", "adamw"), default="sgd")
+    schedule: str = _one_of("learning-rate schedule: cosine (lr * cos(7*pi*k/16K)), plateau (times plateau_factor "
+                            "after plateau_patience evaluations without a better test_acc) or constant",
+                            ("cosine", "plateau", "constant"), default="cosine")
     warmup: int = _key("steps of linear warm-up from lr/warmup to lr before the schedule; 0 = none (the paper)",
                        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0",
                        default=0)
@@ -151,28 +184,20 @@ class Config:
     ema: float = _key("decay of the exponential moving average of the weights used for evaluation; "
                       "0 = no EMA (evaluate the raw weights)",
                       lambda v: _unit_interval(v) and v < 1, "a number in [0, 1)", default=0.999)
-    # --- evaluation and logging -------------------------------------------------------------
+    _section("evaluation and logging")
     eval_every: int = _key("steps between evaluations and checkpoints (1024 = the paper's 64k-image epoch)",
                            _positive_int, "a positive integer", default=1024)
     eval_batch_size: int = _key("images per forward pass at evaluation", _positive_int, "a positive integer",
                                 default=1024)
-    # --- run --------------------------------------------------------------------------------
-    seed: int = _key("seed of the split, the initial weights, the data order and the augmentations",
-                     lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
-                     "an integer in [0, 2^31)", default=0)
-    device: str = _key("auto (cuda when available), cpu or cuda", lambda v: v in ("auto", "cpu", "cuda")
+    progress: bool = _key("show a progress bar", lambda v: isinstance(v, bool), "true or false", default=True)
+    _section("speed and processes")  # speed.py, step.py, distributed.py
+    device: str = _key("auto (cuda when available), cpu, cuda or cuda:N", lambda v: v in ("auto", "cpu", "cuda")
                        or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v) is not None),
-                       "auto, cpu, cuda or cuda:N", default="auto")
+                       "auto, cpu, cuda or cuda:N", metavar="{auto,cpu,cuda,cuda:N}", default="auto")
     channels_last: bool = _key("channels-last memory format (faster convolutions on most CPUs and GPUs)",
                                lambda v: isinstance(v, bool), "true or false", default=True)
-    progress: bool = _key("show a progress bar", lambda v: isinstance(v, bool), "true or false", default=True)
-    on_nonfinite: str = _key("a NaN/inf loss or gradient: stop (naming the step and the last good checkpoint) "
-                             "or skip the step and count it in nonfinite_steps (nonfinite.py)",
-                             lambda v: v in ("stop", "skip"), "stop or skip", default="stop")
-    # --- speed and several processes (speed.py, step.py, distributed.py) -------------------------
-    amp: str = _key("mixed precision of the forward pass: none (fp32), bf16 (CUDA; CPUs with bf16 units) or fp16 "
-                    "(CUDA, with loss scaling)", lambda v: v in ("none", "bf16", "fp16"), "none, bf16 or fp16",
-                    default="none")
+    amp: str = _one_of("mixed precision of the forward pass: none (fp32), bf16 (CUDA; CPUs with bf16 units) or fp16 "
+                       "(CUDA, with loss scaling)", ("none", "bf16", "fp16"), default="none")
     compile: bool = _key("torch.compile the model (needs a C++ compiler on the CPU); the first steps are slow",
                          lambda v: isinstance(v, bool), "true or false", default=False)
     weak_no_grad: bool = _key("run the weak unlabeled view in its own no-grad forward: about a third less compute; "
@@ -180,6 +205,22 @@ class Config:
                               lambda v: isinstance(v, bool), "true or false", default=False)
     sync_bn: bool = _key("several processes (torchrun) on CUDA: BatchNorm statistics over all processes' batches",
                          lambda v: isinstance(v, bool), "true or false", default=False)
+    _section("run")  # with train's --out and --resume
+    seed: int = _key("seed of the split, the initial weights, the data order and the augmentations",
+                     lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
+                     "an integer in [0, 2^31)", default=0)
+    on_nonfinite: str = _one_of("a NaN/inf loss or gradient: stop (naming the step and the last good checkpoint) "
+                                "or skip the step and count it in nonfinite_steps (nonfinite.py)", ("stop", "skip"),
+                                default="stop")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Config:
+        # The generated __init__ would only say "unexpected keyword argument": name the nearest key as well.
+        known = [f.name for f in fields(cls)]
+        for name in kwargs:
+            if name not in known:
+                raise TypeError(f"Config() got an unexpected keyword argument {short_repr(name)}; "
+                                f"{suggest(name, known)}")
+        return super().__new__(cls)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,6 +258,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fashion-mnist": dict(dataset="fashion-mnist", model="cnn_small", num_labels=40, steps=3500, eval_every=250,
                           batch_size=32, mu=7, tau=0.95, lambda_u=1.0, lr=0.03, wd=5e-4, ema=0.99, cutout=0.0,
                           eval_batch_size=256, weak_no_grad=True),
+    # Your own images on a CPU, with --dataset folder:PATH: the fashion-mnist preset's CPU settings (the small CNN,
+    # B=32, the weak view in its own no-grad forward, EMA 0.99, evaluation batches of 256) on images made 32x32,
+    # and 15 minutes of training chosen by a timed calibration (budget.py) rather than a step count. The paper's
+    # Cutout stays: the fashion-mnist preset drops it for garments, not for photos.
+    "cpu-small": dict(model="cnn_small", image_size=32, time_budget="15m", eval_every=250, batch_size=32, mu=7,
+                      tau=0.95, lambda_u=1.0, lr=0.03, wd=5e-4, ema=0.99, eval_batch_size=256, weak_no_grad=True),
 }
 
 
@@ -241,8 +288,7 @@ def validate_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]
     out: dict[str, Any] = {}
     for name, value in overrides.items():
         if name not in known:
-            raise ConfigError(f"unknown config key {short_repr(name)} in {source}; "
-                              f"known keys: {', '.join(sorted(known))}")
+            raise unknown_key_error(name, source)
         f = known[name]
         value = _coerce(name, value, f)
         check, accepted = f.metadata["check"], f.metadata["accepted"]
@@ -254,6 +300,37 @@ def validate_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]
             raise ConfigError(f"invalid value for '{name}' in {source}: {short_repr(value)}; expected {want}")
         out[name] = value
     return out
+
+
+LIST_KEYS_HINT = "see fixmatch train --help for the known keys"
+
+
+def closest_name(name: Any, known: Iterable[str]) -> str | None:
+    """The known name nearest to a misspelt ``name`` (difflib's ratio >= 0.6), or None.
+
+    Case, dashes and underscores do not count: 'num-labels', '--Num_Labels' and 'num_labels' are one name.
+    """
+    if not isinstance(name, str) or len(name) > 100:  # a long or non-text key is nobody's typo of a short name
+        return None
+    by_norm = {_norm_name(k): k for k in known}
+    match = difflib.get_close_matches(_norm_name(name), by_norm, n=1)
+    return by_norm[match[0]] if match else None
+
+
+def _norm_name(name: str) -> str:
+    return name.strip().lstrip("-").replace("-", "_").lower()
+
+
+def suggest(name: Any, known: Iterable[str], listing: str = LIST_KEYS_HINT) -> str:
+    """"did you mean 'x'?" for the closest known name; else ``listing``, which says where to find them all."""
+    close = closest_name(name, known)
+    return f"did you mean '{close}'?" if close is not None else listing
+
+
+def unknown_key_error(name: Any, source: str, also: Iterable[str] = ()) -> ConfigError:
+    """The error for a key that is no config key (nor one of ``also``, other names valid where it was found)."""
+    return ConfigError(f"unknown config key {short_repr(name)} in {source}; "
+                       f"{suggest(name, [*_field_map(), *also])}")
 
 
 def _is_int(value: Any) -> bool:

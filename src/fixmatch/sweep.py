@@ -36,14 +36,24 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fixmatch.config import (RESUME_MUTABLE_KEYS, Config, ConfigError, check_combinations, load_config, read_yaml,
-                              resolve_config, short_repr)
+from fixmatch.config import (
+    RESUME_MUTABLE_KEYS,
+    Config,
+    ConfigError,
+    check_combinations,
+    load_config,
+    read_yaml,
+    resolve_config,
+    short_repr,
+    suggest,
+    unknown_key_error,
+)
 
 STUDY_KEYS = ("description", "base", "variants", "grid")
 ERROR_FILE = "error.txt"
@@ -107,6 +117,10 @@ def _check_registries(config: Config, where: str) -> None:
 def _resolve(settings: dict[str, Any], where: str) -> Config:
     settings = dict(settings)
     preset = settings.pop("preset", None)
+    known = {f.name for f in fields(Config)}
+    unknown = next((k for k in settings if k not in known), None)
+    if unknown is not None:  # checked here so that a misspelt "preset" is suggested too
+        raise ConfigError(f"{where}: {unknown_key_error(unknown, 'its settings', also=['preset'])}")
     try:
         config = resolve_config(preset, None, settings, overrides_source="its settings")
         check_combinations(config)
@@ -126,7 +140,7 @@ def load_study(path: str | Path) -> Study:
     unknown = sorted((k for k in data if k not in STUDY_KEYS), key=str)
     if unknown:
         raise ConfigError(f"study {path}: unknown top-level key {short_repr(unknown[0])}; "
-                          f"expected {', '.join(STUDY_KEYS)}")
+                          f"{suggest(unknown[0], STUDY_KEYS, 'expected ' + ', '.join(STUDY_KEYS))}")
     base = _mapping(data.get("base"), "base", path)
     grid = _mapping(data.get("grid"), "grid", path)
     variants = _mapping(data.get("variants"), "variants", path)

@@ -229,7 +229,7 @@ def test_predict_command_formats_and_exit_codes(run, images, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "path,rank,class,confidence,error" and lines[1].startswith(f"{paths[0]},1,")
     assert main(["predict", str(run), str(paths[0])]) == 0
-    assert capsys.readouterr().out.startswith(f"{paths[0]}\t")
+    assert capsys.readouterr().out.startswith(f"path\tclass\tconfidence\n{paths[0]}\t")  # the table's header
     # nothing readable: non-zero exit, the error in the output and on stderr
     assert main(["predict", str(run), str(folder / "broken.png")]) == 1
     out, err = capsys.readouterr()

@@ -221,8 +221,9 @@ def _match_channels(x: Tensor, channels: int) -> Tensor:
 
 def load(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
          data_dir: str | Path | None = None) -> FixMatchModel:
-    """A trained model from a checkpoint file, a run directory (its last checkpoint) or a .safetensors
-    file written by ``fixmatch export`` (which holds one set of weights: ``weights`` does not apply).
+    """A trained model from a checkpoint file, a run directory (its last checkpoint) or a safetensors
+    file written by ``fixmatch export`` (which holds one set of weights: ``weights`` does not apply). The other
+    exports (ONNX, TorchScript, .pt2) are refused in one line that says how to run them.
 
     ``weights``: "ema" (the averaged weights the run was evaluated with) or "raw". ``data_dir`` is only
     needed for checkpoints written before they described their model (their data set supplies it).
@@ -232,8 +233,13 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', not {weights!r}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    if Path(path).suffix == ".safetensors":
+    kind = export_format(path)
+    if Path(path).suffix == ".safetensors" or kind == "safetensors":
         return _load_safetensors(Path(path), dev)
+    if kind:
+        what, how = _EXPORT_USE[kind]
+        raise CheckpointError(f"{path} is {what}, which fixmatch does not load: run it with {how}, or give "
+                              f"fixmatch the run directory or checkpoint it was exported from")
     ckpt = find_checkpoint(path)
     state = load_checkpoint(ckpt)
     fields = CheckpointFields(state, ckpt)
@@ -247,6 +253,51 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     backbone = spec.build()
     fields.restore(key, backbone.load_state_dict)
     return FixMatchModel(spec, backbone, dev, str(ckpt), step, config)
+
+
+# What each file of `fixmatch export` is, and how to run it, for a file given where a checkpoint belongs.
+_EXPORT_USE = {
+    "onnx": ("an ONNX export", "onnxruntime (onnxruntime.InferenceSession(FILE), as in the README's Use your model)"),
+    "torchscript": ("a TorchScript export", "torch.jit.load(FILE) in Python or libtorch in C++"),
+    "pt2": ("a torch.export (.pt2) export", "torch.export.load(FILE).module()"),
+}
+# Protocol-buffer tags that follow ONNX's leading ir_version field (1, a varint): producer_name, producer_version,
+# domain, model_version, doc_string, graph, opset_import.
+_ONNX_NEXT_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42})
+
+
+def export_format(path: str | Path) -> str:
+    """Which file of ``fixmatch export`` ``path`` is: "onnx", "torchscript", "pt2" or "safetensors", told by its
+    contents (ONNX also by the name .onnx); "" for anything else, checkpoints included.
+
+    Only the first bytes are read, and for a zip archive (checkpoints, TorchScript and .pt2 files all are)
+    its list of names; nothing is unpickled.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(path) as z:
+                # Entries sit under one top folder, named after the file that was written.
+                names = {n.split("/", 1)[1] for n in z.namelist() if "/" in n}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return ""  # unreadable or cut short: loading it reports why
+    if head[:4] == b"PK\x03\x04":
+        if "archive_format" in names or any(n.startswith("models/") for n in names):
+            return "pt2"
+        if "constants.pkl" in names or any(n.startswith("code/") for n in names):
+            return "torchscript"
+        return ""
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    onnx_like = len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in _ONNX_NEXT_TAGS
+    return "onnx" if path.suffix.lower() == ".onnx" or onnx_like else ""
 
 
 def _load_safetensors(path: Path, device: torch.device) -> FixMatchModel:

@@ -5,9 +5,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from tqdm import tqdm
 
 from fixmatch.rundir import RunDirError, append_line, read_run_file, write_text_atomic
+
+# Pseudo-label accuracy is measured only where the true labels of at least this share of the unlabeled pool are
+# known. Measured on a small known part, such as a folder data set's labeled images (which the model also learns
+# from, so it soon gets them all right), it would read near 100% whatever the pseudo-labels of the rest are.
+PSEUDO_LABEL_KNOWN_MIN = 0.9
+
+
+def unmeasured_pseudo_labels(labels: Tensor) -> str:
+    """Why the pseudo-label accuracy is not measured, or "" when it is.
+
+    ``labels``: the true label of each image of the unlabeled pool, -1 where unknown (data/pool.py).
+    """
+    total = int(labels.numel())
+    unknown = int((labels < 0).sum())
+    if total == 0 or total - unknown >= PSEUDO_LABEL_KNOWN_MIN * total:
+        return ""
+    return (f"pseudo-label accuracy is not shown (pl-acc -, pseudo_label_acc null): the unlabeled images have no "
+            f"labels to check it against ({unknown:,} of the {total:,} images of the unlabeled pool)")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -67,10 +67,11 @@ def predict_files(model: FixMatchModel, files: Sequence[Path], batch_size: int =
         yield from rows
 
 
-def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: TextIO | None = None, err: TextIO | None = None
-               ) -> tuple[int, int]:
+def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: TextIO | None = None, err: TextIO | None = None,
+               top_k: int = 1) -> tuple[int, int]:
     """Print the rows in ``fmt`` as they come (JSON: one array at the end); errors also go to ``err``.
 
+    Table and CSV output start with a header row; the table's names ``top_k`` (class, confidence) pairs.
     Returns (files classified, files that could not be read).
     """
     if fmt not in FORMATS:
@@ -81,6 +82,8 @@ def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: TextIO | None = No
     writer = csv.writer(out) if fmt == "csv" else None
     if writer is not None:
         writer.writerow(["path", "rank", "class", "confidence", "error"])
+    elif fmt == "table":
+        out.write(table_header(top_k) + "\n")
     for row in rows:
         if "error" in row:
             bad += 1
@@ -101,6 +104,13 @@ def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: TextIO | None = No
         json.dump(collected, out, indent=2)
         out.write("\n")
     return ok, bad
+
+
+def table_header(top_k: int = 1) -> str:
+    """The table's column names: path, then class and confidence (numbered from 1 when there are several)."""
+    if top_k == 1:
+        return "path\tclass\tconfidence"
+    return "\t".join(["path"] + [f"class_{i}\tconfidence_{i}" for i in range(1, top_k + 1)])
 
 
 def _table_line(row: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from fixmatch import distributed
+from fixmatch import budget, distributed
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.augment.visualize import AugmentGrids
 from fixmatch.checkpoint import (
@@ -61,7 +61,7 @@ from fixmatch.evaluate import (
     predict_logits,
     resolve_device,
 )
-from fixmatch.log import RunLogger, read_metrics, truncate_metrics, write_json_atomic
+from fixmatch.log import RunLogger, read_metrics, truncate_metrics, unmeasured_pseudo_labels, write_json_atomic
 from fixmatch.model_spec import checkpoint_fields
 from fixmatch.models import create_model
 from fixmatch.models.pretrained import load_init_weights
@@ -233,7 +233,10 @@ def _check_processes_and_speed(config: Config, env: distributed.DistEnv, device:
 
 def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.DistEnv,
            device: torch.device) -> dict[str, Any]:
+    started = budget.clock()  # a time budget counts from here: loading the data is part of the wait
     _prepare_run_dir(run_dir, resume)
+    if resume:  # a time-budget run continues with the steps its calibration chose, never with the clock's
+        config = budget.for_resume(config, run_dir)
     config = _resume_config(run_dir, config) if resume else config
     config = check_config(config)
     _check_processes_and_speed(config, env, device)
@@ -251,9 +254,12 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     # Global batches (B and mu*B in all, whatever the number of processes): each rank takes its slice.
     stream_lb = IndexStream(split.labeled, config.batch_size, config.seed, stream_id=0)
     # The unlabeled stream draws from the split's training images plus the data set's separate unlabeled images.
-    stream_ulb = IndexStream(unlabeled_pool(split, data.train_labels.numel(), data.num_unlabeled_extra),
-                             config.batch_size * config.mu, config.seed, stream_id=1)
+    ulb_pool = unlabeled_pool(split, data.train_labels.numel(), data.num_unlabeled_extra)
+    stream_ulb = IndexStream(ulb_pool, config.batch_size * config.mu, config.seed, stream_id=1)
     y_pool = pool_labels(data)  # true labels (-1 where unknown), for monitoring pseudo-labels only
+    pl_note = unmeasured_pseudo_labels(y_pool[ulb_pool]) if config.method == "fixmatch" else ""
+    if pl_note:  # measured on the few images with a known label only, the accuracy would mislead: none is measured
+        y_pool = torch.full_like(y_pool, -1)
     pin = device.type == "cuda"  # batches are gathered into page-locked memory and copied asynchronously
     mean, std = channel_stats(data.mean, data.std, device)
     flip = config.weak_flip if config.weak_flip is not None else config.dataset not in NO_FLIP_DATASETS
@@ -280,6 +286,13 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resumed else None
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
+    plan = None
+    if config.time_budget is not None:  # a new run (a resume has none left): a few timed steps choose its steps
+        plan = budget.calibrate(config, started, budget.StepInputs(model, data, stream_lb, stream_ulb, weak, strong,
+                                                                   align, mean, std), env, device)
+        config = plan.apply(config)
+        if env.is_main:
+            print(plan.describe(), flush=True)
     optimizer = make_optimizer(model, config.lr, config.momentum, config.nesterov, config.wd, config.optimizer)
     schedule = LRSchedule(config.schedule, config.lr, config.steps, config.warmup, config.plateau_factor,
                           config.plateau_patience)
@@ -322,7 +335,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
         # config.yaml last: it marks the folder as a run. A start killed before its first checkpoint is redone
         # from step 0 (by --resume), so the rows it logged go.
         save_split(split, run_dir / "split.json")
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if plan is not None:
+            plan.save(run_dir)
+        header = plan.config_header() if plan is not None else ""  # which budget chose the steps, at what speed
+        write_text_atomic(run_dir / "config.yaml", header + yaml.safe_dump(config.to_dict(), sort_keys=False))
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def checkpoint_state(step: int) -> dict[str, Any]:
@@ -352,6 +368,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                      f"{config.model}, {config.steps} steps on {device}{processes}; run directory {run_dir}")
         if init_report is not None:
             logger.write(init_report.summary())
+        if pl_note:
+            logger.write(f"fixmatch: {pl_note}")
+    # One line if the steps left would take more than a day, from the speed of the first few steps.
+    slow = budget.SlowRunWarning(config.steps, start_step, device, logger.write if env.is_main else None)
     t0 = time.perf_counter()
     model.train()
     step = start_step
@@ -407,6 +427,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                     # Every rank learns from the probes of all ranks: the rates stay the same everywhere.
                     cta.update(probe_choices, probs, y_lb, gather=rank_gather)
                 step += 1
+                slow.step_done(step)
 
                 # Pseudo-label accuracy on the masked samples, measured with the true labels (monitoring only).
                 pl_correct = pl_known = torch.zeros((), device=device)
@@ -469,8 +490,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
         return read_summary(run_dir)
     summary = summarize(run_dir, config, wall_s)
     write_json_atomic(run_dir / "summary.json", summary)
+    used = min(20, len(read_metrics(run_dir / "metrics.jsonl")))  # test_acc_median_last20 is over these
+    over = "the only evaluation" if used == 1 else f"the last {used} evaluations"
     print(f"done: test accuracy {summary['test_acc_last']:.2f}% (best {summary['test_acc_best']:.2f}%, "
-          f"median of last 20 evaluations {summary['test_acc_median_last20']:.2f}%) in {wall_s:.0f} s; "
+          f"median of {over} {summary['test_acc_median_last20']:.2f}%) in {wall_s:.0f} s; "
           f"results in {run_dir}")
     distributed.barrier(env)
     return summary
@@ -500,7 +523,8 @@ def _evaluate_step(model: torch.nn.Module, ema: EMA, data: Dataset, mean: torch.
     return {"step": step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "test_macro_f1": ema_f1,
             "raw_test_acc": raw_m["top1"],
             "loss_s": mean(loss_s), "loss_u": mean(loss_u), "mask_rate": mean(mask_sum),
-            # None (JSON null) when no used pseudo-label has a known true label: undefined, not 0% accurate.
+            # None (JSON null) when no used pseudo-label has a known true label: undefined, not 0% accurate. That
+            # includes every row of a run whose pool has labels for only a few images (log.unmeasured_pseudo_labels).
             "pseudo_label_acc": 100.0 * pl_correct / masked if masked > 0 else None, "lr": lr, "wall_s": wall_s}
 
 

@@ -15,8 +15,16 @@ import yaml
 import fixmatch
 from fixmatch.checkpoint import load_checkpoint
 from fixmatch.cli import main
-from fixmatch.config import (MAX_YAML_DEPTH, MAX_YAML_VALUES, Config, ConfigError, check_config, parse_yaml,
-                             resolve_config, validate_overrides)
+from fixmatch.config import (
+    MAX_YAML_DEPTH,
+    MAX_YAML_VALUES,
+    Config,
+    ConfigError,
+    check_config,
+    parse_yaml,
+    resolve_config,
+    validate_overrides,
+)
 from fixmatch.report import load_runs
 from fixmatch.sweep import load_study, run_sweep
 

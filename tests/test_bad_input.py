@@ -266,6 +266,7 @@ def test_bad_image_from_the_command_line_exits_2_and_writes_no_run(tmp_path, cap
     assert (run / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_folder_whose_files_were_renamed(tmp_path, capsys):
     # Renaming a file reorders the sorted training set: split.json's indices would label other images.
     root = make_folder(tmp_path / "imgs", per_class=3)

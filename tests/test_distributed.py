@@ -154,6 +154,7 @@ def _rank_main(rank, world_size, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_one_step_on_two_ranks_equals_one_step_on_one_process(tmp_path):
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
@@ -235,6 +236,7 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_process_run_writes_once_stops_and_resumes_with_two_or_one_process(tmp_path):
     run, steps = tmp_path / "run", 60
     procs = _start_ranks(2, [*_flags(**QUICK, steps=steps), "--out", str(run)])
@@ -317,6 +319,7 @@ def _guard_rank_main(rank, world_size, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
     mp.spawn(_guard_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -328,6 +331,7 @@ def test_every_rank_reaches_the_same_nonfinite_verdict(tmp_path):
     assert distributed.min_over_ranks(flag, one) is flag  # one process: the verdict as it is
 
 
+@pytest.mark.slow
 def test_two_process_run_with_ctaugment_and_masked_lu(tmp_path):
     """The options that talk to the other ranks inside a step (CTAugment's gathered probes, the masked Lu's
     count) run end to end on 2 processes; the rates rank 0 saves moved away from their start."""

@@ -74,6 +74,7 @@ def _check_readable(run, split):
         _rows(run)
 
 
+@pytest.mark.slow
 def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp_path):
     server = ForkServer()
     try:

@@ -37,6 +37,7 @@ def test_output_shape(name: str, in_channels: int, size: int) -> None:
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_MODELS)
 def test_forward_backward_reaches_all_parameters(name: str) -> None:
     torch.manual_seed(0)

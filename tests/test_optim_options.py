@@ -104,6 +104,7 @@ QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=1
              ema=0.9, eval_every=10, eval_batch_size=512, progress=False, device="cpu")
 
 
+@pytest.mark.slow
 def test_plateau_run_interrupted_and_resumed_continues_its_schedule(tmp_path, monkeypatch):
     # supervised: the cheapest step. A tiny lr keeps the accuracy flat, and with patience 0 every evaluation
     # that does not beat the best halves the lr: the resumed run must restore that state to match.
@@ -141,6 +142,7 @@ def test_plateau_run_interrupted_and_resumed_continues_its_schedule(tmp_path, mo
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_ema_zero_evaluates_the_raw_weights(tmp_path):
     fixmatch.train(Config(**{**QUICK, "ema": 0.0, "T": 0.5, "lu_norm": "masked"}, steps=20), out=tmp_path / "r")
     from fixmatch.log import read_metrics

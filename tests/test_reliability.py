@@ -394,6 +394,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_run_directory(tmp_pa
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_run_killed_before_its_first_checkpoint_restarts_on_resume(tmp_path):
     fixmatch.train(Config(**QUICK, steps=20), out=tmp_path / "straight")
     run = tmp_path / "run"

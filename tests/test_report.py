@@ -216,6 +216,7 @@ def _error_bars(ax):
     return sum(len(c.lines[2][0].get_segments()) for c in ax.containers if isinstance(c, ErrorbarContainer))
 
 
+@pytest.mark.slow
 def test_no_error_bar_from_a_single_seed_and_n_in_the_legend(tmp_path, figures):
     _fake_run(tmp_path / "a", "ra-s0", [60.0, 70.0], num_labels=40, seed=0)
     for seed in (0, 1):

@@ -17,6 +17,7 @@ QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=1
              eval_every=20, eval_batch_size=512, progress=False, device="cpu", steps=20)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_weak_no_grad_train_on_the_cpu(tmp_path):
     fixmatch.train(Config(**QUICK), out=tmp_path / "default")
     default = load_checkpoint(tmp_path / "default" / "checkpoints" / "last.pt")["model"]
@@ -34,6 +35,7 @@ def test_bf16_autocast_and_weak_no_grad_train_on_the_cpu(tmp_path):
 
 @pytest.mark.skipif(find_cpu_compiler() is None, reason="torch.compile on the CPU needs a C++ compiler")
 # inductor imports torch.utils.mkldnn, whose classes use torch.jit.script_method: torch's warning, not ours
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_on_the_cpu_trains_like_eager(tmp_path):
     """--compile changes the kernels, not the computation: the same first step to float rounding."""
@@ -73,6 +75,7 @@ def fp16_scaler_on_the_cpu(monkeypatch):
     return train_module
 
 
+@pytest.mark.slow
 def test_fp16_overflows_are_the_scalers_to_skip_and_its_state_survives_a_resume(tmp_path, fp16_scaler_on_the_cpu):
     config = Config(**{**QUICK, "steps": 60, "amp": "fp16"})  # on_nonfinite "stop": a counted overflow would stop
     straight = fixmatch.train(config, out=tmp_path / "straight")

@@ -95,6 +95,7 @@ def test_workers_share_the_cores():
     assert worker_env(16, cores=8)["OMP_NUM_THREADS"] == "1"
 
 
+@pytest.mark.slow
 def test_sweep_runs_skips_records_failures_and_resumes(tmp_path):
     # num_labels 25 is not divisible by 10 classes: that run fails when its split is drawn; the others go on.
     study = _study(tmp_path, {"num_labels": [20, 25], "seed": [0]})
@@ -121,6 +122,7 @@ def test_sweep_runs_skips_records_failures_and_resumes(tmp_path):
     assert (out / good[0] / "summary.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_resumed_and_changed_study_is_refused(tmp_path, monkeypatch):
     study = _study(tmp_path, {"seed": [0]}, base={**TINY, "steps": 8})
     out = tmp_path / "out"
@@ -149,6 +151,7 @@ def test_interrupted_run_is_resumed_and_changed_study_is_refused(tmp_path, monke
         run_sweep(changed, out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_with_its_runs_resumable_and_the_same_command_finishes_them(tmp_path):
     import subprocess
     import time

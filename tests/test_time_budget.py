@@ -123,6 +123,7 @@ def test_a_budget_too_short_to_train_is_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_calibration_picks_the_steps_from_the_clock_and_records_them(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(budget, "clock", FakeClock(1.0))
     run = tmp_path / "run"

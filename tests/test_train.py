@@ -26,6 +26,7 @@ def _metrics(run):
     return rows
 
 
+@pytest.mark.slow
 def test_fixmatch_learns_and_writes_the_run_directory(tmp_path):
     run = tmp_path / "run"
     summary = fixmatch.train(Config(**QUICK, steps=120), out=run)
@@ -49,6 +50,7 @@ def test_fixmatch_learns_and_writes_the_run_directory(tmp_path):
     assert fixmatch.evaluate(run, device="cpu")["test_acc"] == pytest.approx(rows[-1]["test_acc"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_supervised_baseline_runs(tmp_path, capsys):
     a = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "a")
     b = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "b")
@@ -79,6 +81,7 @@ def _flags(steps, **extra):
 
 @pytest.mark.parametrize("extra", [{"strong": "randaugment"}, {"strong": "ctaugment"}, {"dist_align": True}],
                          ids=["randaugment", "ctaugment", "dist_align"])
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, extra):
     steps = 300
     fixmatch.train(Config(**{**QUICK, "steps": steps, **extra}), out=tmp_path / "straight")
@@ -118,6 +121,7 @@ class _Killed(BaseException):
     """Stands for SIGKILL or the OOM killer: nothing after the raise runs, not even except-Exception handlers."""
 
 
+@pytest.mark.slow
 def test_run_killed_right_after_an_evaluation_resumes_with_the_same_metrics(tmp_path, monkeypatch):
     # The checkpoint written at an evaluation must not carry that evaluation's already-logged loss, mask-rate and
     # pseudo-label sums into the next interval: the row after the resume would average two intervals.
@@ -139,6 +143,7 @@ def test_run_killed_right_after_an_evaluation_resumes_with_the_same_metrics(tmp_
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_run_killed_while_appending_an_evaluation_resumes_past_the_torn_line(tmp_path, monkeypatch):
     # Power lost half-way through writing the row of step 40: the row is cut short and its checkpoint never
     # written. The resume drops the torn text, redoes step 40's evaluation and ends as an uninterrupted run.
@@ -230,6 +235,7 @@ def test_resume_needs_a_run_directory():
         fixmatch.train(None, resume=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strong", ["randaugment-tf", "randaugment-fixed", "randaugment-3op", "ctaugment"])
 def test_every_strong_policy_trains(tmp_path, strong):
     summary = fixmatch.train(Config(**{**QUICK, "strong": strong}, steps=60), out=tmp_path / "run")

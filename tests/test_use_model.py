@@ -287,6 +287,7 @@ def test_export_command_offers_every_format_and_input_dtype():
     assert tuple(choices["input_dtype"]) == tuple(fixmatch.export.INPUT_DTYPES)
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(run, model, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'fixmatch[export]')")
     onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'fixmatch[export]')")

@@ -23,9 +23,9 @@ QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=1
              eval_every=20, eval_batch_size=512, progress=False, device="cpu")
 # With a clock that moves 1 s per reading, a 1m budget on QUICK is calibrated on 3 steps of 1 s (3 s is 5% of
 # the budget), evaluations of 1 s (one batch of 512 covers the 500 test images) and 7 s since the start:
-# 60 - 7 = 53 s, less the reserve (3% and 3 s) = 48.41 s. eval_every 20 would give 45 steps and fewer than 4
-# evaluations, so about ten: 48.41 - 10 evaluations = 38 steps, evaluation every 4.
-CHOSEN_STEPS, CHOSEN_EVAL_EVERY = 38, 4
+# 60 - 7 = 53 s, less the reserve (10% and 3 s) = 44.7 s. eval_every 20 would give 41 steps and fewer than 4
+# evaluations, so about ten: 44.7 - 10 evaluations = 34 steps, evaluation every 4.
+CHOSEN_STEPS, CHOSEN_EVAL_EVERY = 34, 4
 
 
 class FakeClock:
@@ -103,20 +103,21 @@ def test_fit_steps_is_the_largest_step_count_that_fits():
 
 
 def test_plan_keeps_eval_every_unless_it_gives_fewer_than_four_evaluations():
-    plan = budget.plan_budget("10m", 30.0, 0.25, 2.0, 5, Config(eval_every=250))
-    assert (plan.steps, plan.eval_every, plan.steps_per_s, plan.calibration_steps) == (2127, 250, 4.0, 5)
-    assert plan.describe() == ("time budget 10m: 2127 steps at 4 steps/s (calibrated on 5 steps), evaluation "
-                               "every 250 steps, 2.0 s each; 30 s of loading and calibration")
-    few = budget.plan_budget("10m", 30.0, 0.25, 2.0, 5, Config(eval_every=1024))
-    assert (few.steps, few.eval_every) == (2119, 212)  # 549.9 s - 10 evaluations of 2 s, every 2119 / 10 steps
-    assert "evaluation every 212 steps (about 10 evaluations: eval_every 1024 would give fewer than 4)" in \
+    # 600 s - 31 s of loading and calibration - the reserve (10% and 3 s) = 509.1 s for steps and evaluations
+    plan = budget.plan_budget("10m", 31.0, 0.25, 2.0, 5, Config(eval_every=250))
+    assert (plan.steps, plan.eval_every, plan.steps_per_s, plan.calibration_steps) == (1972, 250, 4.0, 5)
+    assert plan.describe() == ("time budget 10m: 1972 steps at 4 steps/s (calibrated on 5 steps), evaluation "
+                               "every 250 steps, 2.0 s each; 31 s of loading and calibration")
+    few = budget.plan_budget("10m", 31.0, 0.25, 2.0, 5, Config(eval_every=1024))
+    assert (few.steps, few.eval_every) == (1956, 196)  # 509.1 s - 10 evaluations of 2 s, every 1956 / 10 steps
+    assert "evaluation every 196 steps (about 10 evaluations: eval_every 1024 would give fewer than 4)" in \
         few.describe()
-    capped = budget.plan_budget("10m", 30.0, 0.25, 2.0, 5, Config(steps=500, eval_every=50))
+    capped = budget.plan_budget("10m", 31.0, 0.25, 2.0, 5, Config(steps=500, eval_every=50))
     assert (capped.steps, capped.eval_every) == (500, 50) and "--steps 500 is the limit" in capped.describe()
 
 
 def test_a_budget_too_short_to_train_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(budget, "clock", FakeClock(20.0))  # 20 s per step, 140 s gone: nothing fits in 1m
+    monkeypatch.setattr(budget, "clock", FakeClock(20.0))  # 20 s per step, 100 s gone: nothing fits in 1m
     assert main([*BUDGET_ARGS, "--out", str(tmp_path / "run")]) == 2
     err = _one_line_error(capsys)
     assert "time budget 1m leaves no time to train" in err and "longer --time-budget, or --steps N" in err

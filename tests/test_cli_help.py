@@ -6,9 +6,10 @@ from dataclasses import fields
 
 import pytest
 import yaml
+from run_helpers import one_line_cli as _cli
 
 import fixmatch
-from fixmatch.cli import build_parser, main
+from fixmatch.cli import build_parser
 from fixmatch.config import Config, ConfigError, config_from_dict, resolve_config
 from fixmatch.sweep import load_study
 
@@ -21,14 +22,6 @@ ENUMERATED = {"label_selection", "on_bad_image", "method", "lu_norm", "weak_padd
               "schedule", "amp", "on_nonfinite"}
 
 
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err[:2000]
-    return code, err
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import one_line_cli as _cli
 
 import fixmatch
 from fixmatch.checkpoint import load_checkpoint
@@ -34,14 +35,6 @@ QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err[:2000]
-    return code, err
 
 
 def _bomb(levels, key="steps"):

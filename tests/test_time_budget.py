@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_helpers import Killed, kill_after_checkpoint
 
 import fixmatch
 from fixmatch import budget
@@ -161,29 +162,17 @@ def test_a_budget_run_is_the_run_of_its_step_count(tmp_path, monkeypatch, one_th
         **{**QUICK, "eval_every": CHOSEN_EVAL_EVERY}, steps=CHOSEN_STEPS)
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL: nothing after the raise runs."""
-
-
 @pytest.mark.slow
 def test_a_budget_run_resumes_with_its_steps_without_calibrating_again(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(budget, "clock", FakeClock(1.0))
     straight = tmp_path / "straight"
     assert main([*BUDGET_ARGS, "--out", str(straight)]) == 0
 
-    train_module = sys.modules["fixmatch.train"]
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(state, path):
-        real_save(state, path)
-        if path.name == "last.pt" and state["step"] == 12:
-            raise _Killed
-
     run = tmp_path / "run"
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    undo = kill_after_checkpoint(monkeypatch, step=12)
+    with pytest.raises(Killed):
         main([*BUDGET_ARGS, "--out", str(run)])
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    undo()
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("a resume calibrated again")

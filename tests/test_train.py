@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from run_helpers import Killed, kill_after_checkpoint
 
 import fixmatch
 from fixmatch.checkpoint import CheckpointError, load_checkpoint
@@ -117,8 +118,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, extra):
         assert a["dist_align"] is None
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL or the OOM killer: nothing after the raise runs, not even except-Exception handlers."""
+_Killed = Killed  # test_speed.py imports it from here
 
 
 @pytest.mark.slow
@@ -126,18 +126,10 @@ def test_run_killed_right_after_an_evaluation_resumes_with_the_same_metrics(tmp_
     # The checkpoint written at an evaluation must not carry that evaluation's already-logged loss, mask-rate and
     # pseudo-label sums into the next interval: the row after the resume would average two intervals.
     fixmatch.train(Config(**QUICK, steps=60), out=tmp_path / "straight")
-    train_module = sys.modules["fixmatch.train"]
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(state, path):
-        real_save(state, path)
-        if path.name == "last.pt" and state["step"] == 20:
-            raise _Killed
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    undo = kill_after_checkpoint(monkeypatch, step=20)
+    with pytest.raises(Killed):
         fixmatch.train(Config(**QUICK, steps=60), out=tmp_path / "killed")
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    undo()
     assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["step"] == 20
     fixmatch.train(None, out=tmp_path / "killed", resume=True)
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")

@@ -149,7 +149,7 @@ def verify_digest(tensors: Any, stored: Any, path: str | Path, fix: str) -> None
         return
     try:
         intact = isinstance(stored, str) and stored.startswith(_DIGEST_PREFIX) and tensor_digest(tensors) == stored
-    except RuntimeError:  # a tensor whose bytes cannot be read (one on the meta device: NotImplementedError)
+    except RuntimeError:  # a tensor whose bytes cannot be read, e.g. one on the meta device
         intact = False
     if not intact:
         raise CheckpointError(f"{path} is damaged: its tensor data does not match the checksum saved with it "

@@ -1,0 +1,39 @@
+"""Helpers shared by the tests that drive the command line or kill a run mid-way."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fixmatch.cli import main
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL or the OOM killer: nothing after the raise runs, not even except-Exception handlers."""
+
+
+def kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> Callable[[], None]:
+    """Make training raise ``Killed`` right after it has written last.pt at ``step``; returns the undo."""
+    train_module = sys.modules["fixmatch.train"]
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(state: dict[str, Any], path: Any) -> None:
+        real_save(state, path)
+        if path.name == "last.pt" and state["step"] == step:
+            raise Killed
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    return lambda: monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+
+
+def one_line_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run ``fixmatch ARGV``; assert that it wrote exactly one line to stderr; return (exit code, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err[:2000]
+    return code, err

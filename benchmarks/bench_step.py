@@ -38,12 +38,12 @@ from PIL import Image
 from fixmatch.augment import RandAugment, weak_augment
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.pool import gather_pool
-from fixmatch.ema import EMA
+from fixmatch.core.ema import EMA
 from fixmatch.models import create_model
 from fixmatch.models.summary import count_flops
-from fixmatch.optim import make_optimizer, parameter_groups
-from fixmatch.speed import compile_module, make_grad_scaler
-from fixmatch.step import forward_loss
+from fixmatch.core.optim import make_optimizer, parameter_groups
+from fixmatch.training.speed import compile_module, make_grad_scaler
+from fixmatch.training.step import forward_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pil_reference  # noqa: E402  (the per-image Pillow pipeline next to this script)

@@ -16,7 +16,7 @@ class Killed(BaseException):
 
 def kill_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> Callable[[], None]:
     """Make training raise ``Killed`` right after it has written last.pt at ``step``; returns the undo."""
-    train_module = sys.modules["fixmatch.train"]
+    train_module = sys.modules["fixmatch.training.loop"]
     real_save = train_module.save_checkpoint
 
     def save_then_die(state: dict[str, Any], path: Any) -> None:

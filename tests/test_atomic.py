@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fixmatch.atomic import atomic_path, default_permissions
+from fixmatch.core.atomic import atomic_path, default_permissions
 
 
 def test_replaces_the_file_with_default_permissions_and_leaves_no_temporary(tmp_path):

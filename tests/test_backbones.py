@@ -14,7 +14,7 @@ from fixmatch.models import ModelError, count_parameters, create_model, list_mod
 from fixmatch.models.summary import count_flops, describe_models
 from fixmatch.models.vit import resize_pos_embedding
 from fixmatch.models.wideresnet import BasicBlock
-from fixmatch.optim import parameter_groups
+from fixmatch.core.optim import parameter_groups
 
 MODELS = list_models()
 

@@ -11,7 +11,7 @@ from run_helpers import one_line_cli as _cli
 import fixmatch
 from fixmatch.cli import build_parser
 from fixmatch.config import Config, ConfigError, config_from_dict, resolve_config
-from fixmatch.sweep import load_study
+from fixmatch.studies.sweep import load_study
 
 TINY = dict(dataset="synthetic", model="cnn_small", num_labels=20, batch_size=8, mu=2, steps=4, eval_every=4,
             device="cpu")

@@ -14,7 +14,7 @@ def test_defaults_are_the_paper_setting():
 @pytest.mark.parametrize("preset", ["cifar10", "cifar100", "svhn", "stl10"])
 def test_paper_presets_are_the_papers_settings(preset):
     from fixmatch.config import check_config
-    from fixmatch.report import paper_accuracy
+    from fixmatch.studies.report import paper_accuracy
     c = check_config(resolve_config(preset=preset))
     assert c.dataset == preset
     # the paper's network for the data set and a label count of its Table 2: reports set the run beside it

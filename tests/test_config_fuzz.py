@@ -17,7 +17,7 @@ from fixmatch.cli import main
 from fixmatch.config import Config, ConfigError, resolve_config, validate_overrides
 
 FIELDS = {f.name: f for f in fields(Config)}
-TRAIN_MODULE = importlib.import_module("fixmatch.train")  # the attribute fixmatch.train is the function
+TRAIN_MODULE = importlib.import_module("fixmatch.training.loop")  # the attribute fixmatch.training.loop is the function
 FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 ANY_VALUE = st.one_of(

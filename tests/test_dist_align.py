@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from fixmatch.config import Config, ConfigError, check_config
-from fixmatch.dist_align import DistributionAlignment
-from fixmatch.fixmatch import fixmatch_loss
+from fixmatch.core.dist_align import DistributionAlignment
+from fixmatch.core.loss import fixmatch_loss
 
 
 def test_uniform_target_divides_by_p_model_and_renormalises():

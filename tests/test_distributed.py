@@ -21,15 +21,15 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fixmatch
-from fixmatch import distributed
+from fixmatch.training import distributed
 from fixmatch.augment import CTAChoices, CTAugment
-from fixmatch.checkpoint import load_checkpoint
+from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.config import Config, ConfigError
-from fixmatch.dist_align import DistributionAlignment
-from fixmatch.ema import EMA
-from fixmatch.nonfinite import NonFiniteError, NonFiniteGuard
-from fixmatch.optim import make_optimizer
-from fixmatch.step import forward_loss, frozen_running_stats
+from fixmatch.core.dist_align import DistributionAlignment
+from fixmatch.core.ema import EMA
+from fixmatch.training.nonfinite import NonFiniteError, NonFiniteGuard
+from fixmatch.core.optim import make_optimizer
+from fixmatch.training.step import forward_loss, frozen_running_stats
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
              eval_every=20, eval_batch_size=512, progress=False, device="cpu")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fixmatch.config import ConfigError
-from fixmatch.evaluate import (
+from fixmatch.inference.evaluate import (
     accuracy_metrics,
     classification_metrics,
     confusion_matrix,

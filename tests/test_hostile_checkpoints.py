@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import fixmatch
-import fixmatch.export
-from fixmatch.checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, save_checkpoint, tensor_digest
+import fixmatch.inference.export
+from fixmatch.runs.checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, save_checkpoint, tensor_digest
 from fixmatch.cli import main
 from fixmatch.config import Config, ConfigError
-from fixmatch.model_spec import MAX_INPUT_SIDE
+from fixmatch.runs.model_spec import MAX_INPUT_SIDE
 
 TINY = dict(dataset="synthetic", model="cnn_small", method="supervised", num_labels=40, batch_size=8, steps=6,
             eval_every=3, lr=0.05, ema=0.9, eval_batch_size=512, progress=False, device="cpu")
@@ -119,7 +119,7 @@ def test_safetensors_description_is_checked_too(run, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     good = tmp_path / "good.safetensors"
-    fixmatch.export.export_model(run, "safetensors", good)
+    fixmatch.inference.export.export_model(run, "safetensors", good)
     with safe_open(str(good), framework="pt") as f:
         meta = f.metadata()
     description = json.loads(meta["fixmatch"])

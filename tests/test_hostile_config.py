@@ -14,7 +14,7 @@ import yaml
 from run_helpers import one_line_cli as _cli
 
 import fixmatch
-from fixmatch.checkpoint import load_checkpoint
+from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.cli import main
 from fixmatch.config import (
     MAX_YAML_DEPTH,
@@ -26,8 +26,8 @@ from fixmatch.config import (
     resolve_config,
     validate_overrides,
 )
-from fixmatch.report import load_runs
-from fixmatch.sweep import load_study, run_sweep
+from fixmatch.studies.report import load_runs
+from fixmatch.studies.sweep import load_study, run_sweep
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
              eval_batch_size=500, progress=False, device="cpu")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixmatch.checkpoint import TEST_PAUSE_ENV, load_checkpoint
+from fixmatch.runs.checkpoint import TEST_PAUSE_ENV, load_checkpoint
 from fixmatch.cli import main
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the test forks its trainings (POSIX only)")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import fixmatch
-from fixmatch.checkpoint import save_checkpoint
+from fixmatch.runs.checkpoint import save_checkpoint
 from fixmatch.config import Config, ConfigError, resolve_config
-from fixmatch.data import label_selection as ls
+from fixmatch.training import label_selection as ls
 from fixmatch.data import load_dataset, make_split, save_split
 from fixmatch.data.split import SplitError
 from fixmatch.models import create_model

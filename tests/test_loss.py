@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fixmatch.fixmatch import fixmatch_loss
+from fixmatch.core.loss import fixmatch_loss
 
 
 def _confident(labels, num_classes=3, margin=10.0):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fixmatch.fixmatch import fixmatch_loss
+from fixmatch.core.loss import fixmatch_loss
 
 # Two unlabeled samples, three classes. Sample 0 is confident (softmax max > 0.95), sample 1 is not.
 W = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fixmatch.ema import EMA
-from fixmatch.optim import cosine_lr, make_optimizer, parameter_groups
+from fixmatch.core.ema import EMA
+from fixmatch.core.optim import cosine_lr, make_optimizer, parameter_groups
 
 
 def test_cosine_schedule_values():

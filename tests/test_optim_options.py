@@ -11,7 +11,7 @@ from torch import nn
 
 import fixmatch
 from fixmatch.config import Config, ConfigError, resolve_config
-from fixmatch.optim import LRSchedule, cosine_lr, make_optimizer
+from fixmatch.core.optim import LRSchedule, cosine_lr, make_optimizer
 
 
 def test_cosine_without_warmup_is_the_paper_schedule():
@@ -113,7 +113,7 @@ def test_plateau_run_interrupted_and_resumed_continues_its_schedule(tmp_path, mo
                  steps=12)
     fixmatch.train(cfg, out=tmp_path / "straight")
 
-    train_module = sys.modules["fixmatch.train"]  # the package attribute fixmatch.train is the function
+    train_module = sys.modules["fixmatch.training.loop"]  # the package attribute fixmatch.training.loop is the function
     real_evaluation = train_module.RunLogger.evaluation
 
     def interrupt_after_step_6(self, row):
@@ -127,7 +127,7 @@ def test_plateau_run_interrupted_and_resumed_continues_its_schedule(tmp_path, mo
     monkeypatch.setattr(train_module.RunLogger, "evaluation", real_evaluation)
     fixmatch.train(None, out=tmp_path / "resumed", resume=True)
 
-    from fixmatch.log import read_metrics
+    from fixmatch.runs.log import read_metrics
     straight, resumed = read_metrics(tmp_path / "straight" / "metrics.jsonl"), \
         read_metrics(tmp_path / "resumed" / "metrics.jsonl")
     drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
@@ -135,7 +135,7 @@ def test_plateau_run_interrupted_and_resumed_continues_its_schedule(tmp_path, mo
     lrs = [r["lr"] for r in straight]
     # the plateau dropped the lr at the evaluation where the run was interrupted (6) and after it
     assert lrs[3] == pytest.approx(1e-6 / 2) and lrs[-1] <= 1e-6 / 4 * (1 + 1e-9)
-    from fixmatch.checkpoint import load_checkpoint
+    from fixmatch.runs.checkpoint import load_checkpoint
     a = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     assert a["schedule"] == b["schedule"]
@@ -145,7 +145,7 @@ def test_plateau_run_interrupted_and_resumed_continues_its_schedule(tmp_path, mo
 @pytest.mark.slow
 def test_ema_zero_evaluates_the_raw_weights(tmp_path):
     fixmatch.train(Config(**{**QUICK, "ema": 0.0, "T": 0.5, "lu_norm": "masked"}, steps=20), out=tmp_path / "r")
-    from fixmatch.log import read_metrics
+    from fixmatch.runs.log import read_metrics
     rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert all(r["test_acc"] == r["raw_test_acc"] for r in rows)
     assert fixmatch.evaluate(tmp_path / "r", device="cpu", weights="raw")["test_acc"] == \

@@ -20,17 +20,17 @@ from PIL import Image
 from torch import nn
 
 import fixmatch
-import fixmatch.atomic as atomic_module
-import fixmatch.checkpoint as checkpoint_module
+import fixmatch.core.atomic as atomic_module
+import fixmatch.runs.checkpoint as checkpoint_module
 import fixmatch.models as models
-from fixmatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fixmatch.cli import main
 from fixmatch.config import Config
 from fixmatch.data.datasets import DatasetError, load_dataset
 from fixmatch.data.safe_archive import is_safe_member_name, safe_tar_files
 from fixmatch.data.safe_image import open_image
-from fixmatch.nonfinite import NonFiniteError, NonFiniteGuard
-from fixmatch.rundir import RunDirError, append_line, lock_run_dir
+from fixmatch.training.nonfinite import NonFiniteError, NonFiniteGuard
+from fixmatch.runs.rundir import RunDirError, append_line, lock_run_dir
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
              eval_every=10, eval_batch_size=500, progress=False, device="cpu", strong="randaugment")
@@ -343,7 +343,7 @@ class _FullDiskFile(io.StringIO):
 
 
 def test_disk_full_while_logging_leaves_no_torn_metrics_line(tmp_path, monkeypatch, capsys):
-    import fixmatch.rundir as rundir
+    import fixmatch.runs.rundir as rundir
     path = tmp_path / "metrics.jsonl"
     append_line(path, '{"step": 10}')
     monkeypatch.setattr(rundir, "open", lambda p, mode="r": _FullDiskFile(p) if mode == "a" else builtins.open(p, mode),
@@ -375,7 +375,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_run_directory(tmp_pa
     (run / "config.yaml").write_text(yaml.safe_dump(Config(**QUICK, steps=10).to_dict()))
     (run / "checkpoints" / "last.pt").write_bytes(b"checkpoint bytes")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from fixmatch.rundir import lock_run_dir\n"
+        [sys.executable, "-c", "import sys; from fixmatch.runs.rundir import lock_run_dir\n"
                                "with lock_run_dir(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()",
          str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

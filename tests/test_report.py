@@ -19,9 +19,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 
 import fixmatch
-from fixmatch import report_figures
+from fixmatch.studies import report_figures
 from fixmatch.config import Config
-from fixmatch.report import PAPER_ERROR_RATES, ReportError, load_runs, paper_accuracy, write_report
+from fixmatch.studies.report import PAPER_ERROR_RATES, ReportError, load_runs, paper_accuracy, write_report
 
 
 def _fake_run(root, name, accs, macro_f1=None, finished=True, **config):
@@ -203,7 +203,7 @@ def test_figures_keep_their_labels_inside_and_fill_the_page_width(tmp_path, figu
 
 
 def test_confusion_matrix_has_a_colour_bar(tmp_path, figures):
-    from fixmatch.report import Run
+    from fixmatch.studies.report import Run
 
     report_figures.confusion(Run(tmp_path / "run", {}, {}, []), [[5, 5], [0, 10]], ["a", "b"], tmp_path / "c.png")
     fig = figures["c.png"]
@@ -317,7 +317,7 @@ def test_macro_f1_and_confusion_come_from_the_best_checkpoint_when_metrics_lack_
         return {"test_acc": 0.0, "macro_f1": 70.0 + 2 * seed, "per_class_acc": {"a": 50.0, "b": 100.0},
                 "confusion": [[5, 5], [0, 10]]}
 
-    monkeypatch.setattr(importlib.import_module("fixmatch.evaluate"), "evaluate", fake_evaluate)
+    monkeypatch.setattr(importlib.import_module("fixmatch.inference.evaluate"), "evaluate", fake_evaluate)
     index = write_report([root], tmp_path / "r")
     assert sorted(p.parent.parent.name for p in calls[:2]) == ["r0", "r1"]
     assert all(p.name == "best.pt" for p in calls)
@@ -338,7 +338,7 @@ def test_macro_f1_is_read_from_metrics_without_evaluating_checkpoints(trained_st
         calls.append(path)
         raise RuntimeError("a checkpoint was loaded")
 
-    monkeypatch.setattr(importlib.import_module("fixmatch.evaluate"), "evaluate", refuse)
+    monkeypatch.setattr(importlib.import_module("fixmatch.inference.evaluate"), "evaluate", refuse)
     write_report([runs], tmp_path / "r")
     assert len(calls) == 1  # the confusion matrix of the best run: one evaluation, not one per run
     best_f1 = {}
@@ -352,7 +352,7 @@ def test_macro_f1_is_read_from_metrics_without_evaluating_checkpoints(trained_st
 
 def test_logged_macro_f1_is_the_best_checkpoints(trained_study):
     """train.py logs the EMA model's test macro-F1: the number an evaluation of best.pt gives."""
-    from fixmatch.evaluate import evaluate
+    from fixmatch.inference.evaluate import evaluate
 
     for name in ("fm", "sup"):
         run = trained_study / "study" / name
@@ -363,7 +363,7 @@ def test_logged_macro_f1_is_the_best_checkpoints(trained_study):
 
 
 needs_per_class_metrics = pytest.mark.skipif(
-    not hasattr(importlib.import_module("fixmatch.evaluate"), "macro_f1"),
+    not hasattr(importlib.import_module("fixmatch.inference.evaluate"), "macro_f1"),
     reason="evaluate.py does not compute macro-F1 and confusion matrices yet")
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fixmatch.sweep import load_study
+from fixmatch.studies.sweep import load_study
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
 

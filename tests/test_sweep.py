@@ -9,7 +9,7 @@ import yaml
 
 import fixmatch
 from fixmatch.config import Config, ConfigError
-from fixmatch.sweep import load_study, run_name, run_state, run_sweep, worker_env
+from fixmatch.studies.sweep import load_study, run_name, run_state, run_sweep, worker_env
 
 TINY = dict(dataset="synthetic", model="cnn_small", num_labels=20, batch_size=8, mu=2, lr=0.05, ema=0.9,
             eval_every=4, eval_batch_size=512, device="cpu", channels_last=False)
@@ -127,7 +127,7 @@ def test_interrupted_run_is_resumed_and_changed_study_is_refused(tmp_path, monke
     study = _study(tmp_path, {"seed": [0]}, base={**TINY, "steps": 8})
     out = tmp_path / "out"
     # An interrupted run: stopped by SIGINT after its first evaluation (checkpoint at step 4, no summary).
-    train_module = sys.modules["fixmatch.train"]
+    train_module = sys.modules["fixmatch.training.loop"]
     real = train_module.RunLogger.evaluation
 
     def interrupt(self, row):

@@ -15,8 +15,8 @@ import yaml
 from run_helpers import Killed, kill_after_checkpoint
 
 import fixmatch
-from fixmatch import budget
-from fixmatch.checkpoint import load_checkpoint
+from fixmatch.training import budget
+from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.cli import build_parser, main
 from fixmatch.config import PRESETS, Config, ConfigError, check_config, resolve_config
 
@@ -207,7 +207,7 @@ def test_every_rank_trains_the_steps_that_rank_0_chose(tmp_path):
     # Rank 1's clock runs 4 times slower: on its own it would choose fewer steps, and the ranks would deadlock.
     port = str(_free_port())
     run = tmp_path / "run"
-    code = ("import itertools, sys; from fixmatch import budget; t = itertools.count(0.0, float(sys.argv[1])); "
+    code = ("import itertools, sys; from fixmatch.training import budget; t = itertools.count(0.0, float(sys.argv[1])); "
             "budget.clock = lambda: next(t); from fixmatch.cli import main; sys.exit(main(sys.argv[2:]))")
     procs = []
     for rank, tick in ((0, "1.0"), (1, "4.0")):

@@ -13,7 +13,7 @@ import yaml
 from run_helpers import Killed, kill_after_checkpoint
 
 import fixmatch
-from fixmatch.checkpoint import CheckpointError, load_checkpoint
+from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint
 from fixmatch.config import Config
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05,
@@ -140,7 +140,7 @@ def test_run_killed_while_appending_an_evaluation_resumes_past_the_torn_line(tmp
     # Power lost half-way through writing the row of step 40: the row is cut short and its checkpoint never
     # written. The resume drops the torn text, redoes step 40's evaluation and ends as an uninterrupted run.
     fixmatch.train(Config(**QUICK, steps=60), out=tmp_path / "straight")
-    log_module = sys.modules["fixmatch.log"]
+    log_module = sys.modules["fixmatch.runs.log"]
     real_append = log_module.append_line
 
     def torn_append(path, line):
@@ -173,7 +173,7 @@ def test_a_damaged_metrics_line_stops_the_resume_in_one_line_naming_it(tmp_path,
 
 
 def test_stop_request_during_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
-    train_module = sys.modules["fixmatch.train"]
+    train_module = sys.modules["fixmatch.training.loop"]
     real_evaluate = train_module._evaluate_step
 
     def evaluate_then_interrupt(*args, **kwargs):
@@ -244,7 +244,7 @@ def test_weak_padding_reaches_the_weak_view(tmp_path):
 
 
 def test_randaugment_ops_and_prob_reach_the_strong_policy(tmp_path, monkeypatch):
-    train_module = sys.modules["fixmatch.train"]
+    train_module = sys.modules["fixmatch.training.loop"]
     built = []
     real = train_module.make_strong_augment
     monkeypatch.setattr(train_module, "make_strong_augment", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])

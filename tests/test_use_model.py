@@ -7,13 +7,13 @@ import torch
 from PIL import Image
 
 import fixmatch
-import fixmatch.export
-from fixmatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import fixmatch.inference.export
+from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fixmatch.cli import main
 from fixmatch.config import Config, ConfigError
 from fixmatch.data.datasets import load_dataset
-from fixmatch.evaluate import channel_stats, predict_logits
-from fixmatch.model_spec import SPEC_KEYS, ModelSpec, spec_from_checkpoint
+from fixmatch.inference.evaluate import channel_stats, predict_logits
+from fixmatch.runs.model_spec import SPEC_KEYS, ModelSpec, spec_from_checkpoint
 
 TINY = dict(dataset="synthetic", model="cnn_small", method="supervised", num_labels=40, batch_size=8, steps=6,
             eval_every=6, lr=0.05, ema=0.9, eval_batch_size=512, progress=False, device="cpu")
@@ -283,8 +283,8 @@ def test_export_command_offers_every_format_and_input_dtype():
     from fixmatch.cli import build_parser
     export_parser = build_parser()._subparsers._group_actions[0].choices["export"]
     choices = {a.dest: a.choices for a in export_parser._actions}
-    assert tuple(choices["format"]) == fixmatch.export.EXPORT_FORMATS
-    assert tuple(choices["input_dtype"]) == tuple(fixmatch.export.INPUT_DTYPES)
+    assert tuple(choices["format"]) == fixmatch.inference.export.EXPORT_FORMATS
+    assert tuple(choices["input_dtype"]) == tuple(fixmatch.inference.export.INPUT_DTYPES)
 
 
 @pytest.mark.slow
@@ -293,7 +293,7 @@ def test_onnx_export_matches_pytorch(run, model, tmp_path):
     onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'fixmatch[export]')")
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'fixmatch[export]')")
     out = tmp_path / "model.onnx"
-    fixmatch.export.export_model(run, "onnx", out)
+    fixmatch.inference.export.export_model(run, "onnx", out)
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert ModelSpec.from_dict(json.loads(meta["fixmatch"]), "onnx") == model.spec
     session = ort.InferenceSession(str(out))
@@ -378,10 +378,10 @@ def test_export_errors_are_one_line_and_leave_nothing_half_written(run, tmp_path
         main(["export", str(run), "--format", "tflite", "--out", str(tmp_path / "m")])
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown export format"):
-        fixmatch.export.export_model(run, "tflite", tmp_path / "m")
+        fixmatch.inference.export.export_model(run, "tflite", tmp_path / "m")
 
     # a writer that fails half-way leaves the previous file intact and no temporary file behind
-    import fixmatch.export as export
+    import fixmatch.inference.export as export
     existing = tmp_path / "m.pt"
     existing.write_bytes(b"previous export")
 

@@ -10,13 +10,13 @@ from folder_images import make_folder
 from PIL import Image
 
 import fixmatch
-import fixmatch.export
-from fixmatch.checkpoint import CheckpointError
+import fixmatch.inference.export
+from fixmatch.runs.checkpoint import CheckpointError
 from fixmatch.cli import main
 from fixmatch.config import Config, ConfigError
 from fixmatch.data.datasets import _FASHION_CLASSES, load_dataset
-from fixmatch.evaluate import class_key, classification_metrics, match_classes
-from fixmatch.log import unmeasured_pseudo_labels
+from fixmatch.inference.evaluate import class_key, classification_metrics, match_classes
+from fixmatch.runs.log import unmeasured_pseudo_labels
 
 # Good enough (about 70% on the synthetic test set) that a wrong class order changes the accuracy.
 TRAINED = dict(dataset="synthetic", model="cnn_small", method="supervised", num_labels=100, batch_size=20, steps=30,
@@ -184,7 +184,7 @@ def test_predict_on_an_exported_file_says_how_to_run_it(run, image, tmp_path, ca
 def test_a_safetensors_export_loads_whatever_its_name(run, tmp_path):
     pytest.importorskip("safetensors", reason="safetensors is not installed (pip install 'fixmatch[export]')")
     out = tmp_path / "model.safetensors"
-    fixmatch.export.export_model(run, "safetensors", out)
+    fixmatch.inference.export.export_model(run, "safetensors", out)
     renamed = tmp_path / "weights.bin"
     shutil.copy(out, renamed)
     x = load_dataset("synthetic").test_images[:4]

@@ -13,9 +13,9 @@ from __future__ import annotations
 from fixmatch.config import Config, ConfigError, preset_names, resolve_config
 
 # The functions shadow their modules' names on the package, so that fixmatch.train(config) is the call.
-from fixmatch.evaluate import evaluate
-from fixmatch.inference import load
-from fixmatch.train import train
+from fixmatch.inference.evaluate import evaluate
+from fixmatch.inference.model import load
+from fixmatch.training.loop import train
 
 __all__ = ["Config", "ConfigError", "evaluate", "load", "preset_names", "resolve_config", "train"]
 __version__ = "0.1.0"

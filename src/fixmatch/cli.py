@@ -158,7 +158,7 @@ def _as_yaml(value: Any) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fixmatch.train import load_run_config, train
+    from fixmatch.training.loop import load_run_config, train
 
     keys = {f.name for f in fields(Config)}
     overrides = {k: v for k, v in vars(args).items() if k in keys and v is not None}
@@ -173,7 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fixmatch.evaluate import evaluate
+    from fixmatch.inference.evaluate import evaluate
 
     metrics = evaluate(args.path, data_dir=args.data_dir, device=args.device, weights=args.weights,
                        dataset=args.dataset, confusion_png=args.confusion)
@@ -193,8 +193,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fixmatch.data.folder import IMAGE_EXTENSIONS
-    from fixmatch.inference import load
-    from fixmatch.predict import find_images, predict_files, write_rows
+    from fixmatch.inference.model import load
+    from fixmatch.inference.predict import find_images, predict_files, write_rows
 
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError("--top-k and --batch-size must be positive integers")
@@ -210,7 +210,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fixmatch.export import export_model
+    from fixmatch.inference.export import export_model
 
     out = export_model(args.checkpoint, args.format, args.out, weights=args.weights, input_dtype=args.input_dtype)
     print(f"exported {args.weights} weights as {args.format}: {out}")
@@ -218,7 +218,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from fixmatch.sweep import load_study, run_state, run_sweep
+    from fixmatch.studies.sweep import load_study, run_state, run_sweep
 
     if args.dry_run:
         study = load_study(args.study)
@@ -231,7 +231,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fixmatch.report import write_report
+    from fixmatch.studies.report import write_report
 
     index = write_report(args.paths, args.out)
     print(f"report written: {index}")
@@ -399,12 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """User-facing errors: reported in one line, without a traceback."""
-    from fixmatch.checkpoint import CheckpointError
+    from fixmatch.runs.checkpoint import CheckpointError
     from fixmatch.data.datasets import DatasetError
     from fixmatch.data.split import SplitError
     from fixmatch.models import ModelError
-    from fixmatch.nonfinite import NonFiniteError
-    from fixmatch.rundir import RunDirError
+    from fixmatch.training.nonfinite import NonFiniteError
+    from fixmatch.runs.rundir import RunDirError
     return ConfigError, CheckpointError, DatasetError, SplitError, ModelError, NonFiniteError, RunDirError
 
 
@@ -435,7 +435,7 @@ def _discard_stdout() -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from fixmatch.train import TrainingInterrupted
+    from fixmatch.training.loop import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:

@@ -74,7 +74,7 @@ def _positive_float(v: Any) -> bool:
 
 
 def _time_budget(v: Any) -> bool:
-    from fixmatch.budget import is_budget  # imported here: budget.py reads this module
+    from fixmatch.training.budget import is_budget  # imported here: budget.py reads this module
     return v is None or is_budget(v)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_path
+from fixmatch.core.atomic import atomic_path
 from .ops import to_float
 from .randaugment_variants import StrongAugment
 
@@ -165,7 +165,7 @@ def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num
 
     from fixmatch.config import STRONG_AUGMENTS, WEAK_PADDINGS, ConfigError, strong_policy_options
     from fixmatch.data.datasets import load_dataset
-    from fixmatch.train import NO_FLIP_DATASETS
+    from fixmatch.training.loop import NO_FLIP_DATASETS
 
     from .policies import weak_augment
     from .randaugment_variants import make_strong_augment

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from fixmatch.core.atomic import atomic_path
 from .download import DatasetError
 
 __all__ = ["cache_is_fresh", "write_npy_atomic", "open_npy_mmap"]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..atomic import atomic_path
+from fixmatch.core.atomic import atomic_path
 from .datasets import Dataset
 from .download import DatasetError
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_file
-from ..rundir import read_run_file
+from fixmatch.core.atomic import atomic_file
+from fixmatch.runs.rundir import read_run_file
 
 __all__ = ["Split", "SplitError", "make_split", "save_split", "load_split", "train_digest"]
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fixmatch.evaluate import normalize
-from fixmatch.fixmatch import LossStats, fixmatch_loss
+from fixmatch.inference.evaluate import normalize
+from fixmatch.core.loss import LossStats, fixmatch_loss
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import yaml
 
-from fixmatch import budget, distributed
+from fixmatch.training import budget, distributed
 from fixmatch.augment import CTAugment, make_strong_augment, weak_augment
 from fixmatch.augment.visualize import AugmentGrids
-from fixmatch.checkpoint import (
+from fixmatch.runs.checkpoint import (
     CheckpointFields,
     load_checkpoint,
     restore_optimizer,
@@ -47,12 +47,12 @@ from fixmatch.config import (
 )
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
-from fixmatch.data.label_selection import select_labels
+from fixmatch.training.label_selection import select_labels
 from fixmatch.data.pool import gather_pool, pool_labels
 from fixmatch.data.split import Split, fold_split, load_split, save_split, train_digest, unlabeled_pool
-from fixmatch.dist_align import DistributionAlignment
-from fixmatch.ema import EMA
-from fixmatch.evaluate import (
+from fixmatch.core.dist_align import DistributionAlignment
+from fixmatch.core.ema import EMA
+from fixmatch.inference.evaluate import (
     accuracy_metrics,
     channel_stats,
     confusion_matrix,
@@ -61,15 +61,15 @@ from fixmatch.evaluate import (
     predict_logits,
     resolve_device,
 )
-from fixmatch.log import RunLogger, read_metrics, truncate_metrics, unmeasured_pseudo_labels, write_json_atomic
-from fixmatch.model_spec import checkpoint_fields
+from fixmatch.runs.log import RunLogger, read_metrics, truncate_metrics, unmeasured_pseudo_labels, write_json_atomic
+from fixmatch.runs.model_spec import checkpoint_fields
 from fixmatch.models import create_model
 from fixmatch.models.pretrained import load_init_weights
-from fixmatch.nonfinite import NonFiniteGuard
-from fixmatch.optim import LRSchedule, make_optimizer, set_lr
-from fixmatch.rundir import LOCK_NAME, RunDirError, check_regular_file, lock_run_dir, read_run_file, write_text_atomic
-from fixmatch.speed import check_amp, check_compile, compile_module, make_grad_scaler
-from fixmatch.step import forward_loss
+from fixmatch.training.nonfinite import NonFiniteGuard
+from fixmatch.core.optim import LRSchedule, make_optimizer, set_lr
+from fixmatch.runs.rundir import LOCK_NAME, RunDirError, check_regular_file, lock_run_dir, read_run_file, write_text_atomic
+from fixmatch.training.speed import check_amp, check_compile, compile_module, make_grad_scaler
+from fixmatch.training.step import forward_loss
 
 # Data sets whose weak view has no horizontal flip (digits and text are not mirror-symmetric).
 NO_FLIP_DATASETS = frozenset({"svhn", "mnist"})

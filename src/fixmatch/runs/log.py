@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
-from fixmatch.rundir import RunDirError, append_line, read_run_file, write_text_atomic
+from fixmatch.runs.rundir import RunDirError, append_line, read_run_file, write_text_atomic
 
 # Pseudo-label accuracy is measured only where the true labels of at least this share of the unlabeled pool are
 # known. Measured on a small known part, such as a folder data set's labeled images (which the model also learns

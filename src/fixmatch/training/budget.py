@@ -38,20 +38,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fixmatch import distributed
+from fixmatch.training import distributed
 from fixmatch.augment import CTAugment
 from fixmatch.config import Config, ConfigError, short_repr
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.datasets import Dataset
 from fixmatch.data.pool import gather_pool
-from fixmatch.dist_align import DistributionAlignment
-from fixmatch.ema import EMA
-from fixmatch.evaluate import normalize, predict_logits
-from fixmatch.log import write_json_atomic
-from fixmatch.optim import make_optimizer
-from fixmatch.rundir import RunDirError, read_run_file
-from fixmatch.speed import make_grad_scaler
-from fixmatch.step import forward_loss
+from fixmatch.core.dist_align import DistributionAlignment
+from fixmatch.core.ema import EMA
+from fixmatch.inference.evaluate import normalize, predict_logits
+from fixmatch.runs.log import write_json_atomic
+from fixmatch.core.optim import make_optimizer
+from fixmatch.runs.rundir import RunDirError, read_run_file
+from fixmatch.training.speed import make_grad_scaler
+from fixmatch.training.step import forward_loss
 
 # Every duration below is read from this clock (looked up at each call, so that tests can replace it).
 clock: Callable[[], float] = time.perf_counter

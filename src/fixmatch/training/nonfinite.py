@@ -142,7 +142,7 @@ class NonFiniteGuard:
                               f"or start again with a lower --lr")
 
     def _describe_last(self) -> str:
-        from fixmatch.checkpoint import CheckpointError, load_checkpoint
+        from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint
         if not self.last_checkpoint.is_file():
             return "none yet (no evaluation was reached)"
         try:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from fixmatch.atomic import atomic_path
+from fixmatch.core.atomic import atomic_path
 from fixmatch.config import RESUME_MUTABLE_KEYS, ConfigError, config_from_dict, parse_yaml
 
 # The paper's error rates (%, mean +- std over 5 folds): Sohn et al., 2020, "FixMatch: Simplifying
@@ -189,7 +189,7 @@ def paper_accuracy(config: dict[str, Any]) -> tuple[float, float] | None:
 def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
     """Runs whose metrics rows lack test_macro_f1 (made before training logged it): evaluate their best
     checkpoint (EMA weights) on the test set. Slow (a test-set pass per run), hence the line on stderr."""
-    from fixmatch.evaluate import evaluate
+    from fixmatch.inference.evaluate import evaluate
 
     missing = [r for r in runs if r.macro_f1 is None]
     if missing:
@@ -349,7 +349,7 @@ def _write_text(path: Path, text: str) -> None:
 def write_report(paths: list[str | Path], out: str | Path, title: str | None = None) -> Path:
     """Write the table, the figures and index.html into ``out``; returns the path of index.html."""
     try:
-        from fixmatch.report_figures import make_figures
+        from fixmatch.studies.report_figures import make_figures
     except ImportError as e:
         raise ReportError(f"the report's figures need matplotlib ({e}); install it: pip install 'fixmatch[report]'"
                           ) from None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from fixmatch.checkpoint import (
+from fixmatch.runs.checkpoint import (
     DIGEST_KEY,
     CheckpointError,
     CheckpointFields,
@@ -26,7 +26,7 @@ from fixmatch.checkpoint import (
     verify_digest,
 )
 from fixmatch.config import ConfigError
-from fixmatch.model_spec import ModelSpec, spec_from_checkpoint
+from fixmatch.runs.model_spec import ModelSpec, spec_from_checkpoint
 
 # ITU-R 601-2 luma weights, the ones PIL's convert("L") uses, so arrays and PIL images agree.
 _LUMA = (0.299, 0.587, 0.114)
@@ -228,7 +228,7 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     ``weights``: "ema" (the averaged weights the run was evaluated with) or "raw". ``data_dir`` is only
     needed for checkpoints written before they described their model (their data set supplies it).
     """
-    from fixmatch.evaluate import resolve_device
+    from fixmatch.inference.evaluate import resolve_device
 
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', not {weights!r}")

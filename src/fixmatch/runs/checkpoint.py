@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from fixmatch.atomic import atomic_file
+from fixmatch.core.atomic import atomic_file
 
 
 class CheckpointError(RuntimeError):

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from fixmatch.atomic import atomic_path
-from fixmatch.checkpoint import DIGEST_KEY, tensor_digest
+from fixmatch.core.atomic import atomic_path
+from fixmatch.runs.checkpoint import DIGEST_KEY, tensor_digest
 from fixmatch.config import ConfigError
-from fixmatch.inference import FixMatchModel, load
+from fixmatch.inference.model import FixMatchModel, load
 
 EXPORT_FORMATS = ("torchscript", "pt2", "onnx", "safetensors")
 # A .pt2 or ONNX graph has one input type, fixed when it is exported.

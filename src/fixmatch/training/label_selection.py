@@ -21,7 +21,7 @@ import torch
 
 from fixmatch.config import ConfigError
 
-from .split import Split, SplitError, load_split, make_split
+from fixmatch.data.split import Split, SplitError, load_split, make_split
 
 __all__ = ["select_labels", "centroid_selection", "pixel_features", "checkpoint_features"]
 
@@ -101,8 +101,8 @@ def pixel_features(images: torch.Tensor, dim: int = PROJECTION_DIM, seed: int = 
 def checkpoint_features(path: str | Path, images: torch.Tensor, num_classes: int, mean: tuple[float, ...],
                         std: tuple[float, ...], batch_size: int = 256) -> torch.Tensor:
     """Pooled ``forward_features`` of the EMA model saved in a fixmatch checkpoint: (N, D) on the CPU."""
-    from fixmatch.checkpoint import load_checkpoint
-    from fixmatch.evaluate import channel_stats, normalize
+    from fixmatch.runs.checkpoint import load_checkpoint
+    from fixmatch.inference.evaluate import channel_stats, normalize
     from fixmatch.models import create_model
 
     state = load_checkpoint(path)

@@ -22,9 +22,9 @@ import torch
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fixmatch.atomic import atomic_path  # noqa: E402
-from fixmatch.evaluate import draw_confusion  # noqa: E402
-from fixmatch.report import Group, Run, fmt, mean_std  # noqa: E402
+from fixmatch.core.atomic import atomic_path  # noqa: E402
+from fixmatch.inference.evaluate import draw_confusion  # noqa: E402
+from fixmatch.studies.report import Group, Run, fmt, mean_std  # noqa: E402
 
 LINESTYLES = {"fixmatch": "-", "supervised": "--"}
 FIG_WIDTH = 12.6  # inches
@@ -261,7 +261,7 @@ def confusion(run: Run, matrix: list[list[int]], class_names: list[str], path: P
 
 
 def _best_run_confusion(groups: list[Group], out: Path, notes: list[str]) -> tuple[str, str] | None:
-    from fixmatch.evaluate import evaluate
+    from fixmatch.inference.evaluate import evaluate
 
     best = max((r for g in groups for r in g.runs), key=lambda r: r.summary["test_acc_best"])
     try:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fixmatch.atomic import atomic_file
+from fixmatch.core.atomic import atomic_file
 
 LOCK_NAME = ".lock"
 # What a run keeps in its directory (train.py): files replaced whole or appended, and two folders.

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fixmatch.atomic import atomic_path
+from fixmatch.core.atomic import atomic_path
 from fixmatch.config import Config, ConfigError
 
 
@@ -202,8 +202,8 @@ def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto"
     says so; ``classes_remapped`` in the result), and the per-class metrics and the confusion matrix follow the
     model's class order. The images are standardised with the training run's statistics.
     """
-    from fixmatch.inference import load
-    from fixmatch.model_spec import load_run_dataset
+    from fixmatch.inference.model import load
+    from fixmatch.runs.model_spec import load_run_dataset
 
     model = load(path, weights=weights, device=device, data_dir=data_dir)
     name = dataset or model.config.get("dataset")

@@ -19,7 +19,7 @@ from fixmatch.config import ConfigError
 from fixmatch.data.download import DatasetError
 from fixmatch.data.folder import IMAGE_EXTENSIONS
 from fixmatch.data.safe_image import open_image
-from fixmatch.inference import FixMatchModel, pil_to_tensor
+from fixmatch.inference.model import FixMatchModel, pil_to_tensor
 
 FORMATS = ("table", "csv", "json")
 

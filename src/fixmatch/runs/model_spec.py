@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fixmatch.checkpoint import CheckpointError
+from fixmatch.runs.checkpoint import CheckpointError
 
 SPEC_KEYS = ("model_name", "model_kwargs", "in_channels", "input_size", "mean", "std", "class_names")
 

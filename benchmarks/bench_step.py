@@ -36,12 +36,12 @@ import torch
 from PIL import Image
 
 from fixmatch.augment import RandAugment, weak_augment
+from fixmatch.core.ema import EMA
+from fixmatch.core.optim import make_optimizer, parameter_groups
 from fixmatch.data.batches import IndexStream
 from fixmatch.data.pool import gather_pool
-from fixmatch.core.ema import EMA
 from fixmatch.models import create_model
 from fixmatch.models.summary import count_flops
-from fixmatch.core.optim import make_optimizer, parameter_groups
 from fixmatch.training.speed import compile_module, make_grad_scaler
 from fixmatch.training.step import forward_loss
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up fixmatch on a fresh machine: Fashion-MNIST and Chromium (Debian packages, when apt is available),
-# a virtual environment in .venv, the CPU build of PyTorch, then the project with its test extras.
+# a virtual environment in .venv, the CPU build of PyTorch, then the project with its test extras (pytest, and the
+# ruff and import-linter that .ci/run checks the code with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

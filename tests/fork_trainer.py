@@ -16,6 +16,12 @@ import traceback
 import torch._dynamo  # noqa: F401  # imported by the optimiser's constructor: the slowest import
 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
+try:  # drawn at the first evaluation (TensorBoard's augmentation grid); its import and font list cost about 1 s
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+except ImportError:  # without matplotlib a run draws no grid
+    pass
+
 import fixmatch.cli
 
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from fixmatch.cli import main
+from fixmatch.core.optim import parameter_groups
 from fixmatch.models import ModelError, count_parameters, create_model, list_models
 from fixmatch.models.summary import count_flops, describe_models
 from fixmatch.models.vit import resize_pos_embedding
 from fixmatch.models.wideresnet import BasicBlock
-from fixmatch.core.optim import parameter_groups
 
 MODELS = list_models()
 

@@ -17,8 +17,8 @@ from test_train import QUICK as CPU_QUICK
 from test_train import _metrics
 
 import fixmatch
-from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.config import Config
+from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.training.loop import TrainingInterrupted
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -21,14 +21,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fixmatch
-from fixmatch.training import distributed
 from fixmatch.augment import CTAChoices, CTAugment
-from fixmatch.runs.checkpoint import load_checkpoint
-from fixmatch.config import Config, ConfigError
+from fixmatch.config import Config, ConfigError, check_batch_sizes
 from fixmatch.core.dist_align import DistributionAlignment
 from fixmatch.core.ema import EMA
-from fixmatch.training.nonfinite import NonFiniteError, NonFiniteGuard
 from fixmatch.core.optim import make_optimizer
+from fixmatch.runs.checkpoint import load_checkpoint
+from fixmatch.training import distributed
+from fixmatch.training.nonfinite import NonFiniteError, NonFiniteGuard
 from fixmatch.training.step import forward_loss, frozen_running_stats
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
@@ -62,7 +62,7 @@ def test_shards_tile_the_global_batch_and_rank0_augments_as_one_process():
     seeds = {distributed.augment_seed(7, 123, r) for r in range(4)}
     assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
     with pytest.raises(ConfigError, match="divisible"):
-        distributed.check_batch_sizes(30, 4)
+        check_batch_sizes(30, 4)
 
 
 @pytest.mark.parametrize("overrides, message", [

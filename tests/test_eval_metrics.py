@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from fixmatch.config import ConfigError
-from fixmatch.inference.evaluate import (
+from fixmatch.core.metrics import (
     accuracy_metrics,
     classification_metrics,
     confusion_matrix,
     macro_f1,
     per_class_accuracy,
-    plot_confusion,
 )
+from fixmatch.inference.evaluate import plot_confusion
 
 # 3 classes, 6 images:        true 0 0 1 2 2 2      predicted 0 1 1 2 2 0
 LABELS = torch.tensor([0, 0, 1, 2, 2, 2])

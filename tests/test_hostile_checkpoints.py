@@ -11,9 +11,9 @@ from PIL import Image
 
 import fixmatch
 import fixmatch.inference.export
-from fixmatch.runs.checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, save_checkpoint, tensor_digest
 from fixmatch.cli import main
 from fixmatch.config import Config, ConfigError
+from fixmatch.runs.checkpoint import DIGEST_KEY, CheckpointError, load_checkpoint, save_checkpoint, tensor_digest
 from fixmatch.runs.model_spec import MAX_INPUT_SIDE
 
 TINY = dict(dataset="synthetic", model="cnn_small", method="supervised", num_labels=40, batch_size=8, steps=6,

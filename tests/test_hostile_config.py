@@ -14,7 +14,6 @@ import yaml
 from run_helpers import one_line_cli as _cli
 
 import fixmatch
-from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.cli import main
 from fixmatch.config import (
     MAX_YAML_DEPTH,
@@ -26,6 +25,7 @@ from fixmatch.config import (
     resolve_config,
     validate_overrides,
 )
+from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.studies.report import load_runs
 from fixmatch.studies.sweep import load_study, run_sweep
 

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 import fixmatch
-from fixmatch.training import distributed
-from fixmatch.core.atomic import atomic_file, atomic_path, default_permissions
-from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.cli import main
 from fixmatch.config import Config
+from fixmatch.core.atomic import atomic_file, atomic_path, default_permissions
+from fixmatch.core.files import append_line, write_text_atomic
+from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.runs.log import read_metrics
-from fixmatch.runs.rundir import RunDirError, append_line, lock_run_dir, write_text_atomic
+from fixmatch.runs.rundir import RunDirError, lock_run_dir
+from fixmatch.training import distributed
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),  # conftest.py
               pytest.mark.skipif(os.name != "posix", reason="links, FIFOs and hard links as POSIX makes them")]

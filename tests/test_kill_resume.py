@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixmatch.runs.checkpoint import TEST_PAUSE_ENV, load_checkpoint
 from fixmatch.cli import main
+from fixmatch.runs.checkpoint import TEST_PAUSE_ENV, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the test forks its trainings (POSIX only)")
 
@@ -99,7 +99,8 @@ def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp
                 # third or fourth checkpoint write of this launch: after its first evaluation's last.pt (the
                 # first evaluation writes best.pt, then last.pt), so that later launches resume mid-run.
                 stale = {p.name for p in (run / "checkpoints").glob(".*.pt.*.tmp")}  # removed at start-up
-                pid = server.start(argv, log, {TEST_PAUSE_ENV: "1.0"})
+                # 0.3 s: each write of the launch pauses, and this loop notices a new file within milliseconds.
+                pid = server.start(argv, log, {TEST_PAUSE_ENV: "0.3"})
                 target, seen, deadline = rng.randint(3, 4), set(), time.time() + 120
                 while len(seen) < target and not server.exited():
                     assert time.time() < deadline, log.read_text()

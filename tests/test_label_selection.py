@@ -3,14 +3,16 @@ import json
 
 import pytest
 import torch
+from run_helpers import one_line_cli
 
 import fixmatch
-from fixmatch.runs.checkpoint import save_checkpoint
 from fixmatch.config import Config, ConfigError, resolve_config
-from fixmatch.training import label_selection as ls
 from fixmatch.data import load_dataset, make_split, save_split
 from fixmatch.data.split import SplitError
 from fixmatch.models import create_model
+from fixmatch.runs.checkpoint import load_checkpoint, save_checkpoint
+from fixmatch.runs.model_spec import ModelSpec
+from fixmatch.training import label_selection as ls
 
 
 def _clusters():
@@ -85,20 +87,47 @@ def test_checkpoint_features_are_the_ema_models_pooled_features(tmp_path):
     torch.manual_seed(0)
     ema = create_model("cnn_small", 3, 3)
     ckpt = tmp_path / "c.pt"
-    save_checkpoint({"format": "fixmatch-checkpoint", "config": {"model": "cnn_small"}, "model": {},
-                     "ema": ema.state_dict(), "class_names": ["a", "b", "c"]}, ckpt)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
-    feats = ls.checkpoint_features(ckpt, images, 3, mean, std)
+    # A checkpoint as training writes it: it describes its model, with the statistics its inputs were standardised by.
+    description = ModelSpec("cnn_small", ("a", "b", "c"), 3, (16, 16), mean, std).to_dict()
+    save_checkpoint({"format": "fixmatch-checkpoint", "step": 0, "config": {"model": "cnn_small"}, "model": {},
+                     "ema": ema.state_dict(), **description}, ckpt)
+    feats = ls.checkpoint_features(ckpt, images)
     ema.eval()
     x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = ema.forward_features(x).flatten(1).double()
     assert torch.allclose(feats, expected, atol=1e-6)
-    split = ls.select_labels("unrepresentative", labels, 3, 3, seed=0, images=images, checkpoint=str(ckpt),
-                             mean=mean, std=std)
+    split = ls.select_labels("unrepresentative", labels, 3, 3, seed=0, images=images, checkpoint=str(ckpt))
     assert split.labeled == ls.centroid_selection(expected, labels, 1, nearest=False)
     with pytest.raises(SplitError, match="does not fit these images"):
-        ls.checkpoint_features(ckpt, images[:, :1], 3, mean[:1], std[:1])
+        ls.checkpoint_features(ckpt, images[:, :1])
+
+
+def _nan_in_ema(state):
+    state["ema"]["fc.weight"][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(mean=[2.0, 0.5, 0.5]), "malformed model description: mean (2.0, 0.5, 0.5) must lie in [0, 1]"),
+    (_nan_in_ema, "its ema weights hold non-finite values (NaN or inf) in 'fc.weight'"),
+], ids=["mean-range", "nan-weights"])
+def test_selection_checkpoint_is_checked_as_fixmatch_load_checks_it(tmp_path, capsys, edit, message):
+    """A --selection-checkpoint whose model description or weights are damaged is refused in one line before
+    training starts (it used to pick labels from garbage features and train on)."""
+    source = tmp_path / "source"
+    fixmatch.train(Config(dataset="synthetic", model="cnn_small", num_labels=20, batch_size=8, mu=2, steps=1,
+                          eval_every=1, eval_batch_size=512, progress=False, device="cpu"), out=source)
+    state = load_checkpoint(source / "checkpoints" / "last.pt")
+    edit(state)
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(state, bad)  # a fresh checksum: only the description or the weights are wrong
+    run = tmp_path / "run"
+    code, err = one_line_cli(["train", "--dataset", "synthetic", "--model", "cnn_small", "--num-labels", "20",
+                              "--steps", "1", "--device", "cpu", "--no-progress", "--label-selection",
+                              "representative", "--selection-checkpoint", str(bad), "--out", str(run)], capsys)
+    assert code == 2 and err.startswith("fixmatch: error: ") and str(bad) in err and message in err, err
+    assert not (run / "checkpoints").exists()
 
 
 def test_training_with_representative_labels(tmp_path):

@@ -477,7 +477,7 @@ def test_fold_split():
 @pytest.mark.slow
 def test_training_on_stl10_draws_from_the_unlabeled_split_and_its_fold(tmp_path, monkeypatch):
     ref = write_stl10(tmp_path / "stl10_binary", n_train=20, n_test=6, n_unlabeled=40)
-    train_module = importlib.import_module("fixmatch.training.loop")  # the attribute fixmatch.training.loop is the function
+    train_module = importlib.import_module("fixmatch.training.batches")  # where the step gathers its images
 
     drawn = []
     real_gather = train_module.gather_pool

@@ -21,16 +21,17 @@ from torch import nn
 
 import fixmatch
 import fixmatch.core.atomic as atomic_module
-import fixmatch.runs.checkpoint as checkpoint_module
 import fixmatch.models as models
-from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import fixmatch.runs.checkpoint as checkpoint_module
 from fixmatch.cli import main
 from fixmatch.config import Config
+from fixmatch.core.files import append_line
 from fixmatch.data.datasets import DatasetError, load_dataset
 from fixmatch.data.safe_archive import is_safe_member_name, safe_tar_files
 from fixmatch.data.safe_image import open_image
+from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fixmatch.runs.rundir import RunDirError, lock_run_dir
 from fixmatch.training.nonfinite import NonFiniteError, NonFiniteGuard
-from fixmatch.runs.rundir import RunDirError, append_line, lock_run_dir
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
              eval_every=10, eval_batch_size=500, progress=False, device="cpu", strong="randaugment")
@@ -343,10 +344,10 @@ class _FullDiskFile(io.StringIO):
 
 
 def test_disk_full_while_logging_leaves_no_torn_metrics_line(tmp_path, monkeypatch, capsys):
-    import fixmatch.runs.rundir as rundir
+    import fixmatch.core.files as files
     path = tmp_path / "metrics.jsonl"
     append_line(path, '{"step": 10}')
-    monkeypatch.setattr(rundir, "open", lambda p, mode="r": _FullDiskFile(p) if mode == "a" else builtins.open(p, mode),
+    monkeypatch.setattr(files, "open", lambda p, mode="r": _FullDiskFile(p) if mode == "a" else builtins.open(p, mode),
                         raising=False)
     with pytest.raises(RunDirError, match="No space left on device"):
         append_line(path, '{"step": 20, "test_acc": 50.0}')

@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 
 import fixmatch
-from fixmatch.studies import report_figures
 from fixmatch.config import Config
+from fixmatch.studies import report_figures
 from fixmatch.studies.report import PAPER_ERROR_RATES, ReportError, load_runs, paper_accuracy, write_report
 
 
@@ -363,7 +363,7 @@ def test_logged_macro_f1_is_the_best_checkpoints(trained_study):
 
 
 needs_per_class_metrics = pytest.mark.skipif(
-    not hasattr(importlib.import_module("fixmatch.inference.evaluate"), "macro_f1"),
+    not hasattr(importlib.import_module("fixmatch.core.metrics"), "macro_f1"),
     reason="evaluate.py does not compute macro-F1 and confusion matrices yet")
 
 

@@ -11,8 +11,10 @@ from PIL import Image
 
 import fixmatch
 from fixmatch.augment import STRONG_AUGMENTS, RandAugment, make_strong_augment, visualize, weak_augment
-from fixmatch.augment.visualize import AugmentGrids, augment_views, grid_figure, grid_image, show_augment
+from fixmatch.augment.visualize import AugmentGrids, augment_views, grid_figure, grid_image
 from fixmatch.config import Config, ConfigError
+from fixmatch.studies import show_augment as show_augment_module
+from fixmatch.studies.show_augment import show_augment
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
              eval_every=10, eval_batch_size=512, progress=False, device="cpu")
@@ -125,6 +127,62 @@ def test_show_augment_rejects_bad_values_before_loading(tmp_path) -> None:
         show_augment("synthetic", tmp_path / "g.png", seed=-1)
     with pytest.raises(ConfigError, match="--weak-padding"):
         show_augment("synthetic", tmp_path / "g.png", weak_padding="edge")
+
+
+class _Stop(Exception):
+    """Ends a training run once its views are built."""
+
+
+def test_show_augment_draws_the_views_training_uses(tmp_path, monkeypatch) -> None:
+    # Options show-augment has no flag for: its views must still be the run's (build_views), not its own constants.
+    config = Config(**QUICK, steps=10, weak_flip=False, weak_translate=0.25, weak_padding="zeros", fill=0.2,
+                    strong="randaugment-tf", cutout=0.25, seed=4)
+    drawn = []
+    real_views = show_augment_module.augment_views
+    monkeypatch.setattr(show_augment_module, "augment_views",
+                        lambda *args: drawn.append((args, real_views(*args))) or drawn[-1][1])
+    show_augment_module.draw_views(config, tmp_path / "grid.png", num_images=4)
+    (images, _, _, seed), shown = drawn[0]
+
+    trained = []
+
+    def record(self, train_images, weak, strong, *args, **kwargs) -> None:
+        trained.append((weak, strong))
+        raise _Stop
+
+    monkeypatch.setattr(visualize.AugmentGrids, "__init__", record)  # train() hands it the views it trains with
+    with pytest.raises(_Stop):
+        fixmatch.train(config, out=tmp_path / "run")
+    weak, strong = trained[0]
+    views = augment_views(images, weak, strong, seed)
+    assert torch.equal(views.weak, shown.weak) and torch.equal(views.strong, shown.strong)
+    assert views.captions == shown.captions
+    # Without the run's weak options (show-augment's old constants) the pixels differ.
+    default_weak = functools.partial(weak_augment, translate=0.125, padding="zeros")
+    assert not torch.equal(augment_views(images, default_weak, strong, seed).weak, shown.weak)
+
+
+def test_show_augment_refuses_bad_options_by_the_configs_rules(tmp_path) -> None:
+    # Each flag is checked by its config key's own rule (booleans are no numbers), before the data set is read.
+    for kwargs, message in [({"cutout": True}, r"--cutout must be in \[0, 1\], got True"),
+                            ({"randaugment_prob": True}, r"--randaugment-prob must be in \[0, 1\], got True"),
+                            ({"seed": True}, r"--seed must be an integer in \[0, 2\^31\), got True"),
+                            ({"weak_padding": "edge"}, "--weak-padding must be reflect or zeros, got 'edge'")]:
+        with pytest.raises(ConfigError, match=message):
+            show_augment("no-such-set", tmp_path / "g.png", **kwargs)
+    # A rule between keys refuses with the config's own one-line message, the one train gives.
+    with pytest.raises(ConfigError) as trained:
+        fixmatch.train(Config(**QUICK, strong="ctaugment", randaugment_prob=1.0), out=tmp_path / "run")
+    with pytest.raises(ConfigError) as shown:
+        show_augment("no-such-set", tmp_path / "g.png", strong="ctaugment", randaugment_prob=1.0)
+    assert str(shown.value) == str(trained.value) and len(str(shown.value).splitlines()) == 1
+    # A Config given to draw_views is checked as train() checks it.
+    with pytest.raises(ConfigError) as trained:
+        fixmatch.train(Config(**QUICK, weak_translate=0.5), out=tmp_path / "run")
+    with pytest.raises(ConfigError) as shown:
+        show_augment_module.draw_views(Config(**QUICK, weak_translate=0.5), tmp_path / "g.png")
+    assert str(shown.value) == str(trained.value) and "weak_translate" in str(shown.value)
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "run").exists()
 
 
 def test_grid_schedule() -> None:

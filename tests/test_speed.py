@@ -9,8 +9,8 @@ import torch
 from test_train import _Killed, _metrics
 
 import fixmatch
-from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.config import Config
+from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.training.speed import find_cpu_compiler
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
@@ -69,8 +69,8 @@ def fp16_scaler_on_the_cpu(monkeypatch):
     scaler starts at 2^28, far too high, so that the first steps overflow and are skipped by it, and grows
     every 5 clean steps, so that its state keeps changing."""
     train_module = sys.modules["fixmatch.training.loop"]
-    monkeypatch.setattr(train_module, "check_amp", lambda amp, device: None)
-    monkeypatch.setattr(train_module, "make_grad_scaler",
+    monkeypatch.setattr(sys.modules["fixmatch.config"], "check_amp", lambda amp, device_type: None)
+    monkeypatch.setattr(sys.modules["fixmatch.training.state"], "make_grad_scaler",
                         lambda amp, device: torch.amp.GradScaler(device.type, init_scale=2.0**28, growth_interval=5))
     return train_module
 

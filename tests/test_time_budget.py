@@ -15,10 +15,10 @@ import yaml
 from run_helpers import Killed, kill_after_checkpoint
 
 import fixmatch
-from fixmatch.training import budget
-from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.cli import build_parser, main
 from fixmatch.config import PRESETS, Config, ConfigError, check_config, resolve_config
+from fixmatch.runs.checkpoint import load_checkpoint
+from fixmatch.training import budget
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
              eval_every=20, eval_batch_size=512, progress=False, device="cpu")

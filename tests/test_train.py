@@ -13,8 +13,8 @@ import yaml
 from run_helpers import Killed, kill_after_checkpoint
 
 import fixmatch
-from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint
 from fixmatch.config import Config
+from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05,
              ema=0.9, eval_every=20, eval_batch_size=512, progress=False, device="cpu")
@@ -174,7 +174,7 @@ def test_a_damaged_metrics_line_stops_the_resume_in_one_line_naming_it(tmp_path,
 
 def test_stop_request_during_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
     train_module = sys.modules["fixmatch.training.loop"]
-    real_evaluate = train_module._evaluate_step
+    real_evaluate = train_module._metrics_row
 
     def evaluate_then_interrupt(*args, **kwargs):
         row = real_evaluate(*args, **kwargs)
@@ -182,7 +182,7 @@ def test_stop_request_during_the_last_step_lets_the_run_finish(tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGINT)
         return row
 
-    monkeypatch.setattr(train_module, "_evaluate_step", evaluate_then_interrupt)
+    monkeypatch.setattr(train_module, "_metrics_row", evaluate_then_interrupt)
     summary = fixmatch.train(Config(**QUICK, steps=40), out=tmp_path / "run")
     assert summary["steps"] == 40
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
@@ -244,10 +244,10 @@ def test_weak_padding_reaches_the_weak_view(tmp_path):
 
 
 def test_randaugment_ops_and_prob_reach_the_strong_policy(tmp_path, monkeypatch):
-    train_module = sys.modules["fixmatch.training.loop"]
+    policies_module = sys.modules["fixmatch.augment.randaugment_variants"]  # where build_views finds the policy factory
     built = []
-    real = train_module.make_strong_augment
-    monkeypatch.setattr(train_module, "make_strong_augment", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    real = policies_module.make_strong_augment
+    monkeypatch.setattr(policies_module, "make_strong_augment", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
     fixmatch.train(Config(**{**QUICK, "eval_every": 2}, steps=2, randaugment_ops=3, randaugment_prob=1.0),
                    out=tmp_path / "run")
     assert (built[0].num_ops, built[0].prob) == (3, 1.0)

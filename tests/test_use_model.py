@@ -8,11 +8,11 @@ from PIL import Image
 
 import fixmatch
 import fixmatch.inference.export
-from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fixmatch.cli import main
 from fixmatch.config import Config, ConfigError
+from fixmatch.core.preprocess import channel_stats, predict_logits
 from fixmatch.data.datasets import load_dataset
-from fixmatch.inference.evaluate import channel_stats, predict_logits
+from fixmatch.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fixmatch.runs.model_spec import SPEC_KEYS, ModelSpec, spec_from_checkpoint
 
 TINY = dict(dataset="synthetic", model="cnn_small", method="supervised", num_labels=40, batch_size=8, steps=6,

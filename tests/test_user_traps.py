@@ -11,11 +11,12 @@ from PIL import Image
 
 import fixmatch
 import fixmatch.inference.export
-from fixmatch.runs.checkpoint import CheckpointError
 from fixmatch.cli import main
 from fixmatch.config import Config, ConfigError
+from fixmatch.core.metrics import classification_metrics
 from fixmatch.data.datasets import _FASHION_CLASSES, load_dataset
-from fixmatch.inference.evaluate import class_key, classification_metrics, match_classes
+from fixmatch.inference.evaluate import class_key, match_classes
+from fixmatch.runs.checkpoint import CheckpointError
 from fixmatch.runs.log import unmeasured_pseudo_labels
 
 # Good enough (about 70% on the synthetic test set) that a wrong class order changes the accuracy.

@@ -19,11 +19,14 @@ from fixmatch.config import (
     WEAK_PADDINGS,
     Config,
     ConfigError,
+    KeyType,
     closest_name,
     describe_keys,
+    key_types,
     resolve_config,
     short_repr,
 )
+from fixmatch.runs.rundir import CONFIG_NAME, ERROR_NAME, METRICS_NAME, SUMMARY_NAME, RunDir
 
 MAX_ERROR_CHARS = 2000  # an error line quotes values and paths: never screens of them
 
@@ -86,39 +89,38 @@ def _one_line(message: str) -> str:
 _PLAIN_INT = re.compile(r"[-+]?[0-9]+")
 
 
-def _parse_number(base: str, text: str) -> int | float:
-    if base == "int" and _PLAIN_INT.fullmatch(text) and len(text) <= 20:
+def _parse_number(base: type, text: str) -> int | float:
+    if base is int and _PLAIN_INT.fullmatch(text) and len(text) <= 20:
         value = int(text)
         if -(2**63) <= value < 2**63:  # no count or size needs more; the flag's own check bounds it further
             return value
-    if base == "float" and text.isascii() and "_" not in text and text == text.strip():
+    if base is float and text.isascii() and "_" not in text and text == text.strip():
         return float(text)
     raise ValueError(text)
 
 
-def _converter(type_name: str, flag: str, accepted: str = "") -> Callable[[str], Any]:
-    base = type_name.split("|")[0].strip()
-
+def _converter(kind: KeyType, flag: str, accepted: str = "") -> Callable[[str], Any]:
+    """Flag text -> a value of the key's type (none/null for a nullable key); config.py then checks the value."""
     def convert(text: str) -> Any:
-        if "None" in type_name and text.lower() in ("none", "null"):
+        if kind.nullable and text.lower() in ("none", "null"):
             return None
-        if base not in ("int", "float"):
+        if kind.base not in (int, float):
             return text
         try:
-            return _parse_number(base, text)
+            return _parse_number(kind.base, text)
         except ValueError:  # also int() of more than 4300 digits
-            kind = "an integer (ASCII digits, 64-bit)" if base == "int" else "a number (ASCII digits)"
+            words = "an integer (ASCII digits, 64-bit)" if kind.base is int else "a number (ASCII digits)"
             hint = f" ({accepted})" if accepted else ""
-            raise argparse.ArgumentTypeError(f"{flag} expects {kind}, got {short_repr(text)}{hint}") from None
+            raise argparse.ArgumentTypeError(f"{flag} expects {words}, got {short_repr(text)}{hint}") from None
     return convert
 
 
 def _int_flag(flag: str) -> Callable[[str], Any]:
-    return _converter("int", flag)
+    return _converter(KeyType(int), flag)
 
 
 def _float_flag(flag: str) -> Callable[[str], Any]:
-    return _converter("float", flag)
+    return _converter(KeyType(float), flag)
 
 
 def _config_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
@@ -130,26 +132,27 @@ def _config_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._Argum
 def _add_config_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
     """One flag per Config key (--num-labels for num_labels), in its section's group; absent flags override
     nothing."""
+    kinds = key_types(Config)
     for f in fields(Config):
         group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {_as_yaml(f.default)})"
-        if str(f.type).startswith("bool"):
+        if kinds[f.name].base is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=_converter(str(f.type), flag, f.metadata["accepted"]),
-                               default=None, metavar=_metavar(f), help=help_text)
+            group.add_argument(flag, dest=f.name, type=_converter(kinds[f.name], flag, f.metadata["accepted"]),
+                               default=None, metavar=_metavar(f, kinds[f.name]), help=help_text)
 
 
-def _metavar(f: Field) -> str:
+def _metavar(f: Field, kind: KeyType) -> str:
     """{a,b} for a key with a fixed set of values (from the tuple its check reads), else its own (NAME, FILE)
     or one by type."""
     if f.metadata["choices"]:
         return "{" + ",".join(f.metadata["choices"]) + "}"
     if f.metadata["metavar"]:
         return f.metadata["metavar"]
-    return {"int": "N", "float": "X"}.get(str(f.type).split("|")[0].strip(), f.name.upper())
+    return {int: "N", float: "X"}.get(kind.base, f.name.upper())
 
 
 def _as_yaml(value: Any) -> str:
@@ -158,7 +161,7 @@ def _as_yaml(value: Any) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fixmatch.training.loop import load_run_config, train
+    from fixmatch.training.loop import train
 
     keys = {f.name for f in fields(Config)}
     overrides = {k: v for k, v in vars(args).items() if k in keys and v is not None}
@@ -166,7 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out RUN_DIR naming the run to continue")
-        base = load_run_config(Path(args.out))
+        base = RunDir(args.out).saved_config()
     config = resolve_config(args.preset, args.config, overrides, base=base, overrides_source="the command line")
     train(config, out=args.out, resume=args.resume)
     return 0
@@ -239,7 +242,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_show_augment(args: argparse.Namespace) -> int:
-    from fixmatch.augment.visualize import show_augment
+    from fixmatch.studies.show_augment import show_augment
 
     path = show_augment(args.dataset, args.out, args.strong, args.num_images, args.seed, args.data_dir, args.cutout,
                         weak_padding=args.weak_padding, randaugment_ops=args.randaugment_ops,
@@ -261,7 +264,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from fixmatch.models.summary import describe_models, format_table, input_for
 
-    shape, num_classes = input_for(args.dataset, args.input_size, args.num_classes, args.data_dir)
+    def read_dataset(name: str) -> tuple[tuple[int, int, int], int]:  # read from disk, never downloaded
+        from fixmatch.data.datasets import load_dataset
+        data = load_dataset(name, args.data_dir, download=False)
+        return (data.in_channels, *data.image_size), data.num_classes
+
+    shape, num_classes = input_for(args.dataset, args.input_size, args.num_classes, read_dataset)
     print(format_table(describe_models(shape, num_classes), shape, num_classes))
     return 0
 
@@ -339,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run every configuration of a study grid (skips finished runs, resumes others)",
                        description="Run a study file's grid, each run in STUDY_DIR/<its grid values>. Re-running "
                                    "skips finished runs and resumes interrupted ones; a failed run is recorded "
-                                   "in its error.txt and the others go on.")
+                                   f"in its {ERROR_NAME} and the others go on.")
     p.add_argument("study", metavar="STUDY.yaml", help="study file: base, optional variants, grid (see studies/)")
     p.add_argument("--out", metavar="STUDY_DIR", required=True, help="folder that receives one run directory per run")
     p.add_argument("--workers", type=_int_flag("--workers"), default=1, metavar="N",
@@ -348,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="tables and figures of a study's runs (Markdown, CSV, PNG, index.html)",
-                       description="Read the runs' metrics.jsonl, summary.json and config.yaml and write a results "
-                                   "table, figures and an index.html into REPORT_DIR.")
+                       description=f"Read the runs' {METRICS_NAME}, {SUMMARY_NAME} and {CONFIG_NAME} and write a "
+                                   "results table, figures and an index.html into REPORT_DIR.")
     p.add_argument("paths", nargs="+", metavar="STUDY_DIR_OR_RUN_DIR", help="study folders and/or run directories")
     p.add_argument("--out", metavar="REPORT_DIR", required=True, help="folder for the report")
     p.set_defaults(func=_cmd_report)
@@ -399,12 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """User-facing errors: reported in one line, without a traceback."""
-    from fixmatch.runs.checkpoint import CheckpointError
     from fixmatch.data.datasets import DatasetError
     from fixmatch.data.split import SplitError
     from fixmatch.models import ModelError
-    from fixmatch.training.nonfinite import NonFiniteError
+    from fixmatch.runs.checkpoint import CheckpointError
     from fixmatch.runs.rundir import RunDirError
+    from fixmatch.training.nonfinite import NonFiniteError
     return ConfigError, CheckpointError, DatasetError, SplitError, ModelError, NonFiniteError, RunDirError
 
 

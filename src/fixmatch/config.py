@@ -6,14 +6,24 @@ a sweep grid and the command line all speak the same language. Unknown keys and 
 ``ConfigError`` with one line naming the key and what is accepted, before any work starts. Every YAML file the
 project reads goes through ``parse_yaml``: no alias bombs, deep nesting or duplicate keys, and integers are plain
 decimals (an integer key takes 64 bits at most).
+
+Every rule about the values lives here, next to the keys, in three kinds:
+- a key's type comes from its type hint (``bool``, ``int``, ``float``, ``str``, each optionally ``| None``):
+  ``key_types`` reads the hints, so a new ``bool`` key needs no check of its own;
+- a key's range or set of values is its ``check`` (``_key``, ``_one_of``);
+- rules between keys (``check_combinations``) and between keys and where the run runs, the device and the
+  number of processes (``check_runtime``).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import reprlib
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,6 +54,8 @@ def _section(title: str) -> None:
 
 def _key(help: str, check: Callable[[Any], bool] | None = None, accepted: str = "", *,
          choices: tuple[str, ...] = (), metavar: str = "", **kw: Any) -> Any:
+    """A config key: ``check`` says which values of the key's type are allowed (None: any), ``accepted`` says it
+    in words for errors; a key without ``accepted`` gets its type's words (``_spell_out_types``)."""
     return field(metadata={"help": help, "check": check, "accepted": accepted, "group": _SECTION,
                            "choices": choices, "metavar": metavar}, **kw)
 
@@ -57,27 +69,108 @@ def _or_list(words: tuple[str, ...]) -> str:
     return " or ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+# The checks below see values of the key's type only: the type hint is checked first (validate_overrides).
+def _positive_int(v: int) -> bool:
+    return v > 0
 
 
-def _nonneg_float(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+def _nonneg_int(v: int) -> bool:
+    return v >= 0
 
 
-def _unit_interval(v: Any) -> bool:
+def _nonneg_float(v: float) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+def _unit_interval(v: float) -> bool:
     return _nonneg_float(v) and v <= 1
 
 
-def _positive_float(v: Any) -> bool:
+def _positive_float(v: float) -> bool:
     return _nonneg_float(v) and v > 0
 
 
-def _time_budget(v: Any) -> bool:
-    from fixmatch.training.budget import is_budget  # imported here: budget.py reads this module
+_DURATION = re.compile(r"(?:([0-9]{1,6})h)?(?:([0-9]{1,8})m)?(?:([0-9]{1,10})s)?")
+DURATION_FORMS = "a duration such as 90s, 15m, 2h or 1h30m"
+
+
+def parse_budget(text: Any) -> float:
+    """Seconds in a ``time_budget``: whole hours, minutes and seconds, in that order ("90s", "15m", "2h", "1h30m")."""
+    match = _DURATION.fullmatch(text) if isinstance(text, str) and text else None
+    if match is None:
+        raise ConfigError(f"invalid time budget {short_repr(text)}; expected {DURATION_FORMS}")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total == 0:
+        raise ConfigError(f"time budget {short_repr(text)} is zero; give {DURATION_FORMS}")
+    return float(total)
+
+
+def is_budget(value: Any) -> bool:
+    """The check of the ``time_budget`` key (null is checked by the key itself)."""
+    try:
+        parse_budget(value)
+    except ConfigError:
+        return False
+    return True
+
+
+def _time_budget(v: str | None) -> bool:
     return v is None or is_budget(v)
 
 
+@dataclass(frozen=True)
+class KeyType:
+    """What a key's type hint allows: values of ``base`` (bool, int, float, str), and null where ``nullable``."""
+    base: type
+    nullable: bool = False
+
+    @classmethod
+    def of(cls, hint: Any) -> KeyType:
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = typing.get_args(hint) if union else (hint,)
+        bases = [a for a in args if a is not type(None)]
+        if len(bases) != 1 or not isinstance(bases[0], type):
+            raise TypeError(f"a config key holds one type, or one type | None, not {hint}")
+        return cls(bases[0], len(bases) < len(args))
+
+    @property
+    def name(self) -> str:  # as the hint is written: "str | None"
+        return self.base.__name__ + (" | None" if self.nullable else "")
+
+    @property
+    def words(self) -> str:
+        """What the type accepts, in an error message's words."""
+        if self.base is bool:
+            return "true, false or null" if self.nullable else "true or false"
+        return f"a value of type {self.name}"
+
+    def holds(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.base is int:  # no key needs more than 64 bits: a longer number is a typo, not a setting
+            return _is_int(value) and _fits_64_bits(value)
+        return isinstance(value, self.base)  # bool is no float or str, and True is no int (above)
+
+
+@functools.cache
+def key_types(schema: type) -> dict[str, KeyType]:
+    """Each key of the dataclass ``schema`` (Config, or a subclass adding keys) -> its KeyType, read from the
+    resolved type hints (``from __future__ import annotations`` makes them strings until resolved)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: KeyType.of(hints[f.name]) for f in fields(schema)}
+
+
+def _spell_out_types(schema: type) -> type:
+    """Keys without ``accepted`` words (bool and str keys) get their type's, so that every key's metadata says
+    what it accepts (error messages, --help)."""
+    for f in fields(schema):
+        if not f.metadata.get("accepted"):
+            f.metadata = types.MappingProxyType({**f.metadata, "accepted": key_types(schema)[f.name].words})
+    return schema
+
+
+@_spell_out_types
 @dataclass
 class Config:
     _section("data")
@@ -94,7 +187,7 @@ class Config:
                             "does (5000 = every train image)", lambda v: v is None or v in range(10),
                             "an integer 0-9 or null", default=None)
     svhn_extra: bool = _key("svhn: add the 531,131 extra images to the unlabeled pool (the paper uses train only)",
-                            lambda v: isinstance(v, bool), "true or false", default=False)
+                            default=False)
     label_selection: str = _one_of("which images get labels: random (stratified), file (--split-file), "
                                    "representative / unrepresentative (nearest to / farthest from the class "
                                    "centroid; a study tool that reads the true labels)", LABEL_SELECTIONS,
@@ -122,7 +215,7 @@ class Config:
     mu: int = _key("unlabeled images per step = mu * B (the paper's 7)", _positive_int, "a positive integer",
                    default=7)
     tau: float = _key("confidence threshold for pseudo-labels (the paper's 0.95)",
-                      lambda v: _unit_interval(v), "a number in [0, 1]", default=0.95)
+                      _unit_interval, "a number in [0, 1]", default=0.95)
     lambda_u: float = _key("weight of the unlabeled loss (the paper's 1)", _nonneg_float, "a number >= 0",
                            default=1.0)
     T: float = _key("pseudo-label temperature: 1 (or 0) = hard argmax labels, as the paper and official code; "
@@ -132,10 +225,10 @@ class Config:
                            "over tau only", ("all", "masked"), default="all")
     dist_align: bool = _key("distribution alignment (ReMixMatch): scale the weak view's probabilities by "
                             "p_labeled / p_model before the threshold; not in the paper's FixMatch",
-                            lambda v: isinstance(v, bool), "true or false", default=False)
+                            default=False)
     _section("augmentation")
     weak_flip: bool | None = _key("random horizontal flip in the weak view; null = the data set's default",
-                                  lambda v: v is None or isinstance(v, bool), "true, false or null", default=None)
+                                  default=None)
     weak_translate: float = _key("max random translation of the weak view, as a fraction of the side (4 px at 32)",
                                  lambda v: _unit_interval(v) and v < 0.5, "a number in [0, 0.5)", default=0.125)
     weak_padding: str = _one_of("border of the weak view's translation: reflect (the official code) or zeros "
@@ -164,8 +257,7 @@ class Config:
                      "a number > 0", default=0.03)
     momentum: float = _key("SGD momentum (Nesterov)", lambda v: _unit_interval(v) and v < 1, "a number in [0, 1)",
                            default=0.9)
-    nesterov: bool = _key("use Nesterov momentum, as the paper does", lambda v: isinstance(v, bool),
-                          "true or false", default=True)
+    nesterov: bool = _key("use Nesterov momentum, as the paper does", default=True)
     wd: float = _key("L2 weight decay on convolution and linear weights only (the paper's 5e-4)",
                      _nonneg_float, "a number >= 0", default=5e-4)
     optimizer: str = _one_of("sgd (the paper: momentum, Nesterov), adam (L2 decay) or adamw (decoupled decay); "
@@ -174,13 +266,11 @@ class Config:
                             "after plateau_patience evaluations without a better test_acc) or constant",
                             ("cosine", "plateau", "constant"), default="cosine")
     warmup: int = _key("steps of linear warm-up from lr/warmup to lr before the schedule; 0 = none (the paper)",
-                       lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0",
-                       default=0)
+                       _nonneg_int, "an integer >= 0", default=0)
     plateau_factor: float = _key("plateau schedule: the lr is multiplied by this when accuracy stalls",
                                  lambda v: _unit_interval(v) and 0 < v < 1, "a number in (0, 1)", default=0.5)
     plateau_patience: int = _key("plateau schedule: evaluations without improvement before the lr drops",
-                                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                                 "an integer >= 0", default=3)
+                                 _nonneg_int, "an integer >= 0", default=3)
     ema: float = _key("decay of the exponential moving average of the weights used for evaluation; "
                       "0 = no EMA (evaluate the raw weights)",
                       lambda v: _unit_interval(v) and v < 1, "a number in [0, 1)", default=0.999)
@@ -189,25 +279,25 @@ class Config:
                            _positive_int, "a positive integer", default=1024)
     eval_batch_size: int = _key("images per forward pass at evaluation", _positive_int, "a positive integer",
                                 default=1024)
-    progress: bool = _key("show a progress bar", lambda v: isinstance(v, bool), "true or false", default=True)
+    progress: bool = _key("show a progress bar", default=True)
     _section("speed and processes")  # speed.py, step.py, distributed.py
     device: str = _key("auto (cuda when available), cpu, cuda or cuda:N", lambda v: v in ("auto", "cpu", "cuda")
-                       or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v) is not None),
+                       or re.fullmatch(r"cuda:\d+", v) is not None,
                        "auto, cpu, cuda or cuda:N", metavar="{auto,cpu,cuda,cuda:N}", default="auto")
     channels_last: bool = _key("channels-last memory format (faster convolutions on most CPUs and GPUs)",
-                               lambda v: isinstance(v, bool), "true or false", default=True)
+                               default=True)
     amp: str = _one_of("mixed precision of the forward pass: none (fp32), bf16 (CUDA; CPUs with bf16 units) or fp16 "
                        "(CUDA, with loss scaling)", ("none", "bf16", "fp16"), default="none")
     compile: bool = _key("torch.compile the model (needs a C++ compiler on the CPU); the first steps are slow",
-                         lambda v: isinstance(v, bool), "true or false", default=False)
+                         default=False)
     weak_no_grad: bool = _key("run the weak unlabeled view in its own no-grad forward: about a third less compute; "
                               "BatchNorm then normalises it with its own batch statistics (step.py)",
-                              lambda v: isinstance(v, bool), "true or false", default=False)
+                              default=False)
     sync_bn: bool = _key("several processes (torchrun) on CUDA: BatchNorm statistics over all processes' batches",
-                         lambda v: isinstance(v, bool), "true or false", default=False)
+                         default=False)
     _section("run")  # with train's --out and --resume
     seed: int = _key("seed of the split, the initial weights, the data order and the augmentations",
-                     lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31,
+                     lambda v: 0 <= v < 2**31,
                      "an integer in [0, 2^31)", default=0)
     on_nonfinite: str = _one_of("a NaN/inf loss or gradient: stop (naming the step and the last good checkpoint) "
                                 "or skip the step and count it in nonfinite_steps (nonfinite.py)", ("stop", "skip"),
@@ -271,30 +361,33 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def _field_map() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in fields(Config)}
+def _field_map(schema: type = Config) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(schema)}
 
 
-def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
-    """Accept ints for float keys (``lr: 1`` in YAML), reject everything else that has the wrong type."""
-    if f.type in ("float",) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+def _coerce(value: Any, kind: KeyType) -> Any:
+    """Accept ints for float keys (``lr: 1`` in YAML); the type check refuses everything else of another type."""
+    if kind.base is float and _is_int(value):
+        try:
+            return float(value)
+        except OverflowError:  # beyond any float: refused as the int it is
+            return value
     return value
 
 
-def validate_overrides(overrides: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check that every key exists and every value passes its key's check; return coerced values."""
-    known = _field_map()
+def validate_overrides(overrides: dict[str, Any], source: str, schema: type = Config) -> dict[str, Any]:
+    """Check that every key exists and every value has its key's type (from ``schema``'s type hints) and passes
+    its key's check; return coerced values."""
+    known, kinds = _field_map(schema), key_types(schema)
     out: dict[str, Any] = {}
     for name, value in overrides.items():
         if name not in known:
-            raise unknown_key_error(name, source)
-        f = known[name]
-        value = _coerce(name, value, f)
-        check, accepted = f.metadata["check"], f.metadata["accepted"]
-        type_ok = _type_ok(value, f)
-        if not type_ok or (check is not None and not check(value)):
-            want = accepted or f"a value of type {f.type}"
+            raise unknown_key_error(name, source, schema=schema)
+        f, kind = known[name], kinds[name]
+        value = _coerce(value, kind)
+        check = f.metadata.get("check")
+        if not kind.holds(value) or (check is not None and not check(value)):
+            want = f.metadata.get("accepted") or kind.words
             if _is_int(value) and not _fits_64_bits(value):
                 want += " (at most 2^63 - 1 in magnitude)"
             raise ConfigError(f"invalid value for '{name}' in {source}: {short_repr(value)}; expected {want}")
@@ -327,10 +420,10 @@ def suggest(name: Any, known: Iterable[str], listing: str = LIST_KEYS_HINT) -> s
     return f"did you mean '{close}'?" if close is not None else listing
 
 
-def unknown_key_error(name: Any, source: str, also: Iterable[str] = ()) -> ConfigError:
+def unknown_key_error(name: Any, source: str, also: Iterable[str] = (), schema: type = Config) -> ConfigError:
     """The error for a key that is no config key (nor one of ``also``, other names valid where it was found)."""
     return ConfigError(f"unknown config key {short_repr(name)} in {source}; "
-                       f"{suggest(name, [*_field_map(), *also])}")
+                       f"{suggest(name, [*_field_map(schema), *also])}")
 
 
 def _is_int(value: Any) -> bool:
@@ -339,21 +432,6 @@ def _is_int(value: Any) -> bool:
 
 def _fits_64_bits(value: int) -> bool:
     return -(2**63) <= value < 2**63
-
-
-def _type_ok(value: Any, f: dataclasses.Field) -> bool:
-    t = str(f.type)
-    if value is None:
-        return "None" in t
-    if t.startswith("str"):
-        return isinstance(value, str)
-    if t.startswith("int"):  # no key needs more than 64 bits: a longer number is a typo, not a setting
-        return _is_int(value) and _fits_64_bits(value)
-    if t.startswith("float"):
-        return isinstance(value, float)
-    if t.startswith("bool"):
-        return isinstance(value, bool)
-    return True
 
 
 # --------------------------------------------------------------------------------------------- YAML files
@@ -525,23 +603,37 @@ def check_config(config: Config) -> Config:
     """Validate a Config built in Python (the API path), with the same messages as the command line."""
     if not isinstance(config, Config):
         raise ConfigError(f"train() expects a fixmatch.Config, got {type(config).__name__}")
-    validate_overrides(config.to_dict(), "the config")
+    validate_overrides(config.to_dict(), "the config", type(config))
     check_combinations(config)
     return config
 
 
+# ------------------------------------------------------------------------------------- rules between keys
 def check_combinations(config: Config) -> None:
-    """Keys that only one data set or one strong policy reads: refused for the others rather than ignored.
+    """Keys that only one data set, one label selection or one strong policy reads: refused for the others
+    rather than ignored.
 
     Each key's own check cannot see the others, so this runs on the resolved config: by ``train`` and by
-    ``fixmatch sweep`` when it validates a study, before any run starts.
+    ``fixmatch sweep`` when it validates a study, before any run starts. Rules that need the data (a fold's
+    size, the pool's size) are train's, once the data set is loaded.
     """
     if config.fold is not None and config.dataset != "stl10":
         raise ConfigError(f"--fold selects one of STL-10's official labeled folds; it does not apply to "
                           f"{_clip(config.dataset)}: leave it unset")
     if config.svhn_extra and config.dataset != "svhn":
         raise ConfigError(f"--svhn-extra adds SVHN's extra images; it does not apply to {_clip(config.dataset)}")
+    if config.fold is None:  # a fold chooses the labeled images itself
+        check_label_selection(config.label_selection, config.split_file)
     strong_policy_options(config.strong, config.randaugment_ops, config.randaugment_prob)
+
+
+def check_label_selection(label_selection: str, split_file: str | None) -> None:
+    """--split-file goes with label_selection file, or with random, which it then replaces (select_labels)."""
+    if label_selection == "file" and not split_file:
+        raise ConfigError("label_selection 'file' needs --split-file FILE (a split.json from an earlier run)")
+    if split_file and label_selection not in ("random", "file"):
+        raise ConfigError(f"--split-file is used only with label_selection 'file', not {label_selection!r}; "
+                          f"drop one")
 
 
 def strong_policy_options(strong: str, randaugment_ops: int, randaugment_prob: float) -> dict[str, Any]:
@@ -557,6 +649,41 @@ def strong_policy_options(strong: str, randaugment_ops: int, randaugment_prob: f
             raise ConfigError(f"--{key.replace('_', '-')} applies to --strong randaugment only, not {strong}; "
                               f"leave it at its default ({default}) or use --strong randaugment")
     return {}
+
+
+# ------------------------------------------------------------------------------ rules about where a run runs
+def check_runtime(config: Config, device_type: str, world_size: int, cpu_compiler: str | None) -> None:
+    """Options that this device ("cpu", "cuda"), this number of processes or this machine cannot run, refused
+    before anything is written. ``cpu_compiler``: the C++ compiler torch.compile would use on the CPU
+    (speed.find_cpu_compiler), None where there is none."""
+    check_batch_sizes(config.batch_size, world_size)
+    check_amp(config.amp, device_type)
+    check_compile(config.compile, device_type, cpu_compiler)
+    check_sync_bn(config.sync_bn, device_type)
+
+
+def check_batch_sizes(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
+                          f"{world_size} processes; choose a multiple of {world_size}")
+
+
+def check_amp(amp: str, device_type: str) -> None:
+    if amp == "fp16" and device_type != "cuda":
+        raise ConfigError("--amp fp16 needs CUDA (float16 with loss scaling); on the CPU use --amp bf16 or none")
+
+
+def check_compile(compile: bool, device_type: str, cpu_compiler: str | None) -> None:
+    """torch.compile generates C++ on the CPU: refuse in one line, before training, if no compiler is there."""
+    if compile and device_type == "cpu" and cpu_compiler is None:
+        raise ConfigError("--compile on the CPU needs a C++ compiler (g++, c++ or clang++, or $CXX) and none was "
+                          "found on PATH; install one or leave --compile off")
+
+
+def check_sync_bn(sync_bn: bool, device_type: str) -> None:
+    if sync_bn and device_type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; leave --sync-bn off "
+                          "on the CPU (each process then normalises with its own batch statistics)")
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:

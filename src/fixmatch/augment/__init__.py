@@ -2,36 +2,14 @@
 
 Weak: flip + shift. Strong: RandAugment + Cutout by default; other strong
 policies (RandAugment variants, CTAugment) by name via make_strong_augment.
+``build_views(config)`` gives a configuration's weak and strong views.
 """
 
-from . import ops
-from .ctaugment import CTAChoices, CTAugment
-from .ops import *  # noqa: F403  (the ops' public names, listed once in ops.__all__)
-from .policies import WEAK_PADDINGS, RandAugment, RandAugmentChoices, weak_augment
-from .randaugment_variants import (
-    STRONG_AUGMENTS,
-    RandAugmentVariant,
-    StrongAugment,
-    VariantChoices,
-    make_strong_augment,
-    randaugment_3op,
-    randaugment_fixed,
-    randaugment_tf,
-)
+from . import ctaugment, ops, policies, randaugment_variants, views
+from .ctaugment import *  # noqa: F403  (each module lists its public names once, in its __all__)
+from .ops import *  # noqa: F403
+from .policies import *  # noqa: F403
+from .randaugment_variants import *  # noqa: F403
+from .views import *  # noqa: F403
 
-__all__ = [
-    "RandAugment",
-    "RandAugmentChoices",
-    "weak_augment",
-    "WEAK_PADDINGS",
-    "CTAugment",
-    "CTAChoices",
-    "STRONG_AUGMENTS",
-    "StrongAugment",
-    "make_strong_augment",
-    "RandAugmentVariant",
-    "VariantChoices",
-    "randaugment_tf",
-    "randaugment_fixed",
-    "randaugment_3op",
-] + ops.__all__
+__all__ = policies.__all__ + ctaugment.__all__ + randaugment_variants.__all__ + views.__all__ + ops.__all__

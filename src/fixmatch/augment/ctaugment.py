@@ -223,7 +223,11 @@ class CTAugment:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if not torch.equal(state["nbins"].cpu(), self.nbins):
             raise ValueError("CTAugment state has a different op set or binning")
-        self.rates = state["rates"].detach().to("cpu", torch.float32).clone()
+        rates = state["rates"]
+        if not isinstance(rates, Tensor) or rates.shape != self.rates.shape:  # would fail at the next draw, not here
+            found = tuple(rates.shape) if isinstance(rates, Tensor) else type(rates).__name__
+            raise ValueError(f"CTAugment rates of shape {found}, expected {tuple(self.rates.shape)}")
+        self.rates = rates.detach().to("cpu", torch.float32).clone()
 
     def probabilities(self) -> Tensor:
         """Gives the sampling probability of every bin (K, 2, 17), zero for missing bins and parameters."""

@@ -41,17 +41,18 @@ end with a random sign): randaugment_variants.py compares the two. Cutout covers
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
 from . import ops
 
-__all__ = ["weak_augment", "WEAK_PADDINGS", "RandAugment", "RandAugmentChoices"]
+__all__ = ["weak_augment", "WEAK_PADDINGS", "RandAugment", "RandAugmentChoices", "LayeredPolicy"]
 
 
 def _reflect(i: Tensor, size: int) -> Tensor:
@@ -141,7 +142,70 @@ def choices_to(choices: ChoicesT, device: torch.device) -> ChoicesT:
                                             for f in dataclasses.fields(choices)})  # type: ignore[arg-type]
 
 
-class RandAugment:
+class LayerChoices(Protocol):
+    """What every layered policy's draws hold: (N, num_ops) tensors of op indices and apply flags."""
+
+    ops: Tensor
+    applied: Tensor
+
+
+LayerChoicesT = TypeVar("LayerChoicesT", bound=LayerChoices)
+
+
+class LayeredPolicy(ABC, Generic[LayerChoicesT]):
+    """What RandAugment and its variants (randaugment_variants.py) share: ``num_ops`` layers, each applying
+    one drawn op to every sample (or none), then Cutout; ``policy(x, generator)`` is sample() then apply().
+
+    A subclass draws the choices (``_draw``), applies them (``apply``) and says what its captions show
+    (``_caption_value``, ``_cutout_caption``).
+    """
+
+    num_ops: int
+    cutout: float
+    ops: list[Any]  # the op table: each entry has a name and a fmt for its value
+
+    def sample(self, n: int, generator: torch.Generator, device: torch.device | str | None = None) -> LayerChoicesT:
+        """Draws every sample's choices for each layer; ``device`` defaults to the generator's (as CTAugment's)."""
+        device = torch.device(device) if device is not None else generator.device
+        return self._draw((n, self.num_ops), generator, device)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Augments a batch: sample() followed by apply()."""
+        return self.apply(x, self.sample(x.shape[0], generator, x.device), generator)
+
+    def describe(self, choices: LayerChoicesT, i: int) -> str:
+        """Gives a caption for sample i listing the ops that were applied.
+
+        For example: ``"Rotate(+18.0) Posterize(6) Cutout(0.5)"``.
+        """
+        parts = []
+        for layer in range(self.num_ops):
+            if bool(choices.applied[i, layer]):
+                k = int(choices.ops[i, layer])
+                v = self._caption_value(choices, k, i, layer)
+                parts.append(self.ops[k].name if v is None else f"{self.ops[k].name}({self.ops[k].fmt.format(v)})")
+        if self.cutout > 0:
+            parts.append(self._cutout_caption(choices, i))
+        return " ".join(parts) if parts else "Identity"
+
+    @abstractmethod
+    def _draw(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> LayerChoicesT:
+        """The choices of ``shape`` = (samples, layers), drawn with ``generator`` on ``device``."""
+
+    @abstractmethod
+    def apply(self, x: Tensor, choices: LayerChoicesT, generator: torch.Generator) -> Tensor:
+        """Applies the drawn ops to x (uint8 or float in [0, 1]), then Cutout. Returns float32 in [0, 1]."""
+
+    @abstractmethod
+    def _caption_value(self, choices: LayerChoicesT, k: int, i: int, layer: int) -> float | None:
+        """The value op ``k`` was applied with to sample i in ``layer``; None for an op without one."""
+
+    @abstractmethod
+    def _cutout_caption(self, choices: LayerChoicesT, i: int) -> str:
+        """Cutout's part of sample i's caption."""
+
+
+class RandAugment(LayeredPolicy[RandAugmentChoices]):
     """The RandAugment variant used by FixMatch as its strong augmentation (see the module docstring).
 
     ``RandAugment()(x, generator)`` augments a whole batch. The batch is
@@ -183,15 +247,8 @@ class RandAugment:
         v = spec.lo + (spec.hi - spec.lo) * level.float() / 10
         return v.round() if spec.name == "Posterize" else v
 
-    def sample(
-        self, n: int, generator: torch.Generator, device: torch.device | str | None = None
-    ) -> RandAugmentChoices:
-        """Draws the op, the magnitude level and the apply flag for each of n samples and each layer.
-
-        ``device`` defaults to the generator's (as CTAugment's sample does).
-        """
-        device = torch.device(device) if device is not None else generator.device
-        shape = (n, self.num_ops)
+    def _draw(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> RandAugmentChoices:
+        """Draws the op, the magnitude level and the apply flag for each sample and each layer."""
         return RandAugmentChoices(
             ops=torch.randint(0, len(self.ops), shape, generator=generator, device=device),
             levels=torch.randint(1, 10, shape, generator=generator, device=device),
@@ -230,29 +287,11 @@ class RandAugment:
                 coeffs[sel] = self.ops[k].coeffs(self.value(k, level[sel]), h, w)
         return coeffs
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Augments a batch: sample() followed by apply()."""
-        return self.apply(x, self.sample(x.shape[0], generator, x.device), generator)
+    def _caption_value(self, choices: RandAugmentChoices, k: int, i: int, layer: int) -> float | None:
+        return None if self.ops[k].fmt is None else float(self.value(k, choices.levels[i, layer]))
 
-    def describe(self, choices: RandAugmentChoices, i: int) -> str:
-        """Gives a caption for sample i listing the ops that were applied.
-
-        For example: ``"Rotate(+18.0) Posterize(6) Cutout(0.5)"``.
-        """
-        parts = []
-        for layer in range(self.num_ops):
-            if not bool(choices.applied[i, layer]):
-                continue
-            k = int(choices.ops[i, layer])
-            spec = self.ops[k]
-            if spec.fmt is None:
-                parts.append(spec.name)
-            else:
-                v = float(self.value(k, choices.levels[i, layer]))
-                parts.append(f"{spec.name}({spec.fmt.format(v)})")
-        if self.cutout > 0:
-            parts.append(f"Cutout({self.cutout:g})")
-        return " ".join(parts) if parts else "Identity"
+    def _cutout_caption(self, choices: RandAugmentChoices, i: int) -> str:
+        return f"Cutout({self.cutout:g})"
 
     def __repr__(self) -> str:
         return f"RandAugment(num_ops={self.num_ops}, prob={self.prob}, cutout={self.cutout}, fill={self.fill})"

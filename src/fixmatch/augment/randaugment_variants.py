@@ -84,7 +84,7 @@ from torch import Tensor
 
 from . import ops
 from .ctaugment import CTAugment
-from .policies import RandAugment, choices_to
+from .policies import LayeredPolicy, RandAugment, choices_to
 
 __all__ = [
     "STRONG_AUGMENTS",
@@ -128,32 +128,22 @@ class _VOp(NamedTuple):
     fmt: str = "{:.2f}"
 
 
-class RandAugmentVariant:
+@dataclass(eq=False, repr=False)
+class RandAugmentVariant(LayeredPolicy[VariantChoices]):
     """RandAugment with a configurable op table, magnitude draw and Cutout (see the module docstring).
 
     ``magnitude``: an int is a fixed level; a pair (lo, hi) draws an integer
     level uniformly in lo..hi; None draws U(0, 1) (continuous ranges).
     """
 
-    def __init__(
-        self,
-        name: str,
-        ops_table: list[_VOp],
-        num_ops: int,
-        prob: float,
-        magnitude: int | tuple[int, int] | None,
-        cutout: float,
-        random_cutout: bool,
-        fill: float,
-    ) -> None:
-        self.name = name
-        self.ops = ops_table
-        self.num_ops = num_ops
-        self.prob = prob
-        self.magnitude = magnitude
-        self.cutout = cutout
-        self.random_cutout = random_cutout
-        self.fill = fill
+    name: str
+    ops: list[_VOp]
+    num_ops: int
+    prob: float
+    magnitude: int | tuple[int, int] | None
+    cutout: float
+    random_cutout: bool
+    fill: float
 
     def value(self, op: int, magnitude: Tensor, sign: Tensor | float = 1.0) -> Tensor:
         """Maps magnitudes (any shape) and signs to the parameter of op number ``op``."""
@@ -163,15 +153,9 @@ class RandAugmentVariant:
         v = spec.value(magnitude.float())
         return v * sign if spec.signed else v
 
-    def sample(
-        self, n: int, generator: torch.Generator, device: torch.device | str | None = None
-    ) -> VariantChoices:
-        """Draws ops, magnitudes, signs, apply flags and Cutout sizes (always all of them, in this order).
-
-        ``device`` defaults to the generator's (as CTAugment's sample does).
-        """
-        device = torch.device(device) if device is not None else generator.device
-        shape = (n, self.num_ops)
+    def _draw(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> VariantChoices:
+        """Draws ops, magnitudes, signs, apply flags and Cutout sizes (always all of them, in this order)."""
+        n = shape[0]
         kw = dict(generator=generator, device=device)
         op_idx = torch.randint(0, len(self.ops), shape, **kw)
         if self.magnitude is None:
@@ -208,26 +192,13 @@ class RandAugmentVariant:
             x = ops.cutout_per_sample(x, sizes, generator, fill=self.fill)
         return x
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Augments a batch: sample() followed by apply()."""
-        return self.apply(x, self.sample(x.shape[0], generator, x.device), generator)
+    def _caption_value(self, choices: VariantChoices, k: int, i: int, layer: int) -> float | None:
+        if self.ops[k].value is None:
+            return None
+        return float(self.value(k, choices.magnitudes[i, layer], choices.signs[i, layer]))
 
-    def describe(self, choices: VariantChoices, i: int) -> str:
-        """Gives a caption for sample i, e.g. ``"Rotate(-24) Posterize(2) Cutout(0.5)"``."""
-        parts = []
-        for layer in range(self.num_ops):
-            if not bool(choices.applied[i, layer]):
-                continue
-            k = int(choices.ops[i, layer])
-            spec = self.ops[k]
-            if spec.value is None:
-                parts.append(spec.name)
-            else:
-                v = float(self.value(k, choices.magnitudes[i, layer], choices.signs[i, layer]))
-                parts.append(f"{spec.name}({spec.fmt.format(v)})")
-        if self.cutout > 0:
-            parts.append(f"Cutout({float(choices.cutout[i]):.2g})")
-        return " ".join(parts) if parts else "Identity"
+    def _cutout_caption(self, choices: VariantChoices, i: int) -> str:
+        return f"Cutout({float(choices.cutout[i]):.2g})"
 
     def __repr__(self) -> str:
         return (f"RandAugmentVariant({self.name!r}, num_ops={self.num_ops}, prob={self.prob}, "

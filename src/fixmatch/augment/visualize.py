@@ -3,14 +3,14 @@
 ``augment_views`` computes the views the way train() does (the weak view; the strong view is its own
 weak view followed by the strong policy) and captions each strong view with the ops and magnitudes
 its policy drew for it. ``grid_figure`` lays them out with matplotlib, one image per row;
-``save_grid`` writes it to a PNG (``fixmatch show-augment``) and ``grid_image`` renders it to an RGB
-array for TensorBoard. matplotlib is imported only here and only when a figure is made (the ``report``
-extra: ``pip install 'fixmatch[report]'``).
+``save_grid`` writes it to a PNG (``fixmatch show-augment``: studies/show_augment.py) and ``grid_image``
+renders it to an RGB array for TensorBoard. matplotlib is imported only here and only when a figure is
+made (the ``report`` extra: ``pip install 'fixmatch[report]'``).
 """
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,16 +20,16 @@ import torch
 from torch import Tensor
 
 from fixmatch.core.atomic import atomic_path
+
 from .ops import to_float
 from .randaugment_variants import StrongAugment
+from .views import WeakAugment
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["AugmentViews", "augment_views", "grid_figure", "grid_image", "save_grid", "pick_images", "show_augment",
+__all__ = ["AugmentViews", "augment_views", "grid_figure", "grid_image", "save_grid", "pick_images", "have_matplotlib",
            "AugmentGrids"]
-
-WeakAugment = Callable[[Tensor, torch.Generator], Tensor]
 
 
 @dataclass
@@ -148,56 +148,3 @@ class AugmentGrids:
         """The grid at this step as an RGB uint8 array (H, W, 3)."""
         views = augment_views(self.images.to(self.device), self.weak, self.strong, self.seed * 2**32 + step + 1)
         return grid_image(grid_figure(views, title=f"{self.title}step {step}"))
-
-
-def show_augment(dataset: str, out: str | Path, strong: str = "randaugment", num_images: int = 6, seed: int = 0,
-                 data_dir: str | Path = "data", cutout: float = 0.5, weak_padding: str = "reflect",
-                 randaugment_ops: int = 2, randaugment_prob: float = 0.5) -> Path:
-    """Writes the grid of original, weak and strong views of ``num_images`` training images to a PNG file.
-
-    The weak view is train()'s (flip unless the data set is one without, translation 12.5% padded by
-    ``weak_padding``, reflect or zeros); the strong view is ``strong`` (one of STRONG_AUGMENTS) with
-    Cutout of side ``cutout``; ``randaugment_ops`` / ``randaugment_prob`` are train's options of the same
-    names (``--strong randaugment`` only). CTAugment is shown with the uniform magnitudes it starts
-    training with. Returns the path written.
-    """
-    from functools import partial
-
-    from fixmatch.config import STRONG_AUGMENTS, WEAK_PADDINGS, ConfigError, strong_policy_options
-    from fixmatch.data.datasets import load_dataset
-    from fixmatch.training.loop import NO_FLIP_DATASETS
-
-    from .policies import weak_augment
-    from .randaugment_variants import make_strong_augment
-
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must name a .png file, got {str(out)!r}")
-    if not 1 <= num_images <= 64:
-        raise ConfigError(f"--num-images must be between 1 and 64, got {num_images}")
-    if strong not in STRONG_AUGMENTS:
-        raise ConfigError(f"unknown --strong {strong!r}; choose from {', '.join(STRONG_AUGMENTS)}")
-    if not 0 <= cutout <= 1:
-        raise ConfigError(f"--cutout must be in [0, 1], got {cutout}")
-    if weak_padding not in WEAK_PADDINGS:
-        raise ConfigError(f"unknown --weak-padding {weak_padding!r}; choose from {', '.join(WEAK_PADDINGS)}")
-    if isinstance(randaugment_ops, bool) or not isinstance(randaugment_ops, int) or randaugment_ops < 1:
-        raise ConfigError(f"--randaugment-ops must be a positive integer, got {randaugment_ops!r}")
-    if not 0 <= randaugment_prob <= 1:
-        raise ConfigError(f"--randaugment-prob must be in [0, 1], got {randaugment_prob}")
-    strong_options = strong_policy_options(strong, randaugment_ops, randaugment_prob)
-    if not 0 <= seed < 2**31:
-        raise ConfigError(f"--seed must be in [0, 2^31), got {seed}")
-    if not have_matplotlib():
-        raise ConfigError("show-augment draws with matplotlib, which is not installed: pip install 'fixmatch[report]'")
-    data = load_dataset(dataset, data_dir)
-    idx = pick_images(data.train_images.shape[0], min(num_images, data.train_images.shape[0]), seed)
-    weak = partial(weak_augment, flip=dataset not in NO_FLIP_DATASETS, translate=0.125, padding=weak_padding)
-    views = augment_views(data.train_images[idx], weak, make_strong_augment(strong, cutout=cutout, **strong_options),
-                          seed)
-    labels = [data.class_names[int(y)] for y in data.train_labels[idx]]
-    ops = f" ({randaugment_ops} ops, p {randaugment_prob:g})" if strong_options else ""
-    fig = grid_figure(views, labels, title=f"{dataset}: --strong {strong}{ops}, cutout {cutout:g}, seed {seed}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(fig, out)
-    return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fixmatch.core.atomic import atomic_path
+
 from .download import DatasetError
 
 __all__ = ["cache_is_fresh", "write_npy_atomic", "open_npy_mmap"]

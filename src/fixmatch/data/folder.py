@@ -41,10 +41,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fixmatch.core.atomic import atomic_path
-from .datasets import Dataset
+
+from .dataset import Dataset
 from .download import DatasetError
 
-__all__ = ["load_folder_dataset", "IMAGE_EXTENSIONS", "SIZE_CAP", "MAX_PIXELS", "ON_BAD_IMAGE"]
+__all__ = ["load_folder_dataset", "to_8bit", "IMAGE_EXTENSIONS", "SIZE_CAP", "MAX_PIXELS", "ON_BAD_IMAGE"]
 
 # Every format safe_image decodes (TIFF: microscopy and scanners; PGM/PPM: older data sets).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -342,7 +343,7 @@ def decode_image(path: str | Path, size: int, channels: int) -> np.ndarray:
             img.draft(None, (size, size))  # JPEG: decode at a reduced scale when the image is much larger
             img.load()
             img = ImageOps.exif_transpose(img)
-            img = _to_8bit(img, grey=channels == 1)
+            img = to_8bit(img, grey=channels == 1)
             img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8)
     except _ImageProblem:
@@ -353,8 +354,11 @@ def decode_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _to_8bit(img: Image.Image, grey: bool) -> Image.Image:
-    """Any Pillow mode -> 'L' (grey) or 'RGB': 16-bit scaled down, transparency composited over white."""
+def to_8bit(img: Image.Image, grey: bool) -> Image.Image:
+    """Any Pillow mode -> 'L' (grey) or 'RGB': 16-bit scaled down, transparency composited over white.
+
+    Public because a trained model converts the images it is given the same way (inference.model.pil_to_tensor).
+    """
     mode = img.mode
     if mode.startswith("I") or mode == "F":
         # 16-bit greyscale (PNG, TIFF) arrives as I;16* or I with values 0..65535; scale to 0..255.

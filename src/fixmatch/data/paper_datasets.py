@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fixmatch.core.atomic import atomic_path
+
 from .array_cache import cache_is_fresh, open_npy_mmap, write_npy_atomic
 from .datasets import IDX_SHAPES, MNIST_FILES, Dataset, _find_idx_files, _make, _read_idx
 from .download import DatasetError, download_file

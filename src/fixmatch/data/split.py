@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fixmatch.core.atomic import atomic_file
-from fixmatch.runs.rundir import read_run_file
+from fixmatch.core.files import read_run_file
 
 __all__ = ["Split", "SplitError", "make_split", "save_split", "load_split", "train_digest"]
 

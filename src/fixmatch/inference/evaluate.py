@@ -1,101 +1,24 @@
 """Test-set metrics for a model, a checkpoint or a run directory.
 
-The metric functions are pure (tensors in, numbers out); ``evaluate`` loads, predicts and reports.
+``evaluate`` loads, predicts and reports; the metrics themselves are pure functions in ``core/metrics.py``
+(training's evaluations compute the same), and the confusion matrix is drawn here.
 """
 from __future__ import annotations
 
 import re
 import sys
 import unicodedata
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from fixmatch.config import ConfigError
 from fixmatch.core.atomic import atomic_path
-from fixmatch.config import Config, ConfigError
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the values the ``device`` config key takes) as a torch.device."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu or auto")
-    device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device '{name}' requested but there are {torch.cuda.device_count()} CUDA devices; "
-                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, cuda or auto")
-    return device
-
-
-def check_device_name(name: Any) -> None:
-    """ConfigError for a value the ``device`` config key refuses (train checks the same with that key)."""
-    key = next(f for f in fields(Config) if f.name == "device")
-    if not isinstance(name, str) or not key.metadata["check"](name):
-        raise ConfigError(f"unknown device {name!r}; use {key.metadata['accepted']}")
-
-
-def normalize(x: Tensor, mean: Tensor, std: Tensor, channels_last: bool) -> Tensor:
-    """float images in [0, 1] -> the network's input: per-channel standardisation with the data set's statistics."""
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, batch_size: int,
-                   channels_last: bool = False) -> Tensor:
-    """Logits for uint8 images (N, C, H, W), in eval mode, batch by batch on the model's device."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
-        out.append(model(normalize(x, mean, std, channels_last)).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def accuracy_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent (top-5 is top-k with k = min(5, classes))."""
-    k = min(5, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    correct = topk == labels.view(-1, 1)
-    return {"top1": 100.0 * correct[:, 0].float().mean().item(), "top5": 100.0 * correct.any(1).float().mean().item()}
-
-
-def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """int64 (C, C): entry [i, j] counts images of true class i predicted as class j."""
-    index = labels.long() * num_classes + predictions.long()
-    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def per_class_accuracy(confusion: Tensor) -> list[float | None]:
-    """Recall of each class in percent (None for a class without test images)."""
-    support = confusion.sum(1)
-    return [100.0 * confusion[i, i].item() / n if n else None for i, n in enumerate(support.tolist())]
-
-
-def macro_f1(confusion: Tensor) -> float:
-    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN), in percent.
-
-    Classes that neither occur nor are predicted have no F1 and are left out of the mean (as
-    scikit-learn does when it infers the labels from the data).
-    """
-    tp = confusion.diag().double()
-    denom = 2 * tp + (confusion.sum(0) - confusion.diag()) + (confusion.sum(1) - confusion.diag())
-    present = denom > 0
-    if not present.any():
-        return 0.0
-    return 100.0 * (2 * tp[present] / denom[present]).mean().item()
+from fixmatch.core.metrics import classification_metrics
+from fixmatch.inference.model import load
+from fixmatch.runs.model_spec import load_run_dataset
 
 
 def draw_confusion(ax: Any, confusion: Tensor, class_names: list[str]) -> None:
@@ -140,14 +63,6 @@ def plot_confusion(confusion: Tensor, class_names: list[str], path: str | Path, 
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
-
-
-def classification_metrics(logits: Tensor, labels: Tensor, class_names: list[str]) -> dict[str, Any]:
-    """Top-1/top-5, per-class accuracy, macro-F1 and the confusion matrix (as nested lists)."""
-    cm = confusion_matrix(logits.argmax(1), labels, len(class_names))
-    acc = accuracy_metrics(logits, labels)
-    return {"test_acc": acc["top1"], "test_top5": acc["top5"], "macro_f1": macro_f1(cm),
-            "per_class_acc": dict(zip(class_names, per_class_accuracy(cm))), "confusion": cm.tolist()}
 
 
 def class_key(name: str) -> str:
@@ -202,9 +117,6 @@ def evaluate(path: str | Path, data_dir: str | None = None, device: str = "auto"
     says so; ``classes_remapped`` in the result), and the per-class metrics and the confusion matrix follow the
     model's class order. The images are standardised with the training run's statistics.
     """
-    from fixmatch.inference.model import load
-    from fixmatch.runs.model_spec import load_run_dataset
-
     model = load(path, weights=weights, device=device, data_dir=data_dir)
     name = dataset or model.config.get("dataset")
     if not isinstance(name, str):

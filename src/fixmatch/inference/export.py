@@ -1,6 +1,6 @@
 """`fixmatch export`: a trained model as TorchScript, torch.export (.pt2), ONNX or safetensors, written atomically.
 
-TorchScript, .pt2 and ONNX files hold the whole ``inference.Classifier``: images (N, C, H, W), uint8 in
+TorchScript, .pt2 and ONNX files hold the whole ``inference.model.Classifier``: images (N, C, H, W), uint8 in
 [0, 255] or float in [0, 1], of any height and width, are resized to the input size and standardised
 inside the graph; the output is the logits (N, num_classes). A TorchScript file takes both input types;
 a .pt2 or ONNX graph takes the one it was exported for (``input_dtype``). The model description (class
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from fixmatch.core.atomic import atomic_path
-from fixmatch.runs.checkpoint import DIGEST_KEY, tensor_digest
 from fixmatch.config import ConfigError
+from fixmatch.core.atomic import atomic_path
 from fixmatch.inference.model import FixMatchModel, load
+from fixmatch.runs.checkpoint import DIGEST_KEY, tensor_digest
 
 EXPORT_FORMATS = ("torchscript", "pt2", "onnx", "safetensors")
 # A .pt2 or ONNX graph has one input type, fixed when it is exported.

@@ -1,58 +1,28 @@
 """Apply a trained model: ``model = fixmatch.load(CHECKPOINT)``; ``model.predict(images)``.
 
 The preprocessing of training (uint8 -> [0, 1] -> per-channel standardisation with the training
-set's mean/std) lives in one module, ``Preprocess``, together with a resize to the model's input size;
-the Python API, ``fixmatch predict`` and the TorchScript/ONNX exports all run that same module.
+set's mean/std) runs as one module, ``core.preprocess.Preprocess``, together with a resize to the model's
+input size; the Python API, ``fixmatch predict`` and the TorchScript/ONNX exports all run that same module.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from fixmatch.runs.checkpoint import (
-    DIGEST_KEY,
-    CheckpointError,
-    CheckpointFields,
-    find_checkpoint,
-    load_checkpoint,
-    verify_digest,
-)
 from fixmatch.config import ConfigError
-from fixmatch.runs.model_spec import ModelSpec, spec_from_checkpoint
+from fixmatch.core.preprocess import Preprocess, resolve_device, run_batches, to_unit
+from fixmatch.data.folder import to_8bit
+from fixmatch.runs.checkpoint import DIGEST_KEY, CheckpointError, verify_digest
+from fixmatch.runs.model_spec import ModelSpec, load_model_checkpoint
 
 # ITU-R 601-2 luma weights, the ones PIL's convert("L") uses, so arrays and PIL images agree.
 _LUMA = (0.299, 0.587, 0.114)
-
-
-class Preprocess(nn.Module):
-    """uint8 [0, 255] or float [0, 1] images (N, C, H, W) -> the network's standardised input.
-
-    The resize (bilinear with antialiasing, so that shrinking averages like PIL's resize does) is an
-    exact identity when the images already have the input size, which is the case for training data.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], input_size: tuple[int, int]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
-        self.input_size = [int(input_size[0]), int(input_size[1])]
-
-    def to_unit(self, x: Tensor) -> Tensor:
-        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-    def resize(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (self.resize(self.to_unit(x)) - self.mean) / self.std
 
 
 class Classifier(nn.Module):
@@ -117,8 +87,7 @@ class FixMatchModel:
     @torch.no_grad()
     def logits(self, images: Any, batch_size: int = 256) -> Tensor:
         """Logits (N, num_classes) on the CPU for any input ``predict`` accepts."""
-        x = self.to_batch(images)
-        out = [self.module(x[i:i + batch_size].to(self.device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
+        out = run_batches(self.module, self.to_batch(images), batch_size, self.device)
         return torch.cat(out) if out else torch.zeros(0, self.spec.num_classes)
 
     def predict(self, images: Any, batch_size: int = 256) -> Predictions:
@@ -141,8 +110,7 @@ class FixMatchModel:
         items = [_match_channels(x, self.spec.in_channels) for x in items]
         size = tuple(self.spec.input_size)
         if any(x.shape[-2:] != size for x in items) or len({x.dtype for x in items}) > 1:
-            pre = self.module.preprocess
-            items = [pre.resize(pre.to_unit(x)) for x in items]
+            items = [self.module.preprocess.resize(to_unit(x)) for x in items]
         return torch.cat(items)
 
 
@@ -195,11 +163,9 @@ def pil_to_tensor(img: Any, channels: int, size: tuple[int, int] | None = None) 
     """
     from PIL import ImageOps
 
-    from fixmatch.data.folder import _to_8bit  # the conversion training images of folder data sets get
-
     if channels not in (1, 3):
         raise ValueError(f"the model takes {channels}-channel images; only 1 (L) and 3 (RGB) map to image modes")
-    img = _to_8bit(ImageOps.exif_transpose(img), grey=channels == 1)
+    img = to_8bit(ImageOps.exif_transpose(img), grey=channels == 1)
     if size is not None and (img.height, img.width) != tuple(size):
         img = ImageOps.fit(img, (size[1], size[0]), Image.Resampling.BICUBIC)
     a = np.asarray(img, dtype=np.uint8)
@@ -228,8 +194,6 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
     ``weights``: "ema" (the averaged weights the run was evaluated with) or "raw". ``data_dir`` is only
     needed for checkpoints written before they described their model (their data set supplies it).
     """
-    from fixmatch.inference.evaluate import resolve_device
-
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw', not {weights!r}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -240,19 +204,8 @@ def load(path: str | Path, weights: str = "ema", device: str | torch.device = "c
         what, how = _EXPORT_USE[kind]
         raise CheckpointError(f"{path} is {what}, which fixmatch does not load: run it with {how}, or give "
                               f"fixmatch the run directory or checkpoint it was exported from")
-    ckpt = find_checkpoint(path)
-    state = load_checkpoint(ckpt)
-    fields = CheckpointFields(state, ckpt)
-    step = fields.integer("step")
-    config = state.get("config")
-    if not isinstance(config, (dict, type(None))):
-        raise fields.error("config", f"is a {type(config).__name__}, not a mapping of config keys")
-    spec = spec_from_checkpoint(state, ckpt, data_dir)
-    key = "ema" if weights == "ema" and state.get("ema") is not None else "model"
-    spec.check_weights(fields.get(key), str(ckpt), f"{key} ")  # before anything is allocated for them
-    backbone = spec.build()
-    fields.restore(key, backbone.load_state_dict)
-    return FixMatchModel(spec, backbone, dev, str(ckpt), step, config)
+    loaded = load_model_checkpoint(path, weights, data_dir)
+    return FixMatchModel(loaded.spec, loaded.backbone, dev, str(loaded.source), loaded.step, loaded.config)
 
 
 # What each file of `fixmatch export` is, and how to run it, for a file given where a checkpoint belongs.

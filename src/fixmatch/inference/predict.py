@@ -1,7 +1,7 @@
 """`fixmatch predict`: classify image files and folders with a trained model.
 
 Files are decoded with the pixel-limited opener (data/safe_image.py) and converted as folder data sets
-convert their images (``inference.pil_to_tensor``); a file that cannot be read becomes a row with an
+convert their images (``inference.model.pil_to_tensor``); a file that cannot be read becomes a row with an
 ``error`` and the others go on.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fixmatch.runs.checkpoint import load_weights_only
+from fixmatch.core.safe_load import load_weights_only
 from fixmatch.models import ModelError
 
 

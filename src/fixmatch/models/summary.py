@@ -7,7 +7,7 @@ built on the ``meta`` device, so nothing is allocated or computed: listing every
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -108,9 +108,13 @@ def parse_input_size(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def input_for(dataset: str | None, input_size: str | None, num_classes: int | None, data_dir: str | None = None
-              ) -> tuple[tuple[int, int, int], int]:
-    """(C, H, W) and classes for ``fixmatch models``: from --input-size, a data set's name, or CIFAR-10's."""
+def input_for(dataset: str | None, input_size: str | None, num_classes: int | None,
+              read_dataset: Callable[[str], tuple[tuple[int, int, int], int]]) -> tuple[tuple[int, int, int], int]:
+    """(C, H, W) and classes for ``fixmatch models``: from --input-size, a data set's name, or CIFAR-10's.
+
+    ``read_dataset(name)`` gives the shape and classes of any other data set (a folder, the synthetic one), read
+    from disk by the caller: models sit below data and do not load data sets themselves.
+    """
     if num_classes is not None and num_classes < 1:
         raise ModelError(f"--num-classes must be a positive integer, got {num_classes}")
     if input_size is not None:
@@ -120,8 +124,5 @@ def input_for(dataset: str | None, input_size: str | None, num_classes: int | No
     if dataset.lower() in KNOWN_DATASETS:
         shape, classes = KNOWN_DATASETS[dataset.lower()]
         return shape, num_classes or classes
-    # Any other data set (a folder, the synthetic one) is read from disk, never downloaded.
-    from fixmatch.data.datasets import load_dataset
-
-    data = load_dataset(dataset, data_dir, download=False)
-    return (data.in_channels, *data.image_size), num_classes or data.num_classes
+    shape, classes = read_dataset(dataset)
+    return shape, num_classes or classes

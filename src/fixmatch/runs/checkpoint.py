@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -14,6 +12,8 @@ from typing import Any, BinaryIO
 import torch
 
 from fixmatch.core.atomic import atomic_file
+from fixmatch.core.safe_load import load_weights_only
+from fixmatch.runs.rundir import BEST_NAME, CHECKPOINTS_NAME, LAST_NAME, RunDir
 
 
 class CheckpointError(RuntimeError):
@@ -80,8 +80,9 @@ def _test_pause_before_rename() -> None:
         time.sleep(float(pause))
 
 
-DEFAULT_FIX = "give a checkpoint that a fixmatch run wrote (RUN_DIR/checkpoints/last.pt or best.pt)"
-DAMAGED_FIX = "use another checkpoint of the run (checkpoints/best.pt or last.pt) or an intact copy of this file"
+DEFAULT_FIX = f"give a checkpoint that a fixmatch run wrote (RUN_DIR/{CHECKPOINTS_NAME}/{LAST_NAME} or {BEST_NAME})"
+DAMAGED_FIX = (f"use another checkpoint of the run ({CHECKPOINTS_NAME}/{BEST_NAME} or {LAST_NAME}) or an intact copy "
+               f"of this file")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", fix: str | None = None
@@ -246,53 +247,19 @@ def restore_rng(rng: Any, device: torch.device) -> None:
 
 
 def resume_fix(run_dir: str | Path) -> str:
-    """What to do when a run's last.pt cannot be resumed from."""
-    ckpts = Path(run_dir) / "checkpoints"
-    if (ckpts / "best.pt").is_file():
-        return (f"to resume from the best evaluation instead, copy {ckpts / 'best.pt'} over {ckpts / 'last.pt'}; "
-                f"or start a new run with another --out")
-    return f"restore {ckpts / 'last.pt'} from a copy, or start a new run with another --out"
+    """What to do when a run's last checkpoint cannot be resumed from."""
+    run = RunDir(run_dir)
+    if run.best_checkpoint.is_file():
+        return (f"to resume from the best evaluation instead, copy {run.best_checkpoint} over "
+                f"{run.last_checkpoint}; or start a new run with another --out")
+    return f"restore {run.last_checkpoint} from a copy, or start a new run with another --out"
 
 
-def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)``; a file it refuses raises ValueError with the reason in one line.
-
-    torch's own message for a refused file is several lines long and suggests ``weights_only=False``, which is
-    exactly what must not be done with a file of unknown origin; the reason is rewritten without that advice.
-    """
-    try:
-        with warnings.catch_warnings():
-            # A plain pickle of protocol > 2 makes torch warn before it fails; the error below says it all.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(_refusal_reason(e)) from None
-
-
-def _refusal_reason(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    imported = re.search(r"GLOBAL ([\w.]+)", text)  # torch words this two ways, depending on the module
-    if imported:
-        return (f"it asks to import {imported.group(1)}, which a file of tensors and plain containers never "
-                f"does (loading it could run code), so it was not loaded")
-    if isinstance(e, EOFError):
-        return "the file is empty or cut short"
-    if isinstance(e, PermissionError):
-        return "no permission to read it"
-    if "zip archive" in text or isinstance(e, OSError):  # OSError: e.g. a seek past the end of a cut-short file
-        return "the file is cut short or corrupt (its zip archive cannot be read)"
-    # Anything else is the unpickler choking on bytes that are no pickle of tensors: keep torch's detail only
-    # when it is short and not its generic advice.
-    detail = re.search(r"Unsupported operand \d+", text)
-    detail = detail.group(0) if detail else ("" if "Weights only load failed" in text else text[:80])
-    return f"not a torch file of tensors and plain containers, or a corrupt one{f' ({detail})' if detail else ''}"
-
-
-def find_checkpoint(path: str | Path, name: str = "last.pt") -> Path:
-    """A run directory resolves to RUN_DIR/checkpoints/<name>; a file is taken as is."""
+def find_checkpoint(path: str | Path) -> Path:
+    """A run directory resolves to its last checkpoint (``RunDir.last_checkpoint``); a file is taken as is."""
     path = Path(path)
     if path.is_dir():
-        candidate = path / "checkpoints" / name
+        candidate = RunDir(path).last_checkpoint
         if not candidate.is_file():
             raise CheckpointError(f"no checkpoint in run directory {path} (expected {candidate})")
         return candidate

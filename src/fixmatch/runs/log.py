@@ -1,4 +1,4 @@
-"""What a run reports: a progress bar, one line per evaluation, metrics.jsonl and TensorBoard."""
+"""What a run reports: a progress bar, one line per evaluation, the metrics file and TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
-from fixmatch.runs.rundir import RunDirError, append_line, read_run_file, write_text_atomic
+from fixmatch.core.files import append_line, read_run_file, write_text_atomic
+from fixmatch.runs.rundir import RunDir, RunDirError
 
 # Pseudo-label accuracy is measured only where the true labels of at least this share of the unlabeled pool are
 # known. Measured on a small known part, such as a folder data set's labeled images (which the model also learns
@@ -30,8 +31,9 @@ def unmeasured_pseudo_labels(labels: Tensor) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl. A last line without its newline is a write cut short (power loss during
-    append_line) and is left out: its evaluation comes before its checkpoint, so a resume redoes it."""
+    """The rows of a run's metrics file (``RunDir.metrics_file``). A last line without its newline is a write
+    cut short (power loss during append_line) and is left out: its evaluation comes before its checkpoint, so a
+    resume redoes it."""
     path = Path(path)
     text = read_run_file(path)  # a link, a FIFO or a device there is refused in one line, never read
     if text is None:
@@ -64,15 +66,16 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 
 
 class RunLogger:
-    """Writes metrics.jsonl (one JSON object per evaluation) and TensorBoard scalars; drives the bar."""
+    """Writes the run's metrics file (one JSON object per evaluation) and TensorBoard scalars; drives the bar."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool,
+    def __init__(self, run_dir: str | Path | RunDir, total_steps: int, start_step: int, progress: bool,
                  tensorboard: bool = True) -> None:
-        self.metrics_path = run_dir / "metrics.jsonl"
+        run = RunDir(run_dir)
+        self.metrics_path = run.metrics_file
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+            self.writer = SummaryWriter(log_dir=str(run.tensorboard), purge_step=start_step or None)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step",
                         dynamic_ncols=True, smoothing=0.05)
 

@@ -9,7 +9,9 @@ their data set from disk (never downloading).
 A description is checked before anything is built from it (a damaged or crafted file must not make
 ``load`` allocate for an absurd network or input): every field within bounds, and the network it describes
 built on the meta device (shapes only, no memory) and compared, tensor by tensor, with the weights the file
-holds, which must also be finite.
+holds, which must also be finite. ``load_model_checkpoint`` is the one place a network is restored from a
+checkpoint for use (``fixmatch.load`` and the features of ``--selection-checkpoint``), so every such use gets
+these checks.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fixmatch.runs.checkpoint import CheckpointError
+from fixmatch.runs.checkpoint import CheckpointError, CheckpointFields, find_checkpoint, load_checkpoint
 
 SPEC_KEYS = ("model_name", "model_kwargs", "in_channels", "input_size", "mean", "std", "class_names")
 
@@ -233,3 +235,36 @@ def spec_from_checkpoint(state: dict[str, Any], source: str | Path, data_dir: st
     if state.get("class_names"):
         fields_["class_names"] = list(state["class_names"])
     return ModelSpec.from_dict(fields_, str(source))
+
+
+@dataclass(frozen=True)
+class CheckpointModel:
+    """A network restored from a checkpoint, with what the checkpoint says about it."""
+
+    spec: ModelSpec
+    backbone: nn.Module  # on the CPU, as built (training mode)
+    source: Path  # the checkpoint file (a run directory stands for its last.pt)
+    step: int  # the training step the checkpoint was written at
+    config: dict[str, Any] | None  # the run's configuration
+
+
+def load_model_checkpoint(path: str | Path, weights: str = "ema", data_dir: str | Path | None = None
+                          ) -> CheckpointModel:
+    """The network of a checkpoint file or run directory, its description and weights checked first.
+
+    ``weights``: "ema" (the averaged weights; a run without an EMA holds only "model") or "raw". ``data_dir`` is
+    only needed for checkpoints written before they described their model (their data set supplies it).
+    """
+    ckpt = find_checkpoint(path)
+    state = load_checkpoint(ckpt)
+    fields = CheckpointFields(state, ckpt)
+    step = fields.integer("step")
+    config = state.get("config")
+    if not isinstance(config, (dict, type(None))):
+        raise fields.error("config", f"is a {type(config).__name__}, not a mapping of config keys")
+    spec = spec_from_checkpoint(state, ckpt, data_dir)
+    key = "ema" if weights == "ema" and state.get("ema") is not None else "model"
+    spec.check_weights(fields.get(key), str(ckpt), f"{key} ")  # before anything is allocated for them
+    backbone = spec.build()
+    fields.restore(key, backbone.load_state_dict)
+    return CheckpointModel(spec, backbone, ckpt, step, config)

@@ -1,5 +1,16 @@
-"""Writing a run directory safely: one writer at a time, files that are whole or absent, and no file written
-or read through a link.
+"""The run directory: the names of a run's files, its lock, its state, and whether a configuration may resume it.
+
+``RunDir`` is the only code that knows how a run directory is laid out::
+
+    RUN_DIR/config.yaml          the resolved configuration; written last when a run starts: it marks a run
+    RUN_DIR/split.json           the labeled indices (data/split.py)
+    RUN_DIR/time_budget.json     what a time budget chose, for a run started with one (training/budget.py)
+    RUN_DIR/metrics.jsonl        one row per evaluation (log.py)
+    RUN_DIR/summary.json         written when the run has finished
+    RUN_DIR/checkpoints/         last.pt (every evaluation) and best.pt (the best test accuracy so far)
+    RUN_DIR/tensorboard/         TensorBoard's event files
+    RUN_DIR/error.txt            why the run failed, when a sweep ran it (studies/sweep.py)
+    RUN_DIR/.lock                held while a run trains
 
 One run directory, one writer: an advisory lock on RUN_DIR/.lock is held while a run trains.
 
@@ -10,11 +21,9 @@ behind by a dead process is simply locked again. ``fcntl.flock`` locks are not r
 systems (older NFS); keep run directories on a local disk when two machines could start the same run.
 
 A run directory may come from someone else (a shared runs folder, a copied run), so its entries are not
-trusted: a file a run opens in place (the lock, metrics.jsonl) is opened with ``O_NOFOLLOW`` and ``O_NONBLOCK``
-and used only if the descriptor is a regular file that the path still names and that has no other hard link;
-files replaced whole are written to a fresh temporary (atomic.py); and when the lock is taken, a link or a
-special file where the run keeps its files, checkpoints or TensorBoard logs is refused in one line. The
-directory named by --out may itself be a link: the user chose it, and nothing but the run's own files is
+trusted: files are opened and replaced without following links (core/files.py), and when the lock is taken, a
+link or a special file where the run keeps its files, checkpoints or TensorBoard logs is refused in one line.
+The directory named by --out may itself be a link: the user chose it, and nothing but the run's own files is
 ever written or removed there (a ``.lock`` that is not a fixmatch lock file is refused, not truncated).
 These checks are made on paths: a process that changes the directory while a run writes it can still race
 them, so a run directory should be writable by its owner only (as the folders a run creates are, with the
@@ -23,112 +32,252 @@ usual umask).
 from __future__ import annotations
 
 import contextlib
+import enum
 import glob
+import json
 import os
 import re
-import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
-from fixmatch.core.atomic import atomic_file
+import torch
 
+from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, load_config, short_repr
+from fixmatch.core.files import (
+    FileError,
+    check_regular_file,
+    file_kind,
+    not_regular_error,
+    open_regular,
+    read_run_file,
+)
+
+# The names in a run directory (the module docstring says what each holds); only RunDir joins them to a path.
+CONFIG_NAME = "config.yaml"
+SPLIT_NAME = "split.json"
+TIME_BUDGET_NAME = "time_budget.json"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+ERROR_NAME = "error.txt"
 LOCK_NAME = ".lock"
-# What a run keeps in its directory (train.py): files replaced whole or appended, and two folders.
-RUN_FILES = ("config.yaml", "split.json", "metrics.jsonl", "summary.json")
-CHECKPOINT_FILES = ("last.pt", "best.pt")
-RUN_FOLDERS = ("checkpoints", "tensorboard")
+CHECKPOINTS_NAME = "checkpoints"
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+TENSORBOARD_NAME = "tensorboard"
+# What a run keeps in its directory (training/loop.py), checked when the lock is taken: files replaced whole or
+# appended, and two folders.
+RUN_FILES = (CONFIG_NAME, SPLIT_NAME, METRICS_NAME, SUMMARY_NAME)
+CHECKPOINT_FILES = (LAST_NAME, BEST_NAME)
+RUN_FOLDERS = (CHECKPOINTS_NAME, TENSORBOARD_NAME)
 
-# A path that someone else may have put there: never followed if a link, never blocking if a FIFO.
-_SAFE_OPEN = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-              | getattr(os, "O_NOCTTY", 0))
 _LOCK_CONTENT = re.compile(rb"\d*\n?")  # what a fixmatch lock file holds: a pid, or nothing yet
 
-
-class RunDirError(RuntimeError):
-    """The run directory is in use by another process, cannot be written, or holds a link or a special file where
-    a run keeps its files (message: one line, with the fix)."""
+# The run directory's errors and those of the files in it are one type: the CLI reports either in one line.
+RunDirError = FileError
 
 
-def open_regular(path: str | Path, flags: int, mode: int = 0o666, single_link: bool = False) -> int:
-    """A descriptor of ``path`` if it is a regular file, else ``RunDirError`` naming what it is.
+class RunState(str, enum.Enum):
+    """Where a run stands: what ``fixmatch sweep`` does with it (and prints with ``--dry-run``)."""
+    NEW = "new"              # nothing to continue (no checkpoint yet, or no directory): it starts afresh
+    RESUMABLE = "resumable"  # a checkpoint and no summary: killed or stopped; --resume continues it
+    FINISHED = "finished"    # its summary is written
 
-    Refused: a link (``O_NOFOLLOW``; its target is never opened), a FIFO (opened without blocking, then refused),
-    a device, a folder, a file that the path no longer names once open, and, with ``single_link`` (files
-    changed in place), a file with other hard links, which would be changed through them too.
-    A missing file raises ``FileNotFoundError`` unless ``flags`` hold ``O_CREAT``.
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:  # f"{state:<10}" pads the value, on every Python version
+        return format(self.value, spec)
+
+
+class RunDir:
+    """One run's directory: the paths of its files, its lock, its state, and the resume check.
+
+    Cheap to make (nothing is read until asked); a path-like object, so ``Path(run)`` and ``RunDir(run)`` work.
     """
-    path = Path(path)
-    try:
-        fd = os.open(path, flags | _SAFE_OPEN, mode)
-    except OSError:
-        kind = _kind(path)
-        if kind is not None:  # ELOOP/EMLINK for a link, ENXIO for a FIFO, EISDIR for a folder
-            raise _not_regular(path, kind) from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not os.path.samestat(st, os.lstat(path)):
-            raise _not_regular(path, _kind(path) or "not the file that was opened")
-        if single_link and st.st_nlink > 1:
-            raise RunDirError(f"refusing {path}: it has {st.st_nlink} hard links, so writing it would change "
-                              f"another file too; replace it by a copy of its own, then run the command again")
-        _set_blocking(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    # --- where things are
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / SPLIT_NAME
+
+    @property
+    def time_budget_file(self) -> Path:
+        return self.path / TIME_BUDGET_NAME
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_NAME
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / SUMMARY_NAME
+
+    @property
+    def error_file(self) -> Path:
+        return self.path / ERROR_NAME
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_NAME
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_NAME
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / BEST_NAME
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_NAME
+
+    @classmethod
+    def default(cls, config: Config) -> RunDir:
+        """Where a run goes without --out: runs/DATASET-METHOD-LABELS-seedSEED-TIME."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dataset = Path(config.dataset.removeprefix("folder:")).name or "folder"  # folder:PATH -> PATH's last part
+        return cls(Path("runs") / f"{dataset}-{config.method}-{config.num_labels}-seed{config.seed}-{stamp}")
+
+    @classmethod
+    def find(cls, folder: str | Path) -> list[RunDir]:
+        """The run directories anywhere below ``folder`` that have logged metrics, in path order."""
+        found = (cls(c.parent) for c in Path(folder).rglob(CONFIG_NAME))
+        return sorted((run for run in found if run.metrics_file.is_file()), key=lambda run: run.path)
+
+    # --- what it holds
+    @property
+    def is_run(self) -> bool:
+        """A run started here: its config.yaml, written once the run's settings and data were accepted."""
+        return self.config_file.is_file()
+
+    @property
+    def state(self) -> RunState:
+        """Finished (a summary), resumable (a last checkpoint) or new (nothing to continue)."""
+        if self.summary_file.is_file():
+            return RunState.FINISHED
+        if self.last_checkpoint.is_file():
+            return RunState.RESUMABLE
+        return RunState.NEW
+
+    def read_summary(self) -> dict[str, Any]:
+        text = read_run_file(self.summary_file)
+        if text is None:
+            raise RunDirError(f"{self.summary_file} is missing; resume the run with --resume to write it")
+        return json.loads(text)
+
+    def lock(self) -> AbstractContextManager[Path]:
+        """Hold the run directory's lock for a block (``lock_run_dir``): one writer at a time."""
+        return lock_run_dir(self.path)
+
+    def check_unused(self) -> None:
+        """A new run needs a directory of its own: one that holds anything but a lock is refused in one line."""
+        if self.path.exists() and any(p.name != LOCK_NAME for p in self.path.iterdir()):
+            raise ConfigError(f"run directory {self.path} already exists; pass --resume to continue it "
+                              f"or choose another --out")
+
+    # --- may this configuration resume the run?
+    def saved_config(self) -> Config:
+        """The configuration the run was started with (config.yaml); one-line ConfigError if there is none."""
+        path = self.config_file
+        check_regular_file(path)  # read before the lock is taken: never through a link or from a FIFO
+        if not path.is_file():
+            raise ConfigError(f"cannot resume: {path} not found; is {self.path} a fixmatch run directory?")
+        return Config(**load_config(path))  # one-line errors for a damaged or hand-edited file
+
+    def resume_changes(self, config: Config) -> list[tuple[str, Any, Any]]:
+        """(key, saved value, value in ``config``) of each key ``config`` changes that a resume must keep: all
+        but RESUME_MUTABLE_KEYS, which change where and how the run runs, not what it computes. [] where
+        ``config`` may resume the run."""
+        return _changes(self.saved_config(), config)
+
+    def resume_config(self, config: Config | None) -> Config:
+        """The configuration that resumes the run: the saved one (``config`` None) or ``config`` if it changes
+        nothing a resume must keep; ConfigError in one line otherwise, or if config.yaml was edited since the
+        last checkpoint."""
+        saved = self.saved_config()
+        self._check_config_file_unchanged(saved)
+        if config is None:
+            return saved
+        changes = _changes(saved, config)
+        if changes:
+            key, old, new = changes[0]
+            raise ConfigError(f"cannot change '{key}' when resuming ({short_repr(old)} -> {short_repr(new)}); "
+                              f"start a new run with another --out instead")
+        return config
+
+    def _check_config_file_unchanged(self, saved: Config) -> None:
+        """config.yaml must still hold what the last checkpoint was trained with: a hand edit (lr, steps)
+        would otherwise change the resumed run silently, where the same change as a flag is refused."""
+        trained = _checkpoint_config(self.last_checkpoint)
+        if trained is None:  # killed before its first checkpoint: it restarts from step 0 with the file as it is
+            return
+        trained = {**Config().to_dict(), **trained}  # a checkpoint older than a key was trained with its default
+        edited = _changed_keys(trained, saved.to_dict())
+        if edited:
+            shown = "; ".join(f"{k}: {short_repr(trained[k])} in the checkpoint, "
+                              f"{short_repr(getattr(saved, k))} in the file" for k in edited[:4])
+            more = f"; and {len(edited) - 4} more" if len(edited) > 4 else ""
+            raise ConfigError(f"cannot resume: {self.config_file} no longer matches the run's last checkpoint "
+                              f"({shown}{more}); put the checkpoint's values back in the file, or start a new run "
+                              f"with another --out")
 
 
-def read_run_file(path: str | Path) -> str | None:
-    """The text of a run directory's file, or None if there is none; never read through a link or from a FIFO."""
-    try:
-        fd = open_regular(path, os.O_RDONLY)
-    except FileNotFoundError:
+def _changes(saved: Config, config: Config) -> list[tuple[str, Any, Any]]:
+    return [(k, getattr(saved, k), getattr(config, k)) for k in _changed_keys(saved.to_dict(), config.to_dict())]
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The keys of ``new`` whose value differs from ``old``'s, leaving out those a resume may change."""
+    return [k for k, v in new.items() if k not in RESUME_MUTABLE_KEYS and old[k] != v]
+
+
+def _checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The configuration stored in a checkpoint, read without its tensor data: memory-mapped, the tensors are
+    not read here (restoring them is the checkpoint's one full load). None where there is no readable file:
+    restoring reports a damaged one in its own words."""
+    if not path.is_file():
         return None
-    with open(fd) as f:
-        return f.read()
-
-
-def check_regular_file(path: str | Path) -> None:
-    """Refuse in one line a link or a special file at ``path`` (an absent file is fine), for a run directory's
-    file that is opened by name elsewhere: a check before the open, where ``open_regular`` cannot be used."""
-    path = Path(path)
-    kind = _kind(path)
-    if kind is not None:
-        raise _not_regular(path, kind)
-
-
-def _set_blocking(fd: int) -> None:
-    """O_NONBLOCK only kept the open of a FIFO from waiting; a regular file's reads and writes stay as usual."""
-    if os.name == "posix":
-        os.set_blocking(fd, True)
-
-
-def _kind(path: Path) -> str | None:
-    """What ``path`` is if it exists and is not a regular file (for messages), else None."""
     try:
-        mode = os.lstat(path).st_mode
-    except OSError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # restoring the checkpoint repeats any warning about the file
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises several types for a damaged file; restoring it names the damage
         return None
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISLNK(mode):
-        with contextlib.suppress(OSError):
-            return f"a symbolic link to {os.readlink(path)}"
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
-
-
-def _not_regular(path: Path, kind: str) -> RunDirError:
-    return RunDirError(f"refusing {path}: it is {kind}, not a regular file (a run directory's files are never "
-                       f"links or special files); remove it, then run the command again")
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def check_run_dir(run_dir: str | Path) -> None:
@@ -139,16 +288,17 @@ def check_run_dir(run_dir: str | Path) -> None:
     """
     run_dir = Path(run_dir)
     for name in RUN_FOLDERS:
-        kind = _kind(run_dir / name)
+        kind = file_kind(run_dir / name)
         if kind is not None and kind != "a folder":
             raise RunDirError(f"refusing {run_dir / name}: it is {kind}, not a folder (a run directory's folders "
                               f"are never links); remove it, then run the command again")
-    for path in [run_dir / n for n in RUN_FILES] + [run_dir / "checkpoints" / n for n in CHECKPOINT_FILES]:
+    run = RunDir(run_dir)
+    for path in [run_dir / n for n in RUN_FILES] + [run.checkpoints / n for n in CHECKPOINT_FILES]:
         check_regular_file(path)
-    if (run_dir / "tensorboard").is_dir():  # a real folder by now; event files are created, never reopened
-        for entry in os.scandir(run_dir / "tensorboard"):
+    if run.tensorboard.is_dir():  # a real folder by now; event files are created, never reopened
+        for entry in os.scandir(run.tensorboard):
             if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
-                raise _not_regular(Path(entry.path), _kind(Path(entry.path)) or "a special file")
+                raise not_regular_error(Path(entry.path), file_kind(entry.path) or "a special file")
 
 
 def _try_lock(fd: int) -> bool:
@@ -203,7 +353,7 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
     folders are real ones). Only the run's own names are matched, and unlink removes a name, never a link's
     target, so nothing else in the folder that --out leads to is ever removed.
     """
-    for folder, names in ((run_dir, RUN_FILES), (run_dir / "checkpoints", CHECKPOINT_FILES)):
+    for folder, names in ((run_dir, RUN_FILES), (RunDir(run_dir).checkpoints, CHECKPOINT_FILES)):
         if not folder.is_dir() or folder.is_symlink():
             continue
         for name in names:
@@ -237,7 +387,7 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
     """
     run_dir = Path(run_dir)
     created = not run_dir.exists()
-    path = run_dir / LOCK_NAME
+    path = RunDir(run_dir).lock_file
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = _open_locked(path)
@@ -267,46 +417,3 @@ def lock_run_dir(run_dir: str | Path) -> Iterator[Path]:
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` by a file holding ``text``, atomically (atomic.py): it is whole, or the old one, or absent.
-
-    A link or a special file at ``path`` is refused rather than replaced: the run directory is not as the run
-    left it, and its owner should see why.
-    """
-    path = Path(path)
-    check_regular_file(path)
-    try:
-        with atomic_file(path) as f:
-            f.write(text)
-    except OSError as e:
-        raise _write_error(path, e) from None
-
-
-def append_line(path: str | Path, line: str) -> None:
-    """Append one line and fsync; if the write fails (disk full), cut the file back so no torn line is left.
-
-    The file is opened without following a link or blocking on a FIFO, and only a regular file of its own
-    (no other hard link) is appended to.
-    """
-    path = Path(path)
-    try:
-        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, single_link=True)
-        with open(fd, "a") as f:  # owns fd; append mode starts at the end, so tell() is the old size
-            size = f.tell()
-            try:
-                f.write(line.rstrip("\n") + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError:
-                with contextlib.suppress(OSError):  # shrinking a file needs no free space
-                    f.truncate(size)
-                raise
-    except OSError as e:
-        raise _write_error(path, e) from None
-
-
-def _write_error(path: Path, e: OSError) -> RunDirError:
-    return RunDirError(f"cannot write {path} ({e.strerror or e}); free disk space or make the folder writable, "
-                       f"then resume the run with --resume")

@@ -1,8 +1,8 @@
 """`fixmatch report STUDY_DIR_OR_RUN_DIRS... --out REPORT_DIR`: a study's results as a table and figures.
 
-Everything comes from the runs' files: config.yaml, metrics.jsonl and summary.json. Checkpoints are
+Everything comes from the runs' files: configuration, metrics rows and summary (runs/rundir.py). Checkpoints are
 evaluated only for the confusion matrix (the best run's best checkpoint, once) and for the macro-F1 of runs
-made before training logged it (``test_macro_f1`` in metrics.jsonl). Runs that differ only in their seed form
+made before training logged it (``test_macro_f1`` in the metrics rows). Runs that differ only in their seed form
 one configuration: a row of the table with the mean and sample standard deviation over the seeds. Written
 into REPORT_DIR:
 
@@ -19,16 +19,16 @@ import html
 import io
 import json
 import math
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fixmatch.core.atomic import atomic_path
 from fixmatch.config import RESUME_MUTABLE_KEYS, ConfigError, config_from_dict, parse_yaml
+from fixmatch.core.atomic import atomic_path
+from fixmatch.runs.rundir import BEST_NAME, CHECKPOINTS_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, RunDir, RunState
+from fixmatch.studies.results import Group, Run, fmt, mean_std
 
 # The paper's error rates (%, mean +- std over 5 folds): Sohn et al., 2020, "FixMatch: Simplifying
 # Semi-Supervised Learning with Consistency and Confidence", Table 2. Keyed by (data set, labels, model);
@@ -47,7 +47,7 @@ PAPER_ERROR_RATES: dict[tuple[str, int, str], dict[str, tuple[float, float]]] = 
 }
 PAPER_CITATION = "Sohn et al., 2020, Table 2 (error rate, mean ± std over 5 folds)"
 
-# The metrics.jsonl key of the EMA model's test macro-F1 (%), logged at each evaluation by train.py.
+# The metrics rows' key of the EMA model's test macro-F1 (%), logged at each evaluation by training.
 MACRO_F1_KEY = "test_macro_f1"
 
 # Keys that never make two runs different configurations: where and how a run ran, and its seed.
@@ -57,31 +57,6 @@ NOT_CONFIGURATION = frozenset(RESUME_MUTABLE_KEYS | {"seed", "progress", "channe
 class ReportError(ConfigError):
     """The report cannot be made (no runs found, unreadable run files); one line, with the fix. A ConfigError,
     so that the command reports it like any other bad input."""
-
-
-@dataclass
-class Run:
-    path: Path
-    config: dict[str, Any]
-    summary: dict[str, Any]
-    rows: list[dict[str, Any]]   # metrics.jsonl
-    macro_f1: float | None = None  # of the best evaluation, the one checkpoints/best.pt holds
-
-
-@dataclass
-class Group:
-    """Runs with the same configuration except their seed."""
-    key: tuple
-    runs: list[Run]
-    values: dict[str, Any] = field(default_factory=dict)  # the keys that vary between groups, for labels
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.runs[0].config
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "all runs"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -106,36 +81,37 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
-    """Run directories (holding config.yaml and metrics.jsonl) given directly or found under study folders."""
+    """Run directories given directly (``RunDir.is_run``) or found under study folders (``RunDir.find``)."""
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise ReportError(f"no such directory: {p}; give study folders or run directories")
-        if (p / "config.yaml").is_file():
+        if RunDir(p).is_run:
             found.append(p)
         else:
-            found += sorted(c.parent for c in p.rglob("config.yaml") if (c.parent / "metrics.jsonl").is_file())
+            found += [run_dir.path for run_dir in RunDir.find(p)]
     unique = list(dict.fromkeys(d.resolve() for d in found))
     if not unique:
-        raise ReportError(f"no run directories (with config.yaml and metrics.jsonl) under {', '.join(map(str, paths))}")
+        raise ReportError(f"no run directories (with {CONFIG_NAME} and {METRICS_NAME}) under "
+                          f"{', '.join(map(str, paths))}")
     return unique
 
 
 def load_runs(paths: list[str | Path]) -> tuple[list[Run], list[Path]]:
-    """Finished runs (summary.json present) and the run directories left out because they are not finished."""
+    """Finished runs (a summary and metrics rows) and the run directories left out because they are not finished."""
     runs, unfinished = [], []
     for d in find_run_dirs(paths):
-        summary_path = d / "summary.json"
-        rows = _read_rows(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
-        if not summary_path.is_file() or not rows:
+        files = RunDir(d)
+        rows = _read_rows(files.metrics_file) if files.metrics_file.is_file() else []
+        if files.state is not RunState.FINISHED or not rows:
             unfinished.append(d)
             continue
         try:
-            summary = json.loads(summary_path.read_text())
+            summary = json.loads(files.summary_file.read_text())
         except json.JSONDecodeError:
-            raise ReportError(f"{summary_path} is not JSON; re-run the run or remove it") from None
-        run = Run(d, _read_yaml_config(d / "config.yaml"), summary, rows)
-        # The first best row, as train.py saves best.pt only on a strict improvement: the fallback
+            raise ReportError(f"{files.summary_file} is not JSON; re-run the run or remove it") from None
+        run = Run(d, _read_yaml_config(files.config_file), summary, rows)
+        # The first best row, as training saves the best checkpoint only on a strict improvement: the fallback
         # (fill_macro_f1) evaluates that checkpoint, so both give the same number.
         best_row = max(rows, key=lambda r: r["test_acc"])
         run.macro_f1 = best_row.get(MACRO_F1_KEY)
@@ -162,19 +138,6 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 # --------------------------------------------------------------------------------------------- numbers
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (n - 1); no std for a single value."""
-    if not values:
-        return math.nan, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def fmt(mean: float, std: float | None, digits: int = 2) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return ""
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def paper_accuracy(config: dict[str, Any]) -> tuple[float, float] | None:
     """The paper's accuracy (100 - error rate, std) for this setting, when the paper has it."""
     if config.get("method") != "fixmatch":
@@ -193,11 +156,11 @@ def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
 
     missing = [r for r in runs if r.macro_f1 is None]
     if missing:
-        print(f"macro-F1: {len(missing)} of {len(runs)} runs have no {MACRO_F1_KEY} in metrics.jsonl (made before "
+        print(f"macro-F1: {len(missing)} of {len(runs)} runs have no {MACRO_F1_KEY} in {METRICS_NAME} (made before "
               f"it was logged); evaluating their best checkpoints on the test set", file=sys.stderr, flush=True)
     failed = []
     for run in missing:
-        best = run.path / "checkpoints" / "best.pt"
+        best = RunDir(run.path).best_checkpoint
         try:
             metrics = evaluate(best, device="cpu")
         except Exception as e:  # a missing checkpoint or data set leaves the cell empty, with a note
@@ -207,11 +170,12 @@ def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
         if run.macro_f1 is None:
             failed.append(f"{run.path.name} (the evaluation code gives no macro-F1)")
     if missing:
-        notes.append(f"Macro-F1: the EMA model's, at each run's best evaluation; from metrics.jsonl "
-                     f"({MACRO_F1_KEY}) where logged, otherwise from the run's best checkpoint (checkpoints/best.pt) "
+        notes.append(f"Macro-F1: the EMA model's, at each run's best evaluation; from {METRICS_NAME} "
+                     f"({MACRO_F1_KEY}) where logged, otherwise from the run's best checkpoint "
+                     f"({CHECKPOINTS_NAME}/{BEST_NAME}) "
                      f"evaluated on the test set ({len(missing) - len(failed)} of {len(missing)} runs).")
     elif runs:
-        notes.append(f"Macro-F1: the EMA model's, at each run's best evaluation (metrics.jsonl, {MACRO_F1_KEY}).")
+        notes.append(f"Macro-F1: the EMA model's, at each run's best evaluation ({METRICS_NAME}, {MACRO_F1_KEY}).")
     if failed:
         notes.append("Macro-F1 left empty for: " + "; ".join(failed) + ".")
 
@@ -356,7 +320,7 @@ def write_report(paths: list[str | Path], out: str | Path, title: str | None = N
 
     runs, unfinished = load_runs(paths)
     if not runs:
-        raise ReportError(f"none of the {len(unfinished)} run directories found has finished (summary.json); "
+        raise ReportError(f"none of the {len(unfinished)} run directories found has finished ({SUMMARY_NAME}); "
                           f"finish them (fixmatch sweep again resumes them) before reporting")
     out = Path(out)
     notes = [f"{len(runs)} finished runs in {len(group_runs(runs))} configurations. Accuracy is the EMA model's "

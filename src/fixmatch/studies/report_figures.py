@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fixmatch.core.atomic import atomic_path  # noqa: E402
 from fixmatch.inference.evaluate import draw_confusion  # noqa: E402
-from fixmatch.studies.report import Group, Run, fmt, mean_std  # noqa: E402
+from fixmatch.studies.results import Group, Run, fmt, mean_std  # noqa: E402
 
 LINESTYLES = {"fixmatch": "-", "supervised": "--"}
 FIG_WIDTH = 12.6  # inches
@@ -194,7 +194,23 @@ def losses(groups: list[Group], path: Path) -> str:
             "against step, and their change from one evaluation to the next.")
 
 
-def _per_group(groups: list[Group], key: str, title: str, ylabel: str, path: Path) -> None:
+# Curves of one logged quantity per configuration against step, for the FixMatch runs: (metrics.jsonl key, file,
+# title, y label, caption). The axis label stays short (a long one runs past the top and bottom of the image); the
+# title explains.
+SEMI_CURVES = [
+    ("mask_rate", "mask_rate.png", "Fraction of the μB unlabeled images of a step with confidence ≥ τ", "mask rate",
+     "Mask rate: the fraction of unlabeled samples whose pseudo-label is used, against step (FixMatch runs, "
+     "mean over the n seeds)."),
+    ("pseudo_label_acc", "pseudo_label_acc.png", "Accuracy of the pseudo-labels of the masked samples",
+     "pseudo-label accuracy (%)",
+     "Accuracy of the used pseudo-labels, measured with the unlabeled images' true labels (monitoring only), "
+     "against step (FixMatch runs, mean over the n seeds)."),
+]
+
+
+@_styled
+def per_group_curve(groups: list[Group], key: str, title: str, ylabel: str, caption: str, path: Path) -> str:
+    """The mean curve of ``key`` of each group against step; returns ``caption``."""
     fig, axes = _figure()
     ax = axes[0][0]
     for g in groups:
@@ -206,23 +222,7 @@ def _per_group(groups: list[Group], key: str, title: str, ylabel: str, path: Pat
     ax.grid(alpha=0.3)
     _legend_outside(fig, [ax])
     _save(fig, path)
-
-
-@_styled
-def mask_rate(groups: list[Group], path: Path) -> str:
-    # The axis label stays short (a long one runs past the top and bottom of the image); the title explains.
-    _per_group(groups, "mask_rate", "Fraction of the μB unlabeled images of a step with confidence ≥ τ",
-               "mask rate", path)
-    return ("Mask rate: the fraction of unlabeled samples whose pseudo-label is used, against step (FixMatch runs, "
-            "mean over the n seeds).")
-
-
-@_styled
-def pseudo_label_accuracy(groups: list[Group], path: Path) -> str:
-    _per_group(groups, "pseudo_label_acc", "Accuracy of the pseudo-labels of the masked samples",
-               "pseudo-label accuracy (%)", path)
-    return ("Accuracy of the used pseudo-labels, measured with the unlabeled images' true labels (monitoring only), "
-            "against step (FixMatch runs, mean over the n seeds).")
+    return caption
 
 
 @_styled
@@ -315,8 +315,8 @@ def make_figures(groups: list[Group], out: Path, notes: list[str]) -> list[tuple
                ("losses.png", losses(groups, out / "losses.png"))]
     semi = [g for g in groups if g.config["method"] == "fixmatch"]
     if semi:
-        figures.append(("mask_rate.png", mask_rate(semi, out / "mask_rate.png")))
-        figures.append(("pseudo_label_acc.png", pseudo_label_accuracy(semi, out / "pseudo_label_acc.png")))
+        figures += [(file, per_group_curve(semi, key, title, ylabel, caption, out / file))
+                    for key, file, title, ylabel, caption in SEMI_CURVES]
     else:
         notes.append("No mask-rate or pseudo-label figures: no FixMatch runs.")
     figures.append(("ema_vs_raw.png", ema_vs_raw(groups, out / "ema_vs_raw.png")))

@@ -19,7 +19,7 @@ Each run lives in STUDY_DIR/<name>, the name made of its variant and grid values
 (``variant=adam-plateau,seed=0,num_labels=40``). Every configuration is resolved (and every existing run
 directory compared with it) before anything starts, so a typo fails in one line, not hours later. Runs are
 subprocesses (``python -m fixmatch train``), N at a time with cores/N torch threads each; a failed run writes
-RUN_DIR/error.txt and the others go on. The output of run NAME is in STUDY_DIR/logs/NAME.log.
+its error file (``RunDir.error_file``) and the others go on. The output of run NAME is in STUDY_DIR/logs/NAME.log.
 """
 from __future__ import annotations
 
@@ -43,21 +43,19 @@ from typing import Any
 import yaml
 
 from fixmatch.config import (
-    RESUME_MUTABLE_KEYS,
     Config,
     ConfigError,
     check_combinations,
-    load_config,
     read_yaml,
     resolve_config,
     short_repr,
     suggest,
     unknown_key_error,
 )
+from fixmatch.runs.rundir import RunDir, RunState
 
 STUDY_KEYS = ("description", "base", "variants", "grid")
-ERROR_FILE = "error.txt"
-ERROR_TAIL_LINES = 40  # lines of a failed run's output kept in its error.txt (the whole log is in logs/)
+ERROR_TAIL_LINES = 40  # lines of a failed run's output kept in its error file (the whole log is in logs/)
 MAX_RUNS = 10_000  # a grid of a few short lists multiplies fast: more runs than this is a mistake, not a study
 
 
@@ -178,27 +176,22 @@ def load_study(path: str | Path) -> Study:
     return Study(path, str(data.get("description") or ""), runs)
 
 
-def run_state(run_dir: Path) -> str:
-    """finished (summary.json), resumable (checkpoints/last.pt), or new (nothing to continue)."""
-    if (run_dir / "summary.json").is_file():
-        return "finished"
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        return "resumable"
-    return "new"
+def run_state(run_dir: str | Path) -> RunState:
+    """finished, resumable, or new (nothing to continue): see RunDir.state."""
+    return RunDir(run_dir).state
 
 
 def _check_existing(study: Study, out: Path) -> None:
     """A run directory from an earlier sweep must hold the configuration the study now asks for."""
     for run in study.runs:
-        saved_path = out / run.name / "config.yaml"
-        if run_state(out / run.name) == "new" or not saved_path.is_file():
+        run_dir = RunDir(out / run.name)
+        if run_dir.state is RunState.NEW or not run_dir.is_run:
             continue  # nothing kept from it: it starts afresh
-        saved = Config(**load_config(saved_path))
-        for key, value in run.config.to_dict().items():
-            if key not in RESUME_MUTABLE_KEYS and getattr(saved, key) != value:
-                raise ConfigError(f"{out / run.name} was run with {key}={short_repr(getattr(saved, key))} but the "
-                                  f"study now gives {short_repr(value)}; restore the study file or choose another "
-                                  f"--out")
+        changes = run_dir.resume_changes(run.config)
+        if changes:
+            key, saved, value = changes[0]
+            raise ConfigError(f"{run_dir} was run with {key}={short_repr(saved)} but the study now gives "
+                              f"{short_repr(value)}; restore the study file or choose another --out")
 
 
 def worker_env(workers: int, cores: int | None = None) -> dict[str, str]:
@@ -211,7 +204,7 @@ def worker_env(workers: int, cores: int | None = None) -> dict[str, str]:
 
 def _command(run: PlannedRun, run_dir: Path, config_path: Path) -> list[str]:
     base = [sys.executable, "-m", "fixmatch", "train", "--out", str(run_dir), "--no-progress"]
-    if run_state(run_dir) == "resumable":
+    if run_state(run_dir) is RunState.RESUMABLE:
         return base + ["--resume"]
     return base + ["--config", str(config_path)]
 
@@ -238,7 +231,7 @@ def run_sweep(study_path: str | Path, out: str | Path, workers: int = 1,
     result = SweepResult()
     todo: list[PlannedRun] = []
     for run in study.runs:
-        if run_state(out / run.name) == "finished":
+        if run_state(out / run.name) is RunState.FINISHED:
             result.skipped.append(run.name)
         else:
             todo.append(run)
@@ -255,15 +248,16 @@ def run_sweep(study_path: str | Path, out: str | Path, workers: int = 1,
             return
         run_dir = out / run.name
         state = run_state(run_dir)
-        if state == "new" and run_dir.exists():
+        if state is RunState.NEW and run_dir.exists():
             shutil.rmtree(run_dir)  # an earlier attempt that left no checkpoint: nothing to continue
-        (run_dir / ERROR_FILE).unlink(missing_ok=True)
+        error_file = RunDir(run_dir).error_file
+        error_file.unlink(missing_ok=True)
         config_path = out / "configs" / f"{run.name}.yaml"
         config_path.write_text(yaml.safe_dump({**run.config.to_dict(), "progress": False}, sort_keys=False))
         log_path = out / "logs" / f"{run.name}.log"
         cmd = _command(run, run_dir, config_path)
         with lock:
-            echo(f"{'resume' if state == 'resumable' else 'start'} {run.name}")
+            echo(f"{'resume' if state is RunState.RESUMABLE else 'start'} {run.name}")
         t0 = time.perf_counter()
         with log_path.open("a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
@@ -288,8 +282,8 @@ def run_sweep(study_path: str | Path, out: str | Path, workers: int = 1,
             last = next((ln for ln in reversed(lines.splitlines()) if ln.strip()), reason)
             result.failed[run.name] = last.strip()
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / ERROR_FILE).write_text(f"command: {' '.join(cmd)}\n{reason}\n\n{lines}\n")
-            echo(f"FAILED {run.name}: {last.strip()} (details: {run_dir / ERROR_FILE})")
+            error_file.write_text(f"command: {' '.join(cmd)}\n{reason}\n\n{lines}\n")
+            echo(f"FAILED {run.name}: {last.strip()} (details: {error_file})")
 
     pool = ThreadPoolExecutor(max_workers=workers)
     futures = [pool.submit(run_one, run) for run in todo]

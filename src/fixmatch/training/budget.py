@@ -24,34 +24,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import math
-import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fixmatch.training import distributed
-from fixmatch.augment import CTAugment
-from fixmatch.config import Config, ConfigError, short_repr
-from fixmatch.data.batches import IndexStream
-from fixmatch.data.datasets import Dataset
-from fixmatch.data.pool import gather_pool
+from fixmatch.config import Config, ConfigError, parse_budget, short_repr
 from fixmatch.core.dist_align import DistributionAlignment
-from fixmatch.core.ema import EMA
-from fixmatch.inference.evaluate import normalize, predict_logits
+from fixmatch.core.files import read_run_file
+from fixmatch.core.preprocess import predict_logits
+from fixmatch.data.datasets import Dataset
 from fixmatch.runs.log import write_json_atomic
-from fixmatch.core.optim import make_optimizer
-from fixmatch.runs.rundir import RunDirError, read_run_file
-from fixmatch.training.speed import make_grad_scaler
-from fixmatch.training.step import forward_loss
+from fixmatch.runs.rundir import TIME_BUDGET_NAME, RunDir, RunDirError
+from fixmatch.training import distributed
+from fixmatch.training.batches import Batches, View
+from fixmatch.training.state import TrainState
+from fixmatch.training.step import train_step
 
 # Every duration below is read from this clock (looked up at each call, so that tests can replace it).
 clock: Callable[[], float] = time.perf_counter
@@ -65,32 +59,6 @@ CALIBRATION_SHARE = 0.05
 RESERVE_SHARE, RESERVE_S = 0.10, 3.0
 FEW_EVALUATIONS, TARGET_EVALUATIONS = 4, 10
 DAY_S = 86400.0
-RECORD_NAME = "time_budget.json"
-
-_DURATION = re.compile(r"(?:([0-9]{1,6})h)?(?:([0-9]{1,8})m)?(?:([0-9]{1,10})s)?")
-DURATION_FORMS = "a duration such as 90s, 15m, 2h or 1h30m"
-
-
-def parse_budget(text: Any) -> float:
-    """Seconds in a duration: whole hours, minutes and seconds, in that order ("90s", "15m", "2h", "1h30m")."""
-    match = _DURATION.fullmatch(text) if isinstance(text, str) and text else None
-    if match is None:
-        raise ConfigError(f"invalid time budget {short_repr(text)}; expected {DURATION_FORMS}")
-    hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    total = 3600 * hours + 60 * minutes + seconds
-    if total == 0:
-        raise ConfigError(f"time budget {short_repr(text)} is zero; give {DURATION_FORMS}")
-    return float(total)
-
-
-def is_budget(value: Any) -> bool:
-    """The check of the ``time_budget`` key (null is checked by the key itself)."""
-    try:
-        parse_budget(value)
-    except ConfigError:
-        return False
-    return True
-
 
 def _rate(steps_per_s: float) -> str:
     return f"{steps_per_s:.3g}"
@@ -136,10 +104,10 @@ class BudgetPlan:
         """Comment lines on top of config.yaml: which budget chose its steps, at what speed."""
         return (f"# {self.describe()}.\n"
                 f"# time_budget is null below so that this file repeats these {self.steps} steps (a resume, another "
-                f"seed); {RECORD_NAME} holds the calibration.\n")
+                f"seed); {TIME_BUDGET_NAME} holds the calibration.\n")
 
     def save(self, run_dir: Path) -> None:
-        write_json_atomic(run_dir / RECORD_NAME, dataclasses.asdict(self))
+        write_json_atomic(RunDir(run_dir).time_budget_file, dataclasses.asdict(self))
 
 
 def fit_steps(remaining_s: float, step_s: float, eval_s: float, eval_every: int, max_steps: int) -> int:
@@ -181,16 +149,14 @@ def plan_budget(time_budget: str, elapsed_s: float, step_s: float, eval_s: float
 # ------------------------------------------------------------------------------------------ calibration
 @dataclass(frozen=True)
 class StepInputs:
-    """What a training step reads: the run's model (copied here, never trained), data, streams, augmentations."""
+    """What a training step reads: the run's model, strong view and pseudo-label transform (copied here, never
+    trained), how the run builds its training state, its batches, and its data (for the test images)."""
     model: nn.Module
-    data: Dataset
-    stream_lb: IndexStream
-    stream_ulb: IndexStream
-    weak: Callable[[Tensor, torch.Generator], Tensor]
-    strong: Callable[[Tensor, torch.Generator], Tensor]
+    strong: View
     align: DistributionAlignment | None
-    mean: Tensor
-    std: Tensor
+    make_state: Callable[[Config, nn.Module, View, DistributionAlignment | None], TrainState]
+    batches: Batches
+    data: Dataset
 
 
 def calibrate(config: Config, started: float, inputs: StepInputs, env: distributed.DistEnv,
@@ -224,54 +190,22 @@ def _sync(device: torch.device) -> None:
 
 def _throwaway_run(config: Config, inputs: StepInputs, env: distributed.DistEnv,
                    device: torch.device) -> tuple[Callable[[int], None], Callable[[int], None]]:
-    """A training step and an evaluation on copies of the run's state: what train.py's loop does, minus the
-    logging, statistics and non-finite checks (negligible next to the forward and backward passes)."""
-    model = copy.deepcopy(inputs.model)
-    train_model = distributed.wrap_model(model, env, device, config.sync_bn)
-    optimizer = make_optimizer(model, config.lr, config.momentum, config.nesterov, config.wd, config.optimizer)
-    ema = EMA(model, config.ema)
-    strong = copy.deepcopy(inputs.strong)  # CTAugment learns from every step: its copy does, the run's not
-    cta = strong if isinstance(strong, CTAugment) else None
-    align = copy.deepcopy(inputs.align)
-    scaler = make_grad_scaler(config.amp, device)
-    rank_mean = functools.partial(distributed.all_reduce_mean_, env=env) if env.enabled else None
-    rank_gather = functools.partial(distributed.all_gather_cat, env=env) if env.enabled else None
-    generator = torch.Generator(device=device)
-    data, weak, pin = inputs.data, inputs.weak, device.type == "cuda"
+    """A training step and an evaluation on a copy of the run's training state: the loop's own ``train_step``
+    and batches, minus the logging (negligible next to the forward and backward passes). CTAugment and
+    distribution alignment learn from every step: their copies do, the run's do not."""
+    uncompiled = dataclasses.replace(config, compile=False)  # see the module docstring
+    state = inputs.make_state(uncompiled, copy.deepcopy(inputs.model), copy.deepcopy(inputs.strong),
+                              copy.deepcopy(inputs.align))
 
     def step(k: int) -> None:
-        generator.manual_seed(distributed.augment_seed(config.seed, k, env.rank))  # the run's own draws
-        idx_lb = distributed.shard(inputs.stream_lb.batch(k), env)
-        x_lb = weak(gather_pool(data.train_images, None, idx_lb, pin=pin).to(device, non_blocking=True), generator)
-        y_lb = data.train_labels[idx_lb].to(device, non_blocking=True)
-        x_ulb_w = x_ulb_s = None
-        if config.method == "fixmatch":
-            idx_ulb = distributed.shard(inputs.stream_ulb.batch(k), env)
-            u = gather_pool(data.train_images, data.unlabeled_images, idx_ulb, pin=pin).to(device, non_blocking=True)
-            x_ulb_w, x_ulb_s = weak(u, generator), strong(weak(u, generator), generator)
-        loss, _ = forward_loss(train_model, x_lb, y_lb, x_ulb_w, x_ulb_s, inputs.mean, inputs.std, tau=config.tau,
-                               lambda_u=config.lambda_u, T=config.T, lu_norm=config.lu_norm,
-                               channels_last=config.channels_last, weak_no_grad=config.weak_no_grad,
-                               amp=config.amp, bn_model=model, align=align, rank_mean=rank_mean)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        ema.update(model)
-        if cta is not None:
-            x_probe, choices = cta.probe(x_lb, generator)
-            with torch.no_grad():
-                probs = torch.softmax(ema.module(normalize(x_probe, inputs.mean, inputs.std, config.channels_last)), 1)
-            cta.update(choices, probs, y_lb, gather=rank_gather)
+        state.step = k  # the run's own batches and augmentation draws for step k
+        train_step(state, inputs.batches.get(k, state.strong))
 
     def evaluate(n: int) -> None:  # the EMA pass and, unless the EMA is the weights, the raw pass
-        images = data.test_images[:n]
-        predict_logits(ema.module, images, inputs.mean, inputs.std, config.eval_batch_size, config.channels_last)
+        images = inputs.data.test_images[:n]
+        predict_logits(state.ema.module, images, state.mean, state.std, config.eval_batch_size, config.channels_last)
         if config.ema != 0:
-            predict_logits(model, images, inputs.mean, inputs.std, config.eval_batch_size, config.channels_last)
+            predict_logits(state.model, images, state.mean, state.std, config.eval_batch_size, config.channels_last)
 
     return step, evaluate
 
@@ -315,7 +249,7 @@ def for_resume(config: Config | None, run_dir: Path) -> Config | None:
     by ``--resume``), the budget is replaced by what it chose, so that the resume compares equal; any other
     budget, steps or eval_every is refused in one line.
     """
-    if config is None or config.time_budget is None or not (run_dir / "config.yaml").is_file():
+    if config is None or config.time_budget is None or not RunDir(run_dir).is_run:
         return config  # nothing to resolve, or not a run (the resume reports that)
     plan = _read_plan(run_dir)
     resume = f"resume with: fixmatch train --out {run_dir} --resume"
@@ -332,7 +266,7 @@ def for_resume(config: Config | None, run_dir: Path) -> Config | None:
 
 
 def _read_plan(run_dir: Path) -> BudgetPlan | None:
-    path = run_dir / RECORD_NAME
+    path = RunDir(run_dir).time_budget_file
     try:
         text = read_run_file(path)
         if text is None:

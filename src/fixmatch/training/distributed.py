@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fixmatch.config import ConfigError
+from fixmatch.config import ConfigError, check_sync_bn
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,6 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     dist.destroy_process_group()
 
 
-def check_batch_sizes(batch_size: int, world_size: int) -> None:
-    if batch_size % world_size:
-        raise ConfigError(f"--batch-size {batch_size} is the global batch and must be divisible by the "
-                          f"{world_size} processes; choose a multiple of {world_size}")
-
-
 def shard(batch: Tensor, env: DistEnv) -> Tensor:
     """This rank's contiguous 1/W of a global batch (W divides its length)."""
     if not env.enabled:
@@ -186,18 +180,12 @@ def wrap_model(model: nn.Module, env: DistEnv, device: torch.device, sync_bn: bo
     sync_bn converts BatchNorm layers of ``model`` in place, so the saved model holds the same parameters and
     buffers under the same names (SyncBatchNorm's state dict is BatchNorm's).
     """
-    check_sync_bn(sync_bn, device)
+    check_sync_bn(sync_bn, device.type)
     if not env.enabled:
         return model
     if sync_bn:
         _convert_sync_bn_in_place(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
-    if sync_bn and device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; leave --sync-bn off "
-                          "on the CPU (each process then normalises with its own batch statistics)")
 
 
 def _convert_sync_bn_in_place(model: nn.Module) -> None:

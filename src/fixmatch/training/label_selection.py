@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fixmatch.config import ConfigError
-
+from fixmatch.config import ConfigError, check_label_selection
+from fixmatch.core.preprocess import channel_stats, predict_logits
 from fixmatch.data.split import Split, SplitError, load_split, make_split
+from fixmatch.runs.model_spec import load_model_checkpoint
 
 __all__ = ["select_labels", "centroid_selection", "pixel_features", "checkpoint_features"]
 
@@ -32,16 +33,13 @@ _CHUNK = 2048  # images per block when computing features: bounds the float copy
 
 def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_classes: int, seed: int, *,
                   images: torch.Tensor | None = None, split_file: str | None = None,
-                  checkpoint: str | None = None, mean: tuple[float, ...] = (), std: tuple[float, ...] = (),
-                  digest: str | None = None) -> Split:
+                  checkpoint: str | None = None, digest: str | None = None) -> Split:
     """The labeled/unlabeled split for ``strategy`` (``images``: uint8 (N, C, H, W) train images; ``digest``: their
-    ``train_digest``, which a split file must match where it records one)."""
-    if strategy == "file" or (strategy == "random" and split_file):
-        if not split_file:
-            raise ConfigError("label_selection 'file' needs --split-file FILE (a split.json from an earlier run)")
+    ``train_digest``, which a split file must match where it records one). A ``checkpoint`` records the
+    statistics its network was trained with (``checkpoint_features``)."""
+    check_label_selection(strategy, split_file)
+    if split_file:  # label_selection file, or random replaced by the file
         return load_split(split_file, num_train=labels.numel(), digest=digest)
-    if split_file:
-        raise ConfigError(f"--split-file is used only with label_selection 'file', not {strategy!r}; drop one")
     if strategy == "random":
         return make_split(labels, num_labels, num_classes, seed)
     if strategy not in ("representative", "unrepresentative"):
@@ -50,7 +48,7 @@ def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_clas
         raise ValueError("representative selection needs the training images")
     make_split(labels, num_labels, num_classes, seed)  # the same checks (divisibility, enough per class)
     if checkpoint:
-        features = checkpoint_features(checkpoint, images, num_classes, mean, std)
+        features = checkpoint_features(checkpoint, images)
     else:
         features = pixel_features(images)
     labeled = centroid_selection(features, labels, num_labels // num_classes, nearest=strategy == "representative")
@@ -97,33 +95,19 @@ def pixel_features(images: torch.Tensor, dim: int = PROJECTION_DIM, seed: int = 
     return out
 
 
-@torch.no_grad()
-def checkpoint_features(path: str | Path, images: torch.Tensor, num_classes: int, mean: tuple[float, ...],
-                        std: tuple[float, ...], batch_size: int = 256) -> torch.Tensor:
-    """Pooled ``forward_features`` of the EMA model saved in a fixmatch checkpoint: (N, D) on the CPU."""
-    from fixmatch.runs.checkpoint import load_checkpoint
-    from fixmatch.inference.evaluate import channel_stats, normalize
-    from fixmatch.models import create_model
+def checkpoint_features(path: str | Path, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Pooled ``forward_features`` of the EMA model saved in a fixmatch checkpoint: (N, D) float64 on the CPU.
 
-    state = load_checkpoint(path)
-    config = state.get("config") or {}
-    weights = state.get("ema") if state.get("ema") is not None else state.get("model")
-    ckpt_classes = len(state.get("class_names") or ()) or num_classes
-    try:
-        model = create_model(config["model"], ckpt_classes, images.shape[1], **(state.get("model_kwargs") or {}))
-        model.load_state_dict(weights)
-    except (KeyError, RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SplitError(f"--selection-checkpoint {path} does not fit these images ({first}); use a checkpoint "
-                         "trained on images with the same channels") from None
-    # The network expects its own training set's standardisation when the checkpoint records it.
-    mean, std = tuple(state.get("mean") or mean), tuple(state.get("std") or std)
+    The checkpoint is loaded as ``fixmatch.load`` loads it (its model description checked first), and the
+    images are standardised with the statistics the network was trained with, which it records.
+    """
+    loaded = load_model_checkpoint(path, "ema")
+    spec, model = loaded.spec, loaded.backbone
+    if spec.in_channels != images.shape[1]:
+        raise SplitError(f"--selection-checkpoint {path} does not fit these images (its model takes "
+                         f"{spec.in_channels}-channel images, these have {images.shape[1]}); use a checkpoint "
+                         "trained on images with the same channels")
     if not hasattr(model, "forward_features"):
-        raise SplitError(f"model {config['model']!r} has no forward_features; pick another checkpoint")
-    model.eval()
-    m, s = channel_stats(mean, std, torch.device("cpu"))
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].float().div_(255)
-        out.append(model.forward_features(normalize(x, m, s, False)).flatten(1).double())
-    return torch.cat(out)
+        raise SplitError(f"model {spec.name!r} has no forward_features; pick another checkpoint")
+    mean, std = channel_stats(spec.mean, spec.std)
+    return predict_logits(model, images, mean, std, batch_size, forward=model.forward_features).flatten(1).double()

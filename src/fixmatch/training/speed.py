@@ -6,6 +6,9 @@
   gradients overflow is skipped by the scaler and the scale lowered: that is loss scaling working, not a
   non-finite step.
 - ``compile``: torch.compile of the training module (the model, or its DistributedDataParallel wrapper).
+
+What a device cannot run (fp16 or compile without a C++ compiler on the CPU) is refused by
+config.check_runtime, before training.
 """
 from __future__ import annotations
 
@@ -15,22 +18,19 @@ import shutil
 import torch
 from torch import nn
 
-from fixmatch.config import ConfigError
+from fixmatch.config import check_compile
 
 CPU_COMPILERS = ("g++", "c++", "clang++")  # what torch.compile's C++ code generation looks for on the CPU
 
 
-def check_amp(amp: str, device: torch.device) -> None:
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("--amp fp16 needs CUDA (float16 with loss scaling); on the CPU use --amp bf16 or none")
-
-
-def make_grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """A GradScaler for fp16, None otherwise (bf16 and fp32 have fp32's exponent range)."""
-    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+def make_grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler, enabled for fp16 only (bf16 and fp32 have fp32's exponent range). Disabled, its scale,
+    step and update are plain passes, so the step has no branch for it."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 def find_cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile would use on the CPU ($CXX, else the first of CPU_COMPILERS on PATH)."""
     cxx = os.environ.get("CXX")
     if cxx and shutil.which(cxx):
         return shutil.which(cxx)
@@ -40,13 +40,6 @@ def find_cpu_compiler() -> str | None:
     return None
 
 
-def check_compile(compile: bool, device: torch.device) -> None:
-    """torch.compile generates C++ on the CPU: refuse in one line, before training, if no compiler is there."""
-    if compile and device.type == "cpu" and find_cpu_compiler() is None:
-        raise ConfigError("--compile on the CPU needs a C++ compiler (g++, c++ or clang++, or $CXX) and none was "
-                          "found on PATH; install one or leave --compile off")
-
-
 def compile_module(module: nn.Module, device: torch.device) -> nn.Module:
-    check_compile(True, device)
+    check_compile(True, device.type, find_cpu_compiler())
     return torch.compile(module)

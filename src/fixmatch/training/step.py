@@ -1,4 +1,10 @@
-"""The forward half of a FixMatch step: augmented batches in, loss and statistics out.
+"""One FixMatch training step: ``train_step(state, batch)``; its forward half is ``forward_loss``.
+
+train_step: forward -> loss -> backward -> non-finite check -> optimiser (through the fp16 loss scaler) -> EMA
+-> CTAugment's probe. A step whose loss, gradients or BatchNorm statistics are not finite changes nothing in
+``skip`` mode (nonfinite.py) and stops the run in ``stop`` mode.
+
+forward_loss, the forward half: augmented batches in, loss and statistics out.
 
 Default: ONE forward pass over [x_lb, x_ulb_w, x_ulb_s], as the official code does, so that BatchNorm
 normalises all three with the statistics of the whole batch and updates its running statistics once from it.
@@ -17,13 +23,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fixmatch.inference.evaluate import normalize
 from fixmatch.core.loss import LossStats, fixmatch_loss
+from fixmatch.core.preprocess import normalize
+
+if TYPE_CHECKING:
+    from fixmatch.training.batches import Batch
+    from fixmatch.training.state import TrainState
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,3 +95,57 @@ def forward_loss(model: nn.Module, x_lb: Tensor, y_lb: Tensor, x_ulb_w: Tensor |
         logits = net(torch.cat([x_lb, x_ulb_w, x_ulb_s]))
         n_ulb = x_ulb_w.shape[0]
         return fixmatch_loss(logits[:n_lb], y_lb, logits[n_lb:n_lb + n_ulb], logits[n_lb + n_ulb:], **loss_kw)
+
+
+@dataclass
+class StepStats:
+    """What one step reports, as device tensors (reading them would sync): the losses and mask rate of this
+    rank's slice, and how many masked pseudo-labels are right / have a known true label (monitoring only).
+    ``finite``: False where the step was skipped (``on_nonfinite: skip``)."""
+    loss_s: Tensor
+    loss_u: Tensor
+    mask_rate: Tensor
+    pl_correct: Tensor
+    pl_known: Tensor
+    finite: bool
+
+
+def train_step(state: TrainState, batch: Batch) -> StepStats:
+    """One optimisation step of ``state`` on ``batch``; the state's step count goes up by one."""
+    config, model = state.config, state.model
+    saved_buffers = state.guard.save_buffers(model)  # skip mode: restored if this step is skipped
+    loss, stats = forward_loss(state.train_model, batch.x_lb, batch.y_lb, batch.x_ulb_w, batch.x_ulb_s,
+                               state.mean, state.std, tau=config.tau, lambda_u=config.lambda_u, T=config.T,
+                               lu_norm=config.lu_norm, channels_last=config.channels_last,
+                               weak_no_grad=config.weak_no_grad, amp=config.amp, bn_model=model, align=state.align,
+                               rank_mean=state.rank_mean)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    # With fp16 loss scaling, overflowing gradients are the scaler's to skip: only the loss is checked.
+    grads_checked = [] if state.scaler.is_enabled() else model.parameters()
+    finite = state.guard.step_is_finite(state.step + 1, loss, grads_checked, model.buffers())
+    if finite:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.ema.update(model)
+        if state.cta is not None:
+            # CTAugment's bin weights follow how well the EMA model classifies labeled images under uniformly
+            # drawn policies (the official code's probe step); every rank learns from the probes of all ranks.
+            x_probe, probe_choices = state.cta.probe(batch.x_lb, batch.generator)
+            with torch.no_grad():
+                probs = torch.softmax(state.ema.module(normalize(x_probe, state.mean, state.std,
+                                                                 config.channels_last)), 1)
+            state.cta.update(probe_choices, probs, batch.y_lb, gather=state.rank_gather)
+    else:
+        state.guard.restore_buffers(model, saved_buffers)  # BatchNorm statistics as before the step
+        if state.align is not None:
+            state.align.drop_last()  # the skipped step's batch mean stays out of p_model
+    state.step += 1
+    pl_correct = pl_known = torch.zeros((), device=batch.y_lb.device)
+    if batch.y_ulb_true is not None:  # pseudo-label accuracy on the masked samples, from the true labels
+        pl_correct = ((stats.pseudo_label == batch.y_ulb_true) & stats.mask).sum()
+        pl_known = (stats.mask & (batch.y_ulb_true >= 0)).sum()
+    if finite:  # a skipped step stays out of the means logged at the next evaluation
+        state.stats.add(loss_s=stats.loss_s, loss_u=stats.loss_u, mask_rate=stats.mask_rate, pl_correct=pl_correct,
+                        steps=torch.ones((), device=pl_correct.device), pl_known=pl_known)
+    return StepStats(stats.loss_s, stats.loss_u, stats.mask_rate, pl_correct, pl_known, finite)

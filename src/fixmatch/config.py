@@ -250,7 +250,7 @@ class Config:
                       _positive_int, "a positive integer", default=2**20)
     time_budget: str | None = _key("how long the run may take (90s, 15m, 2h, 1h30m): a short timed calibration at "
                                    "the start chooses steps (at most --steps) and eval_every, written into "
-                                   "config.yaml (budget.py); null = train --steps steps", _time_budget,
+                                   "config.yaml (training/budget.py); null = train --steps steps", _time_budget,
                                    "a duration such as 90s, 15m, 2h or 1h30m, or null", metavar="DURATION",
                                    default=None)
     lr: float = _key("SGD step size at step 0; decays as lr * cos(7*pi*k / (16*K))", _positive_float,
@@ -280,7 +280,7 @@ class Config:
     eval_batch_size: int = _key("images per forward pass at evaluation", _positive_int, "a positive integer",
                                 default=1024)
     progress: bool = _key("show a progress bar", default=True)
-    _section("speed and processes")  # speed.py, step.py, distributed.py
+    _section("speed and processes")  # training/speed.py, step.py, distributed.py
     device: str = _key("auto (cuda when available), cpu, cuda or cuda:N", lambda v: v in ("auto", "cpu", "cuda")
                        or re.fullmatch(r"cuda:\d+", v) is not None,
                        "auto, cpu, cuda or cuda:N", metavar="{auto,cpu,cuda,cuda:N}", default="auto")
@@ -291,7 +291,7 @@ class Config:
     compile: bool = _key("torch.compile the model (needs a C++ compiler on the CPU); the first steps are slow",
                          default=False)
     weak_no_grad: bool = _key("run the weak unlabeled view in its own no-grad forward: about a third less compute; "
-                              "BatchNorm then normalises it with its own batch statistics (step.py)",
+                              "BatchNorm then normalises it with its own batch statistics (training/step.py)",
                               default=False)
     sync_bn: bool = _key("several processes (torchrun) on CUDA: BatchNorm statistics over all processes' batches",
                          default=False)
@@ -327,7 +327,7 @@ _PAPER_TRAINING: dict[str, Any] = dict(steps=2**20, eval_every=1024, batch_size=
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's data sets, each with the network and weight decay the paper used for it; num_labels is the
     # middle of the paper's three label counts (STL-10 has one). The weak view's flip (none for SVHN) and shift
-    # (4 px at 32x32, 12 px at 96x96) follow from the data set (train.NO_FLIP_DATASETS, weak_translate).
+    # (4 px at 32x32, 12 px at 96x96) follow from the data set (augment/views.py NO_FLIP_DATASETS, weak_translate).
     "cifar10": dict(dataset="cifar10", model="wrn28_2", num_labels=250, **_PAPER_TRAINING),
     # WRN-28-8 (the official code's 128 filters) and twice the weight decay.
     "cifar100": dict(dataset="cifar100", model="wrn28_8", num_labels=2500, **{**_PAPER_TRAINING, "wd": 1e-3}),

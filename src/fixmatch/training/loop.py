@@ -48,7 +48,7 @@ from fixmatch.runs.log import RunLogger, read_metrics, truncate_metrics, unmeasu
 from fixmatch.runs.model_spec import checkpoint_fields
 from fixmatch.runs.rundir import RunDir
 from fixmatch.training import budget, distributed
-from fixmatch.training.batches import Batches
+from fixmatch.training.batches import Batches, View
 from fixmatch.training.label_selection import select_labels
 from fixmatch.training.speed import find_cpu_compiler
 from fixmatch.training.state import TrainState, new_train_state
@@ -139,40 +139,15 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
            device: torch.device) -> dict[str, Any]:
     started = budget.clock()  # a time budget counts from here: loading the data is part of the wait
     run = RunDir(run_dir)
-    if resume:  # a time-budget run continues with the steps its calibration chose, never with the clock's
-        config = run.resume_config(budget.for_resume(config, run_dir))
-    else:
-        run.check_unused()
-    config = check_config(config)
-    check_runtime(config, device.type, env.world_size, find_cpu_compiler())  # refused before anything is written
-
-    # --- data and split: everything that can fail on bad input happens before anything is written
+    config = _run_config(config, run, resume, env, device)
+    # --- data, split, batches: everything that can fail on bad input happens before anything is written
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
                         on_bad_image=config.on_bad_image, labels_csv=config.labels_csv, **_dataset_options(config))
-    resumed = resume and run.last_checkpoint.is_file()  # else: killed before any checkpoint
+    resumed = resume and run.last_checkpoint.is_file()  # else: killed before any checkpoint, restarted
     split = _split_for(config, run, resumed, data)
-    n_pool = len(split.unlabeled) + (0 if data.unlabeled_images is None else len(data.unlabeled_images))
-    if config.method == "fixmatch" and n_pool < config.batch_size * config.mu:
-        raise DatasetError(f"{config.dataset} has {n_pool} unlabeled images (labeled ones included) but each step "
-                           f"draws mu*B = {config.batch_size * config.mu}; add unlabeled images or lower --mu or "
-                           "--batch-size")
-    # Global batches (B and mu*B in all, whatever the number of processes): each rank takes its slice.
-    stream_lb = IndexStream(split.labeled, config.batch_size, config.seed, stream_id=0)
-    # The unlabeled stream draws from the split's training images plus the data set's separate unlabeled images.
-    ulb_pool = unlabeled_pool(split, data.train_labels.numel(), data.num_unlabeled_extra)
-    stream_ulb = IndexStream(ulb_pool, config.batch_size * config.mu, config.seed, stream_id=1)
-    y_pool = pool_labels(data)  # true labels (-1 where unknown), for monitoring pseudo-labels only
-    pl_note = unmeasured_pseudo_labels(y_pool[ulb_pool]) if config.method == "fixmatch" else ""
-    if pl_note:  # measured on the few images with a known label only, the accuracy would mislead: none is measured
-        y_pool = torch.full_like(y_pool, -1)
-    mean, std = channel_stats(data.mean, data.std, device)
     weak, strong = build_views(config)
-    fixmatch = config.method == "fixmatch"
-    rank_mean = functools.partial(distributed.all_reduce_mean_, env=env) if env.enabled else None
-    align = None
-    if fixmatch and config.dist_align:  # p_model averaged over every rank's slice of the unlabeled batch
-        p_target = DistributionAlignment.target_from_labels(data.train_labels[split.labeled], data.num_classes)
-        align = DistributionAlignment(p_target, reduce=rank_mean)
+    batches, pl_note = _batches_for(config, data, split, weak, env, device)
+    align = _pseudo_label_transform(config, data, split, env)
 
     # --- model and training state
     torch.manual_seed(config.seed)
@@ -184,7 +159,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resumed else None
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    batches = Batches(data, stream_lb, stream_ulb if fixmatch else None, weak, y_pool, config.seed, env, device)
+    mean, std = channel_stats(data.mean, data.std, device)
     make_state = functools.partial(new_train_state, mean=mean, std=std, split=split, class_names=data.class_names,
                                    model_fields=checkpoint_fields(config.model, model_kwargs, data),
                                    last_checkpoint=run.last_checkpoint, env=env, device=device)
@@ -242,6 +217,51 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     finally:
         logger.close()
     return _finish(state, run)
+
+
+def _run_config(config: Config | None, run: RunDir, resume: bool, env: distributed.DistEnv,
+                device: torch.device) -> Config:
+    """The configuration to train with: a resume's is the run's own (changes refused), a new run needs an unused
+    directory; options this device or number of processes cannot run are refused before anything is written."""
+    if resume:  # a time-budget run continues with the steps its calibration chose, never with the clock's
+        config = run.resume_config(budget.for_resume(config, run.path))
+    else:
+        run.check_unused()
+    config = check_config(config)
+    check_runtime(config, device.type, env.world_size, find_cpu_compiler())
+    return config
+
+
+def _batches_for(config: Config, data: Dataset, split: Split, weak: View, env: distributed.DistEnv,
+                 device: torch.device) -> tuple[Batches, str]:
+    """The run's batches, and a note to print where pseudo-label accuracy cannot be measured ("" otherwise)."""
+    fixmatch = config.method == "fixmatch"
+    n_pool = len(split.unlabeled) + (0 if data.unlabeled_images is None else len(data.unlabeled_images))
+    if fixmatch and n_pool < config.batch_size * config.mu:
+        raise DatasetError(f"{config.dataset} has {n_pool} unlabeled images (labeled ones included) but each step "
+                           f"draws mu*B = {config.batch_size * config.mu}; add unlabeled images or lower --mu or "
+                           "--batch-size")
+    # Global batches (B and mu*B in all, whatever the number of processes): each rank takes its slice.
+    stream_lb = IndexStream(split.labeled, config.batch_size, config.seed, stream_id=0)
+    # The unlabeled stream draws from the split's training images plus the data set's separate unlabeled images.
+    ulb_pool = unlabeled_pool(split, data.train_labels.numel(), data.num_unlabeled_extra)
+    stream_ulb = IndexStream(ulb_pool, config.batch_size * config.mu, config.seed, stream_id=1) if fixmatch else None
+    y_pool = pool_labels(data)  # true labels (-1 where unknown), for monitoring pseudo-labels only
+    pl_note = unmeasured_pseudo_labels(y_pool[ulb_pool]) if fixmatch else ""
+    if pl_note:  # measured on the few images with a known label only, the accuracy would mislead: none is measured
+        y_pool = torch.full_like(y_pool, -1)
+    return Batches(data, stream_lb, stream_ulb, weak, y_pool, config.seed, env, device), pl_note
+
+
+def _pseudo_label_transform(config: Config, data: Dataset, split: Split,
+                            env: distributed.DistEnv) -> DistributionAlignment | None:
+    """Distribution alignment of the weak view's probabilities (--dist-align), None for the paper's FixMatch.
+    p_model is averaged over every rank's slice of the unlabeled batch."""
+    if config.method != "fixmatch" or not config.dist_align:
+        return None
+    p_target = DistributionAlignment.target_from_labels(data.train_labels[split.labeled], data.num_classes)
+    return DistributionAlignment(p_target, reduce=functools.partial(distributed.all_reduce_mean_, env=env)
+                                 if env.enabled else None)
 
 
 def _write_new_run(run: RunDir, config: Config, split: Split, plan: budget.BudgetPlan | None) -> None:

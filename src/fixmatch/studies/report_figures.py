@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fixmatch.core.atomic import atomic_path  # noqa: E402
 from fixmatch.inference.evaluate import draw_confusion  # noqa: E402
+from fixmatch.runs.rundir import RunDir  # noqa: E402
 from fixmatch.studies.results import Group, Run, fmt, mean_std  # noqa: E402
 
 LINESTYLES = {"fixmatch": "-", "supervised": "--"}
@@ -265,7 +266,7 @@ def _best_run_confusion(groups: list[Group], out: Path, notes: list[str]) -> tup
 
     best = max((r for g in groups for r in g.runs), key=lambda r: r.summary["test_acc_best"])
     try:
-        metrics = evaluate(best.path / "checkpoints" / "best.pt", device="cpu")
+        metrics = evaluate(RunDir(best.path).best_checkpoint, device="cpu")
     except Exception as e:  # no checkpoint or no data set here: the page says so instead of failing
         notes.append(f"No confusion matrix: evaluating {best.path.name}'s best checkpoint failed "
                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__}).")

@@ -19,7 +19,7 @@ TRAIN_GROUPS = ["data", "model", "algorithm", "augmentation", "optimisation", "e
                 "speed and processes", "run"]
 # Keys with a fixed set of values (a test below checks that this is all of them).
 ENUMERATED = {"label_selection", "on_bad_image", "method", "lu_norm", "weak_padding", "strong", "optimizer",
-              "schedule", "amp", "on_nonfinite"}
+              "schedule", "amp", "on_nonfinite", "algorithm"}
 
 
 

@@ -191,7 +191,7 @@ def test_configs_types_are_its_hints_and_its_bool_keys_have_no_check_of_their_ow
     assert kinds["lr"] == KeyType(float) and kinds["dataset"] == KeyType(str) and kinds["fill"] == KeyType(float, True)
     flags = {f.name: f for f in dataclasses.fields(Config) if kinds[f.name].base is bool}
     assert set(flags) == {"svhn_extra", "dist_align", "weak_flip", "nesterov", "progress", "channels_last", "compile",
-                          "weak_no_grad", "sync_bn"}
+                          "weak_no_grad", "sync_bn", "flexmatch_warmup"}
     assert all(f.metadata["check"] is None for f in flags.values())
     assert flags["compile"].metadata["accepted"] == "true or false"  # the words --help and errors use
     with pytest.raises(TypeError, match="one type, or one type \\| None"):

@@ -36,6 +36,7 @@ import yaml
 STRONG_AUGMENTS = ("randaugment", "randaugment-tf", "randaugment-fixed", "randaugment-3op", "ctaugment")
 WEAK_PADDINGS = ("reflect", "zeros")  # fixmatch.augment.WEAK_PADDINGS, likewise
 LABEL_SELECTIONS = ("random", "file", "representative", "unrepresentative")  # data/label_selection.py
+ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")  # core/pseudo_label.py's policies
 
 
 class ConfigError(ValueError):
@@ -226,6 +227,19 @@ class Config:
     dist_align: bool = _key("distribution alignment (ReMixMatch): scale the weak view's probabilities by "
                             "p_labeled / p_model before the threshold; not in the paper's FixMatch",
                             default=False)
+    algorithm: str = _one_of("how the weak view's prediction becomes a pseudo-label and its weight: fixmatch (a "
+                             "fixed tau, the paper), flexmatch (class-wise curriculum thresholds), freematch "
+                             "(self-adaptive thresholds + fairness loss) or softmatch (truncated Gaussian weights)",
+                             ALGORITHMS, default="fixmatch")
+    flexmatch_warmup: bool = _key("--algorithm flexmatch: threshold warm-up, the never-confident samples count in "
+                                  "beta's denominator (the paper's and USB's default)", default=True)
+    threshold_momentum: float = _key("--algorithm freematch/softmatch: momentum of the EMAs of the confidence "
+                                     "statistics (the papers' 0.999)", lambda v: _unit_interval(v) and v < 1,
+                                     "a number in [0, 1)", default=0.999)
+    freematch_fairness_weight: float = _key("--algorithm freematch: weight of the self-adaptive fairness loss (USB's "
+                                            "CIFAR-10 0.001)", _nonneg_float, "a number >= 0", default=0.001)
+    softmatch_n_sigma: float = _key("--algorithm softmatch: the Gaussian's width divisor n_sigma (the paper's 2)",
+                                    _positive_float, "a number > 0", default=2.0)
     _section("augmentation")
     weak_flip: bool | None = _key("random horizontal flip in the weak view; null = the data set's default",
                                   default=None)
@@ -625,6 +639,27 @@ def check_combinations(config: Config) -> None:
     if config.fold is None:  # a fold chooses the labeled images itself
         check_label_selection(config.label_selection, config.split_file)
     strong_policy_options(config.strong, config.randaugment_ops, config.randaugment_prob)
+    check_algorithm_keys(config)
+
+
+# Each algorithm's own keys: refused (at a value other than the default) for the algorithms that do not read them
+# (FreeMatch's and SoftMatch's thresholds adapt by themselves: no tau).
+ALGORITHM_KEYS = {"tau": ("fixmatch", "flexmatch"), "flexmatch_warmup": ("flexmatch",),
+                  "threshold_momentum": ("freematch", "softmatch"),
+                  "freematch_fairness_weight": ("freematch",), "softmatch_n_sigma": ("softmatch",)}
+
+
+def check_algorithm_keys(config: Config) -> None:
+    """--algorithm needs pseudo-labels (method fixmatch); each algorithm's own keys stay at their defaults for the
+    others, which would ignore them."""
+    if config.algorithm != "fixmatch" and config.method != "fixmatch":
+        raise ConfigError(f"--algorithm {config.algorithm} needs --method fixmatch (the {config.method} method has "
+                          f"no pseudo-labels); drop --algorithm")
+    for key, users in ALGORITHM_KEYS.items():
+        default = getattr(Config, key)
+        if config.algorithm not in users and getattr(config, key) != default:
+            raise ConfigError(f"--{key.replace('_', '-')} applies to --algorithm {'/'.join(users)} only, not "
+                              f"{config.algorithm}; leave it at its default ({default}) or change --algorithm")
 
 
 def check_label_selection(label_selection: str, split_file: str | None) -> None:

@@ -98,11 +98,14 @@ class RunLogger:
 
         def shown(key: str, fmt: str, unit: str = "") -> str:  # None: undefined (no pseudo-label, or all skipped)
             return "-" if row[key] is None else format(row[key], fmt) + unit
+        # FlexMatch, FreeMatch, SoftMatch: their effective threshold (mean, minimum over classes) and mean weight.
+        policy = (f" | thr {row['threshold_mean']:.3f} (min {row['threshold_min']:.3f}) w {shown('weight_mean', '.3f')}"
+                  if row.get("threshold_mean") is not None else "")
         self.write(
             f"step {row['step']:>7d} | test acc {row['test_acc']:6.2f}% (raw {row['raw_test_acc']:6.2f}%, "
             f"top-5 {row['test_top5']:6.2f}%) | Ls {shown('loss_s', '.3f')} Lu {shown('loss_u', '.3f')} | "
             f"mask {shown('mask_rate', '.3f')} pl-acc {shown('pseudo_label_acc', '6.2f', '%'):>7} | "
-            f"lr {row['lr']:.5f}")
+            f"lr {row['lr']:.5f}{policy}")
 
     def image(self, tag: str, image: Any, step: int) -> None:
         """Logs an RGB uint8 image (H, W, 3) to TensorBoard (e.g. the augmentation grid)."""

@@ -25,13 +25,15 @@ class Batch:
     """The paper's names: ``x_lb``/``y_lb`` labeled (weak view), ``x_ulb_w``/``x_ulb_s`` the unlabeled images'
     weak and strong views (None for the supervised baseline). ``y_ulb_true``: the unlabeled images' true labels
     (-1 where unknown), read only to monitor pseudo-label accuracy. ``generator``: the step's augmentation
-    generator, positioned after the views' draws (CTAugment's probe draws from it next)."""
+    generator, positioned after the views' draws (CTAugment's probe draws from it next). ``idx_ulb``: the
+    unlabeled images' indices in the pool (FlexMatch keeps a state per pool image), on the device."""
     x_lb: Tensor
     y_lb: Tensor
     x_ulb_w: Tensor | None
     x_ulb_s: Tensor | None
     y_ulb_true: Tensor | None
     generator: torch.Generator
+    idx_ulb: Tensor | None = None
 
 
 class Batches:
@@ -63,4 +65,5 @@ class Batches:
         u = self._to_device(gather_pool(self.data.train_images, self.data.unlabeled_images, idx_ulb, pin=self.pin))
         # Strong view = its own flip/translate, then RandAugment and Cutout (as the PyTorch ports do).
         x_ulb_w, x_ulb_s = self.weak(u, gen), strong(self.weak(u, gen), gen)
-        return Batch(x_lb, y_lb, x_ulb_w, x_ulb_s, self._to_device(self.y_pool[idx_ulb]), gen)
+        return Batch(x_lb, y_lb, x_ulb_w, x_ulb_s, self._to_device(self.y_pool[idx_ulb]), gen,
+                     self._to_device(torch.as_tensor(idx_ulb, dtype=torch.long)))

@@ -162,7 +162,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     mean, std = channel_stats(data.mean, data.std, device)
     make_state = functools.partial(new_train_state, mean=mean, std=std, split=split, class_names=data.class_names,
                                    model_fields=checkpoint_fields(config.model, model_kwargs, data),
-                                   last_checkpoint=run.last_checkpoint, env=env, device=device)
+                                   last_checkpoint=run.last_checkpoint, env=env, device=device,
+                                   pool_size=len(batches.y_pool))
     plan = None
     if config.time_budget is not None:  # a new run (a resume has none left): a few timed steps choose its steps
         plan = budget.calibrate(config, started, budget.StepInputs(model, strong, align, make_state, batches, data),
@@ -355,7 +356,18 @@ def _metrics_row(state: TrainState, data: Dataset, lr: float, wall_s: float) -> 
     return {"step": state.step, "test_acc": ema_m["top1"], "test_top5": ema_m["top5"], "test_macro_f1": ema_f1,
             "raw_test_acc": raw_m["top1"], "loss_s": means["loss_s"], "loss_u": means["loss_u"],
             "mask_rate": means["mask_rate"], "pseudo_label_acc": means["pseudo_label_acc"], "lr": lr,
-            "wall_s": wall_s, "nonfinite_steps": state.guard.skipped}
+            "wall_s": wall_s, "nonfinite_steps": state.guard.skipped, **_policy_metrics(state, means)}
+
+
+def _policy_metrics(state: TrainState, means: dict[str, float | None]) -> dict[str, Any]:
+    """What a policy other than the paper's fixed tau adds to a metrics row: its effective threshold now (mean and
+    minimum over classes; SoftMatch: mu_t) and the mean sample weight since the last evaluation. FixMatch's rows
+    stay as they were (its threshold is tau, its mean weight the mask rate)."""
+    if state.config.algorithm == "fixmatch" or state.config.method != "fixmatch":
+        return {}
+    thresholds = state.policy.thresholds().float()
+    return {"threshold_mean": thresholds.mean().item(), "threshold_min": thresholds.min().item(),
+            "weight_mean": means["weight_mean"]}
 
 
 def summarize(run_dir: Path, config: Config, wall_s: float) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from fixmatch.config import Config
 from fixmatch.core.dist_align import DistributionAlignment
 from fixmatch.core.ema import EMA
 from fixmatch.core.optim import LRSchedule, make_optimizer, set_lr
+from fixmatch.core.pseudo_label import PseudoLabelPolicy, make_policy
 from fixmatch.data.split import Split
 from fixmatch.runs.checkpoint import CheckpointFields, restore_optimizer, restore_rng, tensor_like
 from fixmatch.training import distributed
@@ -31,6 +32,7 @@ from fixmatch.training.nonfinite import NonFiniteGuard
 from fixmatch.training.speed import compile_module, make_grad_scaler
 
 CHECKPOINT_FORMAT = "fixmatch-checkpoint"
+SUMS = 6  # RunningStats' fields in the checkpoint's "sums" tensor
 
 
 @dataclass
@@ -74,10 +76,21 @@ class RunningStats:
     def means(self) -> dict[str, float | None]:
         """What a metrics row reports; None (JSON null) where it is undefined: no finite step since the last
         evaluation, or no used pseudo-label whose true label is known."""
-        loss_s, loss_u, mask, pl_correct, n, known = self.as_tensor().tolist()
+        loss_s, loss_u, mask, pl_correct, n, known = self.as_tensor().tolist()[:SUMS]
         mean = (lambda total: total / n) if n > 0 else (lambda total: None)
         return {"loss_s": mean(loss_s), "loss_u": mean(loss_u), "mask_rate": mean(mask),
                 "pseudo_label_acc": 100.0 * pl_correct / known if known > 0 else None}
+
+
+@dataclass
+class TrainStats(RunningStats):
+    """RunningStats (release 0.1's checkpoint ``sums``, the first SUMS values of ``as_tensor``) plus the sum of
+    the unlabeled samples' mean weight in Lu (pseudo_label.py), saved with the policy's state."""
+    weight: Tensor
+
+    def means(self) -> dict[str, float | None]:
+        n, weight = self.steps.item(), self.weight.item()
+        return {**super().means(), "weight_mean": weight / n if n > 0 else None}
 
 
 @dataclass(eq=False)
@@ -99,6 +112,7 @@ class TrainState:
     guard: NonFiniteGuard
     strong: View
     align: DistributionAlignment | None
+    policy: PseudoLabelPolicy  # the pseudo-label policy (--algorithm), after ``align``
     mean: Tensor
     std: Tensor
     env: distributed.DistEnv
@@ -106,7 +120,7 @@ class TrainState:
     split: Split
     class_names: list[str]
     model_fields: dict[str, Any]  # the model description (model_spec.checkpoint_fields)
-    stats: RunningStats
+    stats: TrainStats
     step: int = 0
     best_acc: float = -math.inf
     wall_before: float = 0.0  # training seconds of the run before this process took it over (resumes)
@@ -138,20 +152,29 @@ class TrainState:
         return lr
 
     # ------------------------------------------------------------------ saving and restoring
+    def _load_pseudo_label(self, saved: dict[str, Any], device: torch.device) -> None:
+        """The policy's state and the running weight sum (the checkpoint's "pseudo_label" field)."""
+        self.policy.load_state_dict(saved["policy"], device=device)
+        self.stats.weight.copy_(tensor_like(saved["weight_sum"], like=self.stats.weight.cpu()))
+
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: every field a resume needs, plus what loading the model alone needs."""
         cuda = self.device.type == "cuda"
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "config": self.config.to_dict(), "split": self.split.to_json(), "class_names": list(self.class_names),
-                "best_acc": self.best_acc, "wall_s": self.wall_s(), "sums": self.stats.as_tensor().cpu(),
+                "best_acc": self.best_acc, "wall_s": self.wall_s(), "sums": self.stats.as_tensor()[:SUMS].cpu(),
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(self.device) if cuda else None},
                 "nonfinite_steps": self.guard.skipped, **self.model_fields,
                 "ctaugment": self.cta.state_dict() if self.cta is not None else None,
                 "schedule": self.schedule.state_dict(),
                 "dist_align": self.align.state_dict() if self.align is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                # FixMatch's policy has no state and its weight sum is the mask-rate sum: its checkpoints keep
+                # release 0.1's keys exactly.
+                **({} if self.config.algorithm == "fixmatch" else {"pseudo_label": {
+                    "policy": self.policy.state_dict(), "weight_sum": self.stats.weight.detach().cpu()}})}
 
     def load_state_dict(self, state: dict[str, Any], path: str | Path, fix: str) -> None:
         """Restore a run from ``state`` (a checkpoint read from ``path``). Every field is checked as it is
@@ -163,7 +186,13 @@ class TrainState:
         saved.restore("model", self.model.load_state_dict)
         saved.restore("ema", self.ema.load_state_dict)
         saved.restore("optimizer", functools.partial(restore_optimizer, self.optimizer))
-        sums = saved.restore("sums", functools.partial(tensor_like, like=self.stats.as_tensor()))
+        sums = saved.restore("sums", functools.partial(tensor_like, like=self.stats.as_tensor()[:SUMS]))
+        # Without "pseudo_label" (FixMatch's, or from before the policies) the weights are the mask.
+        weight_sum = sums[2:3]
+        if state.get("pseudo_label") is not None:
+            saved.restore("pseudo_label", functools.partial(self._load_pseudo_label, device=self.device))
+            weight_sum = self.stats.weight.detach().cpu().reshape(1)
+        sums = torch.cat([sums, weight_sum.to(sums)])
         # The saved sums are over all ranks: rank 0 alone takes them, so that the next all-reduce counts them once.
         self.stats.load_tensor(sums if self.env.is_main else torch.zeros_like(sums))
         if self.scaler.is_enabled() and state.get("scaler"):
@@ -179,8 +208,11 @@ class TrainState:
 
 def new_train_state(config: Config, model: nn.Module, strong: View, align: DistributionAlignment | None,
                     mean: Tensor, std: Tensor, split: Split, class_names: list[str], model_fields: dict[str, Any],
-                    last_checkpoint: Path, env: distributed.DistEnv, device: torch.device) -> TrainState:
-    """The state of a run at step 0 around ``model`` (built, initialised and on ``device``)."""
+                    last_checkpoint: Path, env: distributed.DistEnv, device: torch.device,
+                    pool_size: int = 0) -> TrainState:
+    """The state of a run at step 0 around ``model`` (built, initialised and on ``device``); ``pool_size``: the
+    number of images the unlabeled indices point into (FlexMatch's state)."""
+    gather = functools.partial(distributed.all_gather_cat, env=env) if env.enabled else None
     train_model = distributed.wrap_model(model, env, device, config.sync_bn)
     if config.compile:
         train_model = compile_module(train_model, device)
@@ -192,5 +224,6 @@ def new_train_state(config: Config, model: nn.Module, strong: View, align: Distr
                             config.plateau_patience),
         scaler=make_grad_scaler(config.amp, device),
         guard=NonFiniteGuard(config.on_nonfinite, device, last_checkpoint, rank_min=rank_min),
-        strong=strong, align=align, mean=mean, std=std, env=env, device=device, split=split,
-        class_names=list(class_names), model_fields=model_fields, stats=RunningStats.zeros(device))
+        strong=strong, align=align, policy=make_policy(config, len(class_names), pool_size, gather), mean=mean,
+        std=std, env=env, device=device, split=split,
+        class_names=list(class_names), model_fields=model_fields, stats=TrainStats.zeros(device))

@@ -21,6 +21,7 @@ the same loss either way.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fixmatch.core.loss import LossStats, fixmatch_loss
+from fixmatch.core.loss import LossStats, fairness_loss, fixmatch_loss
 from fixmatch.core.preprocess import normalize
+from fixmatch.core.pseudo_label import FreeMatchPolicy, PseudoLabelPolicy
 
 if TYPE_CHECKING:
     from fixmatch.training.batches import Batch
@@ -69,19 +71,24 @@ def forward_loss(model: nn.Module, x_lb: Tensor, y_lb: Tensor, x_ulb_w: Tensor |
                  mean: Tensor, std: Tensor, *, tau: float, lambda_u: float, T: float, lu_norm: str,
                  channels_last: bool, weak_no_grad: bool = False, amp: str = "none",
                  bn_model: nn.Module | None = None, align: Callable[[Tensor], Tensor] | None = None,
-                 rank_mean: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, LossStats]:
+                 rank_mean: Callable[[Tensor], Tensor] | None = None, policy: PseudoLabelPolicy | None = None,
+                 idx_ulb: Tensor | None = None, fairness_weight: float = 0.0) -> tuple[Tensor, LossStats]:
     """Loss Ls + lambda_u * Lu of one step (``fixmatch_loss``) from float images in [0, 1].
 
     ``x_ulb_w`` / ``x_ulb_s`` None: the supervised baseline. ``model`` is what is called (possibly wrapped in
     DistributedDataParallel or compiled); ``bn_model`` is the plain module whose BatchNorm layers
     ``weak_no_grad`` freezes (default: ``model``). ``align``: distribution alignment of the pseudo-label
     probabilities (``fixmatch_loss``), None for the paper's FixMatch. ``rank_mean``: the mean over ranks with
-    several processes (``fixmatch_loss``'s masked Lu), None for one.
+    several processes (``fixmatch_loss``'s masked Lu), None for one. ``policy``: the pseudo-label policy
+    (pseudo_label.py; None: FixMatch's fixed tau), called with the unlabeled samples' pool indices ``idx_ulb``;
+    a FreeMatch policy adds ``fairness_weight`` times its fairness loss (``loss.fairness_loss``).
     """
     def net(x: Tensor) -> Tensor:
         return model(normalize(x, mean, std, channels_last))
 
-    loss_kw = dict(tau=tau, lambda_u=lambda_u, T=T, lu_norm=lu_norm, align=align, rank_mean=rank_mean)
+    policy_fn = None if policy is None else functools.partial(policy, idx_ulb=idx_ulb)
+    loss_kw = dict(tau=tau, lambda_u=lambda_u, T=T, lu_norm=lu_norm, align=align, rank_mean=rank_mean,
+                   policy=policy_fn)
     with autocast(x_lb.device, amp):
         if x_ulb_w is None or x_ulb_s is None:
             return fixmatch_loss(net(x_lb), y_lb, None, None, **loss_kw)
@@ -90,11 +97,16 @@ def forward_loss(model: nn.Module, x_lb: Tensor, y_lb: Tensor, x_ulb_w: Tensor |
             with torch.no_grad(), frozen_running_stats(bn_model if bn_model is not None else model):
                 logits_w = net(x_ulb_w)
             logits = net(torch.cat([x_lb, x_ulb_s]))
-            return fixmatch_loss(logits[:n_lb], y_lb, logits_w, logits[n_lb:], **loss_kw)
-        # One forward pass over labeled, weak and strong images: BatchNorm sees all of them.
-        logits = net(torch.cat([x_lb, x_ulb_w, x_ulb_s]))
-        n_ulb = x_ulb_w.shape[0]
-        return fixmatch_loss(logits[:n_lb], y_lb, logits[n_lb:n_lb + n_ulb], logits[n_lb + n_ulb:], **loss_kw)
+            logits_lb, logits_s = logits[:n_lb], logits[n_lb:]
+        else:
+            # One forward pass over labeled, weak and strong images: BatchNorm sees all of them.
+            logits = net(torch.cat([x_lb, x_ulb_w, x_ulb_s]))
+            n_ulb = x_ulb_w.shape[0]
+            logits_lb, logits_w, logits_s = logits[:n_lb], logits[n_lb:n_lb + n_ulb], logits[n_lb + n_ulb:]
+        loss, stats = fixmatch_loss(logits_lb, y_lb, logits_w, logits_s, **loss_kw)
+        if isinstance(policy, FreeMatchPolicy) and fairness_weight > 0:
+            loss = loss + fairness_weight * fairness_loss(logits_s, stats.mask, policy.p_t, policy.hist)
+        return loss, stats
 
 
 @dataclass
@@ -118,7 +130,8 @@ def train_step(state: TrainState, batch: Batch) -> StepStats:
                                state.mean, state.std, tau=config.tau, lambda_u=config.lambda_u, T=config.T,
                                lu_norm=config.lu_norm, channels_last=config.channels_last,
                                weak_no_grad=config.weak_no_grad, amp=config.amp, bn_model=model, align=state.align,
-                               rank_mean=state.rank_mean)
+                               rank_mean=state.rank_mean, policy=state.policy, idx_ulb=batch.idx_ulb,
+                               fairness_weight=config.freematch_fairness_weight)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     # With fp16 loss scaling, overflowing gradients are the scaler's to skip: only the loss is checked.
@@ -140,6 +153,8 @@ def train_step(state: TrainState, batch: Batch) -> StepStats:
         state.guard.restore_buffers(model, saved_buffers)  # BatchNorm statistics as before the step
         if state.align is not None:
             state.align.drop_last()  # the skipped step's batch mean stays out of p_model
+        if batch.x_ulb_w is not None:
+            state.policy.drop_last()  # and its statistics out of the pseudo-label policy's
     state.step += 1
     pl_correct = pl_known = torch.zeros((), device=batch.y_lb.device)
     if batch.y_ulb_true is not None:  # pseudo-label accuracy on the masked samples, from the true labels
@@ -147,5 +162,6 @@ def train_step(state: TrainState, batch: Batch) -> StepStats:
         pl_known = (stats.mask & (batch.y_ulb_true >= 0)).sum()
     if finite:  # a skipped step stays out of the means logged at the next evaluation
         state.stats.add(loss_s=stats.loss_s, loss_u=stats.loss_u, mask_rate=stats.mask_rate, pl_correct=pl_correct,
-                        steps=torch.ones((), device=pl_correct.device), pl_known=pl_known)
+                        steps=torch.ones((), device=pl_correct.device), pl_known=pl_known,
+                        weight=stats.weight.float().mean() if stats.weight.numel() else stats.mask_rate)
     return StepStats(stats.loss_s, stats.loss_u, stats.mask_rate, pl_correct, pl_known, finite)

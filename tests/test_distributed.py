@@ -31,8 +31,9 @@ from fixmatch.training import distributed
 from fixmatch.training.nonfinite import NonFiniteError, NonFiniteGuard
 from fixmatch.training.step import forward_loss, frozen_running_stats
 
-QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
+QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
              eval_every=20, eval_batch_size=512, progress=False, device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the in-process runs; each rank sets its own
 B, MU = 8, 3
 # Two ranks sum their halves' gradients in another order than one process: float32 rounding only.
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)

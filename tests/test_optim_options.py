@@ -102,6 +102,7 @@ def test_option_flags_reach_the_config():
 
 QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05,
              ema=0.9, eval_every=10, eval_batch_size=512, progress=False, device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; for every test of this file
 
 
 @pytest.mark.slow

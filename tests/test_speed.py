@@ -13,8 +13,10 @@ from fixmatch.config import Config
 from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.training.speed import find_cpu_compiler
 
-QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
+# Batch 8, mu 2 (40 images a step, not 112): float16 and bfloat16 convolutions are slow on most CPUs.
+QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
              eval_every=20, eval_batch_size=512, progress=False, device="cpu", steps=20)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; for every test of this file
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ from fixmatch.studies.sweep import load_study, run_name, run_state, run_sweep, w
 
 TINY = dict(dataset="synthetic", model="cnn_small", num_labels=20, batch_size=8, mu=2, lr=0.05, ema=0.9,
             eval_every=4, eval_batch_size=512, device="cpu", channels_last=False)
+# Runs trained in this process use one torch thread; the sweep's own workers get the threads it gives them.
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _study(tmp_path, grid, base=None, variants=None, name="study.yaml"):
@@ -155,8 +157,9 @@ def test_interrupted_run_is_resumed_and_changed_study_is_refused(tmp_path, monke
 def test_ctrl_c_stops_the_sweep_with_its_runs_resumable_and_the_same_command_finishes_them(tmp_path):
     import subprocess
     import time
-    # Long enough (in steps) that Ctrl-C comes while the run trains, after its first checkpoint (step 40).
-    study = _study(tmp_path, {"seed": [0, 1]}, base={**TINY, "steps": 200, "eval_every": 40})
+    # Long enough (in steps) that Ctrl-C comes while the run trains, after its first checkpoint (step 20): the
+    # 80 steps after it take far longer than the 0.1 s poll below.
+    study = _study(tmp_path, {"seed": [0, 1]}, base={**TINY, "steps": 100, "eval_every": 20})
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fixmatch", "sweep", str(study), "--out", str(out), "--workers", "1"]
     # Its own process group, as a terminal gives one: Ctrl-C reaches the sweep and its training process. SIGINT
@@ -179,7 +182,7 @@ def test_ctrl_c_stops_the_sweep_with_its_runs_resumable_and_the_same_command_fin
     result = run_sweep(study, out, echo=lambda s: None)
     assert sorted(result.done) == ["seed=0", "seed=1"] and not result.failed
     rows = [json.loads(line) for line in (out / "seed=0" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 200 and len({r["step"] for r in rows}) == len(rows)  # resumed, nothing twice
+    assert rows[-1]["step"] == 100 and len({r["step"] for r in rows}) == len(rows)  # resumed, nothing twice
 
 
 def test_cli_dry_run_lists_runs_and_states(tmp_path, capsys):

@@ -20,7 +20,7 @@ from fixmatch.config import PRESETS, Config, ConfigError, check_config, resolve_
 from fixmatch.runs.checkpoint import load_checkpoint
 from fixmatch.training import budget
 
-QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=16, mu=3, lr=0.05, ema=0.9,
+QUICK = dict(dataset="synthetic", model="cnn_small", num_labels=40, batch_size=8, mu=2, lr=0.05, ema=0.9,
              eval_every=20, eval_batch_size=512, progress=False, device="cpu")
 # With a clock that moves 1 s per reading, a 1m budget on QUICK is calibrated on 3 steps of 1 s (3 s is 5% of
 # the budget), evaluations of 1 s (one batch of 512 covers the 500 test images) and 7 s since the start:

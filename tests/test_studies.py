@@ -51,3 +51,7 @@ def test_ablation_studies_vary_what_they_are_about():
         assert len(values(f"{d}-backbones", "model")) >= 2
     assert values("fashion-mnist-weak-no-grad", "weak_no_grad") == {True, False}
     assert values("fashion-mnist-dist-align", "dist_align") == {True, False}
+    for d in ("cifar10", "fashion-mnist"):
+        assert values(f"{d}-algorithms", "algorithm") == {"fixmatch", "flexmatch", "freematch", "softmatch"}
+    assert values("fashion-mnist-algorithms", "dist_align") == {True, False}
+    assert values("fashion-mnist-algorithms", "num_labels") == {10, 40}

@@ -332,3 +332,11 @@ def test_the_evaluation_line_shows_a_policys_threshold_and_weight(tmp_path, caps
     fixmatch_line, policy_line = capsys.readouterr().out.strip().splitlines()[-2:]
     assert "thr" not in fixmatch_line  # the paper's rows read as before
     assert policy_line.endswith("| lr 0.03000 | thr 0.610 (min 0.400) w -")
+
+
+def test_the_summary_names_the_algorithm(tmp_path):
+    from fixmatch.training.loop import summarize
+    row = {"step": 10, "test_acc": 50.0, "raw_test_acc": 49.0, "test_top5": 90.0, "nonfinite_steps": 0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    summary = summarize(tmp_path, Config(algorithm="softmatch"), wall_s=2.0)
+    assert summary["algorithm"] == "softmatch" and summary["method"] == "fixmatch" and summary["steps"] == 10

@@ -374,7 +374,7 @@ def summarize(run_dir: Path, config: Config, wall_s: float) -> dict[str, Any]:
     """The summary is computed from metrics.jsonl, so it is the same whether or not the run was resumed."""
     rows = read_metrics(RunDir(run_dir).metrics_file)
     accs = [r["test_acc"] for r in rows]
-    return {"dataset": config.dataset, "method": config.method, "model": config.model,
+    return {"dataset": config.dataset, "method": config.method, "algorithm": config.algorithm, "model": config.model,
             "num_labels": config.num_labels, "seed": config.seed, "steps": rows[-1]["step"],
             "nonfinite_steps": rows[-1].get("nonfinite_steps", 0),
             "test_acc_last": accs[-1], "test_acc_best": max(accs),

@@ -1,8 +1,10 @@
 """Helpers shared by the tests that drive the command line or kill a run mid-way."""
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,3 +39,11 @@ def one_line_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[i
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err[:2000]
     return code, err
+
+
+def metrics_rows(run: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows without ``wall_s``: what two runs of the same computation share exactly."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("wall_s")
+    return rows

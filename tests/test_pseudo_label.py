@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from run_helpers import Killed, kill_after_checkpoint
+from run_helpers import Killed, kill_after_checkpoint, metrics_rows
 
 import fixmatch
 from fixmatch.config import Config, ConfigError, check_combinations
@@ -281,11 +281,7 @@ def test_each_algorithm_accepts_its_own_keys():
 
 
 # ------------------------------------------------------------------ runs
-def _metrics(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("wall_s")
-    return rows
+_metrics = metrics_rows
 
 
 @pytest.mark.slow

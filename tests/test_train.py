@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from run_helpers import Killed, kill_after_checkpoint
+from run_helpers import Killed, kill_after_checkpoint, metrics_rows
 
 import fixmatch
 from fixmatch.config import Config
@@ -25,11 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _metrics(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("wall_s")
-    return rows
+_metrics = metrics_rows
 
 
 @pytest.mark.slow

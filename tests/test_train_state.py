@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import Killed, kill_after_checkpoint
+from run_helpers import Killed, kill_after_checkpoint, metrics_rows
 
 import fixmatch
 from fixmatch.augment.views import build_views
@@ -86,11 +86,7 @@ def _assert_same(a, b, where="checkpoint"):
         assert a == b and type(a) is type(b), (where, a, b)
 
 
-def _metrics(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("wall_s")
-    return rows
+_metrics = metrics_rows
 
 
 # ------------------------------------------------------------------ 1. the round trip

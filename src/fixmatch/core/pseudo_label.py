@@ -24,6 +24,7 @@ undoes the last batch's update for a step the non-finite guard skips.
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ Gather = Callable[[Tensor], Tensor]  # every rank's tensor concatenated along di
 DA_EPS = 1e-6  # SoftMatch's uniform alignment: keeps p / p_model finite for a class the model never predicts
 
 
-class PseudoLabelPolicy:
+class PseudoLabelPolicy(abc.ABC):
     """``policy(probs, idx_ulb)`` -> (pseudo_label, weight): the argmax class and a float weight per sample."""
     name = ""
 
@@ -48,12 +49,13 @@ class PseudoLabelPolicy:
     def _global(self, t: Tensor) -> Tensor:
         return self.gather(t) if self.gather is not None else t
 
+    @abc.abstractmethod
     def __call__(self, probs: Tensor, idx_ulb: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """The pseudo-labels and weights of a batch; updates the policy's statistics first where it has any."""
 
+    @abc.abstractmethod
     def thresholds(self) -> Tensor:
         """The effective confidence threshold per class (SoftMatch: its mu_t, one value), for the metrics."""
-        raise NotImplementedError
 
     # The state: named tensors; drop_last restores the values they had before the last call.
     def _tensors(self) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""FixMatch against the supervised baseline on Fashion-MNIST, on this machine's CPU.
+"""FixMatch (and FlexMatch, FreeMatch, SoftMatch) against the supervised baseline on Fashion-MNIST, on this CPU.
 
 Runs the `fashion-mnist` preset (or --steps/--num-labels overrides) for each seed and method,
 each in its own run directory under --out; runs that already have a summary.json are not redone,
@@ -14,6 +14,13 @@ speed is measured first on a short calibration run, and K = budget * steps/s.
     python benchmarks/bench_fashion_mnist.py --out bench-runs --num-labels 250 --seeds 0 --methods fixmatch
     python benchmarks/bench_fashion_mnist.py --out bench-runs --seeds 0 --methods fixmatch --steps 1000 \
         --set eval_every=250 weak_no_grad=true --tag weak-no-grad
+    python benchmarks/bench_fashion_mnist.py --out bench-algorithms --num-labels 40 10 --seeds 0 1 2 3 4 \
+        --methods flexmatch freematch softmatch fixmatch supervised --supervised-steps 30770
+
+--methods takes `supervised` and the four `--algorithm` values (each a FixMatch-loop run with that algorithm).
+Runs go seed by seed, so an interrupted benchmark has compared every method on the seeds it finished.
+--supervised-steps pins the baseline's K (a calibration measured on an idle machine) instead of calibrating
+on a machine that is busy.
 """
 from __future__ import annotations
 
@@ -45,14 +52,26 @@ def supervised_steps_for(budget_s: float, out: Path, num_labels: int, calibratio
     return max(1, int(budget_s * summary["steps"] / summary["wall_s"]))
 
 
+ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
+
+
+def method_overrides(method: str) -> dict:
+    """Config keys of a --methods entry: `supervised`, or one of the pseudo-labelling algorithms."""
+    if method == "supervised":
+        return {"method": "supervised"}
+    if method in ALGORITHMS:
+        return {"method": "fixmatch", "algorithm": method}
+    raise SystemExit(f"error: unknown method {method!r}; use supervised or one of {', '.join(ALGORITHMS)}")
+
+
 def run_one(out: Path, method: str, num_labels: int, seed: int, extra: dict, tag: str = "") -> dict:
     run_dir = out / f"{method}-{num_labels}-seed{seed}{'-' + tag if tag else ''}"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         return json.loads(summary_path.read_text())
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    config = resolve_config("fashion-mnist", overrides={"method": method, "num_labels": num_labels, "seed": seed,
-                                                         "progress": False, **extra})
+    config = resolve_config("fashion-mnist", overrides={**method_overrides(method), "num_labels": num_labels,
+                                                         "seed": seed, "progress": False, **extra})
     return fixmatch.train(config, out=run_dir, resume=resume)
 
 
@@ -61,13 +80,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench-runs"))
     p.add_argument("--num-labels", type=int, nargs="+", default=[40])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=["fixmatch", "supervised"])
+    p.add_argument("--methods", nargs="+", default=["fixmatch", "supervised"],
+                   help="supervised and/or the algorithms fixmatch, flexmatch, freematch, softmatch")
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps for FixMatch")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="more config overrides for every run (YAML values), e.g. eval_every=250 weak_no_grad=true")
     p.add_argument("--tag", default="", help="suffix of the run directories' names (for runs with --set)")
     p.add_argument("--budget-s", type=float, default=600.0,
                    help="wall-clock budget that sets the supervised baseline's steps (0: same steps as FixMatch)")
+    p.add_argument("--supervised-steps", type=int, default=None,
+                   help="the supervised baseline's steps, instead of calibrating them to --budget-s here")
     args = p.parse_args()
     extra = {"steps": args.steps} if args.steps else {}
     for item in args.set:
@@ -77,19 +99,24 @@ def main() -> None:
         extra[key] = yaml.safe_load(value)
 
     rows = []
+    for method in args.methods:
+        method_overrides(method)  # refuse an unknown name before anything runs
     for num_labels in args.num_labels:
+        extras = {}
         for method in args.methods:
-            method_extra = dict(extra)
-            if method == "supervised" and args.budget_s > 0:
-                steps = supervised_steps_for(args.budget_s, args.out, num_labels)
+            extras[method] = dict(extra)
+            if method == "supervised" and (args.supervised_steps or args.budget_s > 0):
+                steps = args.supervised_steps or supervised_steps_for(args.budget_s, args.out, num_labels)
                 # Evaluate about as often as the FixMatch run does (10 evaluations per run).
-                method_extra.update(steps=steps, eval_every=max(1, steps // 10))
-            for seed in args.seeds:
-                rows.append(run_one(args.out, method, num_labels, seed, method_extra, args.tag))
+                extras[method].update(steps=steps, eval_every=max(1, steps // 10))
+        for seed in args.seeds:
+            for method in args.methods:
+                rows.append(run_one(args.out, method, num_labels, seed, extras[method], args.tag))
 
     print("| method | labels | seed | steps | wall s | steps/s | images/s | last % | median last 20 % | best % |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        r["method"] = r.get("algorithm", "fixmatch") if r["method"] == "fixmatch" else r["method"]
         print(f"| {r['method']} | {r['num_labels']} | {r['seed']} | {r['steps']} | {r['wall_s']:.0f} | "
               f"{r['steps_per_s']:.2f} | {r['images_per_s']:.0f} | {r['test_acc_last']:.2f} | "
               f"{r['test_acc_median_last20']:.2f} | {r['test_acc_best']:.2f} |")

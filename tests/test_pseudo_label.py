@@ -300,6 +300,10 @@ def test_a_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, monkeyp
     assert rows == _metrics(tmp_path / "straight")
     assert all(k in rows[-1] for k in ("threshold_mean", "threshold_min", "weight_mean"))
     assert rows[-1]["threshold_min"] <= rows[-1]["threshold_mean"] <= 1 and 0 < rows[-1]["weight_mean"] <= 1
+    per_class = rows[-1]["thresholds"]  # the report's threshold curves: one per class (SoftMatch: its mu_t)
+    assert len(per_class) == (1 if algorithm == "softmatch" else 10)
+    assert min(per_class) == pytest.approx(rows[-1]["threshold_min"], abs=1e-5)
+    assert sum(per_class) / len(per_class) == pytest.approx(rows[-1]["threshold_mean"], abs=1e-5)
 
 
 @pytest.mark.slow

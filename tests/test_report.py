@@ -11,6 +11,7 @@ import re
 import shutil
 import statistics
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,15 @@ from matplotlib.container import ErrorbarContainer
 import fixmatch
 from fixmatch.config import Config
 from fixmatch.studies import report_figures
-from fixmatch.studies.report import PAPER_ERROR_RATES, ReportError, load_runs, paper_accuracy, write_report
+from fixmatch.studies.report import (
+    PAPER_ERROR_RATES,
+    USB_ERROR_RATES,
+    ReportError,
+    load_runs,
+    paper_accuracy,
+    usb_accuracy,
+    write_report,
+)
 
 
 def _fake_run(root, name, accs, macro_f1=None, finished=True, **config):
@@ -118,6 +127,64 @@ def test_paper_column_in_the_table(tmp_path):
     assert "| fixmatch | 0 | 82.50 | 85.00 | 85.00 | 17.50 |" in md and "| 94.93 ± 0.65 |" in md
     assert md.count("94.93") == 1  # the supervised row has no paper number
     assert "Sohn et al., 2020, Table 2" in md
+
+
+def test_usb_numbers_for_matching_settings_and_algorithm_only():
+    base = {"method": "fixmatch", "dataset": "cifar10", "num_labels": 40, "model": "wrn28_2"}
+    assert usb_accuracy(base) == (91.67, 1.41)  # a run made before the algorithm key: FixMatch
+    assert usb_accuracy({**base, "algorithm": "flexmatch"}) == (94.79, 0.36)
+    assert usb_accuracy({**base, "algorithm": "freematch"}) == (95.03, 0.09)
+    assert usb_accuracy({**base, "algorithm": "softmatch"}) == (94.94, 0.02)
+    assert usb_accuracy({**base, "dataset": "cifar100", "num_labels": 400, "model": "wrn28_8",
+                         "algorithm": "freematch"}) == (50.76, 2.16)
+    assert usb_accuracy({**base, "model": "resnet18"}) is None
+    assert usb_accuracy({**base, "method": "supervised"}) is None
+    # The FixMatch paper's numbers are FixMatch's only.
+    assert paper_accuracy({**base, "algorithm": "flexmatch"}) is None and paper_accuracy(base) == (86.19, 3.37)
+    assert all(set(v) == {"fixmatch", "flexmatch", "freematch", "softmatch"} for v in USB_ERROR_RATES.values())
+
+
+def test_usb_column_beside_runs_of_a_published_setting(tmp_path):
+    _fake_run(tmp_path / "s", "flex", [90.0, 93.0], dataset="cifar10", model="wrn28_2", num_labels=40, steps=20,
+              algorithm="flexmatch")
+    _fake_run(tmp_path / "s", "fix", [88.0, 90.0], dataset="cifar10", model="wrn28_2", num_labels=40, steps=20)
+    write_report([tmp_path / "s"], tmp_path / "r")
+    md = (tmp_path / "r" / "results.md").read_text()
+    header = md.splitlines()[0]
+    assert header.endswith("| paper (%) | USB (%) |")
+    flex_row = next(line for line in md.splitlines() if line.startswith("| flexmatch |"))
+    fix_row = next(line for line in md.splitlines() if line.startswith("| fixmatch |"))
+    assert flex_row.endswith("|  | 94.79 ± 0.36 |")  # no FixMatch-paper number for FlexMatch, USB's number
+    assert fix_row.endswith("| 86.19 ± 3.37 | 91.67 ± 1.41 |")
+    assert "USB (Wang et al., 2022)" in md
+    rows = list(csv.DictReader((tmp_path / "r" / "results.csv").open()))
+    assert {r["usb_acc"] for r in rows} == {"94.79", "91.67"}
+
+
+def test_threshold_curves_are_drawn_for_runs_that_logged_them(tmp_path):
+    for name, algorithm, n in (("flex", "flexmatch", 10), ("soft", "softmatch", 1)):
+        run = _fake_run(tmp_path / "s", name, [60.0, 70.0, 75.0], algorithm=algorithm)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for i, row in enumerate(rows):
+            row["thresholds"] = [0.1 * i + 0.01 * c for c in range(n)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report([tmp_path / "s"], tmp_path / "r").read_text()
+    assert (tmp_path / "r" / "thresholds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'data-file="thresholds.png"' in page
+
+
+def test_no_threshold_figure_without_adaptive_thresholds(tmp_path):
+    page = write_report([_study(tmp_path)], tmp_path / "r").read_text()
+    assert not (tmp_path / "r" / "thresholds.png").exists() and "thresholds.png" not in page
+
+
+def test_threshold_curves_are_the_mean_over_seeds_per_class():
+    from fixmatch.studies.results import Run
+    runs = [Run(Path("a"), {}, {}, [{"step": 10, "thresholds": [0.2, 0.4]}, {"step": 20, "thresholds": [0.6, 0.8]}]),
+            Run(Path("b"), {}, {}, [{"step": 10, "thresholds": [0.4, 0.6]}, {"step": 20}])]
+    steps, curves = report_figures._threshold_curves(runs)
+    assert steps == [10, 20]
+    assert curves == [pytest.approx([0.3, 0.6]), pytest.approx([0.5, 0.8])]
 
 
 def test_paper_column_hidden_when_no_row_has_a_paper_number(tmp_path):

@@ -47,6 +47,32 @@ PAPER_ERROR_RATES: dict[tuple[str, int, str], dict[str, tuple[float, float]]] = 
 }
 PAPER_CITATION = "Sohn et al., 2020, Table 2 (error rate, mean ± std over 5 folds)"
 
+# USB's published error rates (%, mean +- std over 3 seeds; USB reports each run's best error rate) for its
+# "classic CV" setting (the FixMatch paper's setting, 2^20 steps): the results table of the USB repository
+# (microsoft/Semi-supervised-learning, results/classic_cv). Keyed like PAPER_ERROR_RATES; per --algorithm.
+USB_ERROR_RATES: dict[tuple[str, int, str], dict[str, tuple[float, float]]] = {
+    ("cifar10", 40, "wrn28_2"): {"fixmatch": (8.33, 1.41), "flexmatch": (5.21, 0.36), "freematch": (4.97, 0.09),
+                                 "softmatch": (5.06, 0.02)},
+    ("cifar10", 250, "wrn28_2"): {"fixmatch": (4.97, 0.05), "flexmatch": (5.00, 0.05), "freematch": (4.85, 0.10),
+                                  "softmatch": (4.84, 0.10)},
+    ("cifar10", 4000, "wrn28_2"): {"fixmatch": (4.29, 0.10), "flexmatch": (4.28, 0.05), "freematch": (4.14, 0.19),
+                                   "softmatch": (4.27, 0.12)},
+    ("svhn", 40, "wrn28_2"): {"fixmatch": (2.08, 0.08), "flexmatch": (3.36, 0.37), "freematch": (3.79, 0.03),
+                              "softmatch": (2.31, 0.00)},
+    ("svhn", 250, "wrn28_2"): {"fixmatch": (1.99, 0.05), "flexmatch": (5.02, 1.20), "freematch": (4.09, 0.66),
+                               "softmatch": (2.15, 0.05)},
+    ("svhn", 1000, "wrn28_2"): {"fixmatch": (2.00, 0.04), "flexmatch": (5.43, 0.46), "freematch": (4.31, 0.00),
+                                "softmatch": (2.08, 0.04)},
+    ("cifar100", 400, "wrn28_8"): {"fixmatch": (53.37, 2.15), "flexmatch": (50.15, 1.51),
+                                   "freematch": (49.24, 2.16), "softmatch": (49.64, 1.46)},
+    ("cifar100", 2500, "wrn28_8"): {"fixmatch": (34.29, 0.43), "flexmatch": (33.35, 0.33),
+                                    "freematch": (32.79, 0.21), "softmatch": (33.05, 0.05)},
+    ("cifar100", 10000, "wrn28_8"): {"fixmatch": (28.28, 0.18), "flexmatch": (27.12, 0.04),
+                                     "freematch": (27.17, 0.11), "softmatch": (27.26, 0.03)},
+}
+USB_CITATION = ("USB (Wang et al., 2022), classic CV results (best error rate, mean ± std over 3 seeds), "
+                "for the run's --algorithm")
+
 # The metrics rows' key of the EMA model's test macro-F1 (%), logged at each evaluation by training.
 MACRO_F1_KEY = "test_macro_f1"
 
@@ -140,13 +166,23 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 def paper_accuracy(config: dict[str, Any]) -> tuple[float, float] | None:
     """The paper's accuracy (100 - error rate, std) for this setting, when the paper has it."""
-    if config.get("method") != "fixmatch":
+    if config.get("method") != "fixmatch" or config.get("algorithm", "fixmatch") != "fixmatch":
         return None
     entry = PAPER_ERROR_RATES.get((config["dataset"], config["num_labels"], config["model"]))
     if entry is None:
         return None
     error, std = entry["ctaugment" if config.get("strong") == "ctaugment" else "randaugment"]
     return round(100.0 - error, 2), std
+
+
+def usb_accuracy(config: dict[str, Any]) -> tuple[float, float] | None:
+    """USB's accuracy (100 - error rate, std) for this setting and --algorithm, when USB published it. Runs made
+    before the algorithm key existed are FixMatch runs."""
+    if config.get("method") != "fixmatch":
+        return None
+    entry = USB_ERROR_RATES.get((config["dataset"], config["num_labels"], config["model"]), {})
+    found = entry.get(config.get("algorithm", "fixmatch"))
+    return None if found is None else (round(100.0 - found[0], 2), found[1])
 
 
 def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
@@ -181,18 +217,19 @@ def fill_macro_f1(runs: list[Run], notes: list[str]) -> None:
 
 
 TABLE_COLUMNS = ["seeds", "median last 20 (%)", "best (%)", "last (%)", "error rate (%)", "macro-F1 (%)", "steps run",
-                 "wall time (s)", "paper (%)"]
+                 "wall time (s)", "paper (%)", "USB (%)"]
 
 
 def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
     """Header, formatted rows (Markdown/HTML) and raw rows (CSV, with separate mean and std columns).
 
-    The paper column is left out of the Markdown/HTML table when no row has a paper number (an empty column
-    says nothing); the CSV keeps its paper_acc and paper_std columns, empty, so that its columns never change.
+    The paper and USB columns are left out of the Markdown/HTML table when no row has such a number (an empty
+    column says nothing); the CSV keeps its paper_* and usb_* columns, empty, so that its columns never change.
     """
     varying = list(groups[0].values) if groups else []
     with_paper = any(paper_accuracy(g.config) for g in groups)
-    header = varying + [c for c in TABLE_COLUMNS if with_paper or c != "paper (%)"]
+    with_usb = any(usb_accuracy(g.config) for g in groups)
+    header = varying + [c for c in TABLE_COLUMNS if (with_paper or c != "paper (%)") and (with_usb or c != "USB (%)")]
     rows, raw = [], []
     for g in groups:
         med = mean_std([r.summary["test_acc_median_last20"] for r in g.runs])
@@ -204,17 +241,20 @@ def table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]], list[di
         steps = sorted({r.summary["steps"] for r in g.runs})
         wall = mean_std([r.summary["wall_s"] for r in g.runs])
         paper = paper_accuracy(g.config)
+        usb = usb_accuracy(g.config)
         seeds = ", ".join(str(r.config["seed"]) for r in g.runs)
         rows.append([str(g.values[k]) for k in varying] + [
             seeds, fmt(*med), fmt(*best), fmt(*last), fmt(*err), fmt(*f1), "/".join(map(str, steps)),
-            fmt(wall[0], None, 0)] + ([fmt(*paper) if paper else ""] if with_paper else []))
+            fmt(wall[0], None, 0)] + ([fmt(*paper) if paper else ""] if with_paper else [])
+            + ([fmt(*usb) if usb else ""] if with_usb else []))
         raw.append({**{k: g.values[k] for k in varying}, "seeds": seeds, "n": len(g.runs),
                     "median_last20_mean": med[0], "median_last20_std": med[1], "best_mean": best[0],
                     "best_std": best[1], "last_mean": last[0], "last_std": last[1], "error_rate_mean": err[0],
                     "error_rate_std": err[1],
                     "macro_f1_mean": f1[0] if f1s else None, "macro_f1_std": f1[1], "steps_run": steps[-1],
                     "wall_s_mean": wall[0], "paper_acc": paper[0] if paper else None,
-                    "paper_std": paper[1] if paper else None})
+                    "paper_std": paper[1] if paper else None, "usb_acc": usb[0] if usb else None,
+                    "usb_std": usb[1] if usb else None})
     return header, rows, raw
 
 
@@ -334,6 +374,9 @@ def write_report(paths: list[str | Path], out: str | Path, title: str | None = N
     if any(paper_accuracy(g.config) for g in groups):
         notes.append(f"Paper: accuracy = 100 - error rate of {PAPER_CITATION}, for the same data set, labels and "
                      f"model, RandAugment or CTAugment as the run's strong augmentation.")
+    if any(usb_accuracy(g.config) for g in groups):
+        notes.append(f"USB: accuracy = 100 - error rate of {USB_CITATION}, for the same data set, labels and model. "
+                     f"USB reports each run's best error rate: compare it with the 'best' column.")
     header, rows, raw = table_rows(groups)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -278,6 +278,53 @@ def _best_run_confusion(groups: list[Group], out: Path, notes: list[str]) -> tup
     return "confusion_best.png", confusion(best, metrics["confusion"], names, out / "confusion_best.png")
 
 
+def _threshold_curves(runs: list[Run]) -> tuple[list[int], list[list[float]]]:
+    """Steps and, per class (SoftMatch: one, its mu_t), the mean over runs of the logged threshold."""
+    by_step: dict[int, list[list[float]]] = {}
+    for run in runs:
+        for row in run.rows:
+            if row.get("thresholds"):
+                by_step.setdefault(row["step"], []).append(row["thresholds"])
+    steps = sorted(by_step)
+    width = min((len(t) for s in steps for t in by_step[s]), default=0)
+    curves = [[sum(t[c] for t in by_step[s]) / len(by_step[s]) for s in steps] for c in range(width)]
+    return steps, curves
+
+
+def threshold_groups(groups: list[Group]) -> list[Group]:
+    """The groups whose runs logged per-class thresholds (FlexMatch, FreeMatch, SoftMatch)."""
+    return [g for g in groups if any(row.get("thresholds") for r in g.runs for row in r.rows)]
+
+
+@_styled
+def thresholds(groups: list[Group], path: Path) -> str:
+    """One panel per configuration: each class's confidence threshold against step (mean over the seeds)."""
+    ncols = min(3, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = _figure(nrows, ncols, height=3.6 * nrows, sharey=True)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    curves_of = [_threshold_curves(g.runs) for g in groups]
+    most = max(len(curves) for _, curves in curves_of)
+    # Up to 10 classes: one distinct colour each and a legend; more: a colour ramp, no legend.
+    colour = (lambda c: plt.get_cmap("tab10")(c)) if most <= 10 else (lambda c: plt.get_cmap("viridis")(c / (most - 1)))
+    for ax, g, (steps, curves) in zip(axes.flat, groups, curves_of):
+        for c, values in enumerate(curves):
+            label = "μ_t (SoftMatch)" if len(curves) == 1 else f"class {c}"
+            ax.plot(steps, values, color=colour(c), lw=1.2, label=label)
+        ax.set_title(_name(g), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("threshold")
+    if most <= 10:
+        _legend_outside(fig, list(axes.flat))
+    _save(fig, path)
+    return ("Confidence threshold of each class against step (FlexMatch's curriculum thresholds, FreeMatch's "
+            "self-adaptive ones; SoftMatch: its mean confidence μ_t, above which a sample has weight 1), mean over "
+            "the n seeds of each configuration. A class whose threshold stays high gets few pseudo-labels.")
+
+
 @_styled
 def best_by_configuration(groups: list[Group], path: Path) -> str:
     """For a study with one label count: a bar per configuration; error bars = std over seeds where n >= 2."""
@@ -320,6 +367,9 @@ def make_figures(groups: list[Group], out: Path, notes: list[str]) -> list[tuple
                     for key, file, title, ylabel, caption in SEMI_CURVES]
     else:
         notes.append("No mask-rate or pseudo-label figures: no FixMatch runs.")
+    adaptive = threshold_groups(groups)
+    if adaptive:
+        figures.append(("thresholds.png", thresholds(adaptive, out / "thresholds.png")))
     figures.append(("ema_vs_raw.png", ema_vs_raw(groups, out / "ema_vs_raw.png")))
     cm = _best_run_confusion(groups, out, notes)
     if cm is not None:

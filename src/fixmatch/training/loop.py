@@ -361,13 +361,14 @@ def _metrics_row(state: TrainState, data: Dataset, lr: float, wall_s: float) -> 
 
 def _policy_metrics(state: TrainState, means: dict[str, float | None]) -> dict[str, Any]:
     """What a policy other than the paper's fixed tau adds to a metrics row: its effective threshold now (mean and
-    minimum over classes; SoftMatch: mu_t) and the mean sample weight since the last evaluation. FixMatch's rows
-    stay as they were (its threshold is tau, its mean weight the mask rate)."""
+    minimum over classes; SoftMatch: mu_t), the thresholds themselves (one per class; SoftMatch: [mu_t]) for the
+    report's curves, and the mean sample weight since the last evaluation. FixMatch's rows stay as they were (its
+    threshold is tau, its mean weight the mask rate)."""
     if state.config.algorithm == "fixmatch" or state.config.method != "fixmatch":
         return {}
     thresholds = state.policy.thresholds().float()
     return {"threshold_mean": thresholds.mean().item(), "threshold_min": thresholds.min().item(),
-            "weight_mean": means["weight_mean"]}
+            "thresholds": [round(v, 5) for v in thresholds.tolist()], "weight_mean": means["weight_mean"]}
 
 
 def summarize(run_dir: Path, config: Config, wall_s: float) -> dict[str, Any]:

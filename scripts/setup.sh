@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Set up fixmatch on a fresh machine: Fashion-MNIST and Chromium (Debian packages, when apt is available),
-# a virtual environment in .venv, the CPU build of PyTorch, then the project with its test extras (pytest, and the
-# ruff and import-linter that .ci/run checks the code with).
+# Set up fixmatch on a fresh machine: Fashion-MNIST, Chromium and its driver (Debian packages, when apt is available),
+# a virtual environment in .venv, the CPU build of PyTorch, then the project with its test extras (pytest, Selenium
+# for the labeling page's browser test, and the ruff and import-linter that .ci/run checks the code with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if command -v apt-get >/dev/null 2>&1 && { [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] \
-    || ! command -v chromium >/dev/null 2>&1; }; then
+    || ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
     || echo "setup: could not install dataset-fashion-mnist; fixmatch will download Fashion-MNIST instead" >&2
   # Chromium: the report test opens index.html in a real headless browser (skipped where it is absent).
   command -v chromium >/dev/null 2>&1 || $SUDO apt-get install -y -qq chromium >/dev/null \
     || echo "setup: could not install chromium; the report's browser test will be skipped" >&2
+  # chromedriver: the labeling page test drives Chromium through Selenium (skipped where it is absent).
+  command -v chromedriver >/dev/null 2>&1 || $SUDO apt-get install -y -qq chromium-driver >/dev/null \
+    || echo "setup: could not install chromium-driver; the labeling page's browser test will be skipped" >&2
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

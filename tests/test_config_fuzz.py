@@ -138,6 +138,13 @@ def test_run_options_accept_or_refuse_in_one_line(tmp_path, option, text, resume
         assert code == 2 and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("argv", [["train", "--out=\x00", "--resume"], ["train", "--config=a\x00b"],
+                                  ["evaluate", "run\x00"], ["report", "s", "--out", "r\x00"]])
+def test_a_nul_character_in_an_argument_is_one_line(argv):
+    code, _, err = _run_cli(argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "NUL character" in err, err
+
+
 @pytest.mark.parametrize("path_kind", ["folder", "binary"])
 def test_unreadable_config_files_are_one_line(tmp_path, path_kind):
     path = tmp_path

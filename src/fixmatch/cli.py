@@ -20,11 +20,13 @@ from fixmatch.config import (
     Config,
     ConfigError,
     KeyType,
+    PretrainConfig,
     closest_name,
     describe_keys,
     key_types,
     resolve_config,
     short_repr,
+    validate_overrides,
 )
 from fixmatch.runs.rundir import CONFIG_NAME, ERROR_NAME, METRICS_NAME, SUMMARY_NAME, RunDir
 
@@ -123,17 +125,17 @@ def _float_flag(flag: str) -> Callable[[str], Any]:
     return _converter(KeyType(float), flag)
 
 
-def _config_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
-    """One argument group per section of Config (data, model, ...), in Config's order."""
-    titles = dict.fromkeys(f.metadata["group"] for f in fields(Config))
+def _config_groups(parser: argparse.ArgumentParser, schema: type = Config) -> dict[str, argparse._ArgumentGroup]:
+    """One argument group per section of ``schema`` (Config: data, model, ...), in its order."""
+    titles = dict.fromkeys(f.metadata["group"] for f in fields(schema))
     return {title: parser.add_argument_group(title) for title in titles}
 
 
-def _add_config_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
-    """One flag per Config key (--num-labels for num_labels), in its section's group; absent flags override
-    nothing."""
-    kinds = key_types(Config)
-    for f in fields(Config):
+def _add_config_flags(groups: dict[str, argparse._ArgumentGroup], schema: type = Config) -> None:
+    """One flag per key of ``schema`` (Config, PretrainConfig: --num-labels for num_labels), in its section's group;
+    absent flags override nothing."""
+    kinds = key_types(schema)
+    for f in fields(schema):
         group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {_as_yaml(f.default)})"
@@ -172,6 +174,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         base = RunDir(args.out).saved_config()
     config = resolve_config(args.preset, args.config, overrides, base=base, overrides_source="the command line")
     train(config, out=args.out, resume=args.resume)
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from fixmatch.training.pretrain import pretrain, resume_config
+
+    overrides = validate_overrides({f.name: getattr(args, f.name) for f in fields(PretrainConfig)
+                                    if getattr(args, f.name) is not None}, "the command line", PretrainConfig)
+    if args.resume:  # the saved configuration, with the flags given (only where and how it runs may change)
+        config = PretrainConfig(**{**resume_config(RunDir(args.out), None).to_dict(), **overrides})
+    else:
+        config = PretrainConfig(**overrides)
+    pretrain(config, args.out, resume=args.resume)
     return 0
 
 
@@ -274,6 +289,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from fixmatch.inference.advise import advise
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else None
+    if classes is not None and not all(classes):
+        raise ConfigError(f"--classes {args.classes!r} has an empty name; give names separated by commas: a,b,c")
+    advice = advise(args.dataset, args.budget, args.out, features=args.features, labels_csv=args.labels_csv,
+                    seed=args.seed, data_dir=args.data_dir, device=args.device, classes=classes)
+    already = f" (besides the {advice.num_labeled} already labeled)" if advice.num_labeled else ""
+    print(f"advise: {len(advice.picks)} images to label{already}, chosen with {advice.features}: "
+          f"{advice.csv_path}; label them in {advice.page_path} (open it in a browser, then save labels.csv)")
+    return 0
+
 # The values of --device for evaluate and predict: the device key's own ({auto,cpu,cuda,cuda:N}).
 _DEVICES = next(f.metadata["metavar"] for f in fields(Config) if f.name == "device")
 
@@ -299,6 +327,46 @@ def build_parser() -> argparse.ArgumentParser:
                                help="continue the run in --out from its last checkpoint")
     _add_config_flags(groups)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("pretrain", help="self-supervised SimCLR pretraining of a backbone, without labels",
+                       usage="%(prog)s --dataset NAME --out RUN_DIR [--resume] [--KEY VALUE ...]",
+                       description="Contrastive pretraining (SimCLR: two augmented views per image, NT-Xent) of a "
+                                   "registry backbone on the training images, labels unused; a kNN accuracy of the "
+                                   "features is logged where the data set has test labels. Start FixMatch from it "
+                                   "with: fixmatch train --init-weights RUN_DIR (same --model).")
+    groups = _config_groups(p, PretrainConfig)
+    groups["run"].add_argument("--out", metavar="RUN_DIR", required=True, help="run directory")
+    groups["run"].add_argument("--resume", action="store_true",
+                               help="continue the run in --out from its last checkpoint")
+    _add_config_flags(groups, PretrainConfig)
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("advise", help="choose which training images to label first (TypiClust) and write a "
+                                      "labeling page",
+                       description="Embed every training image (--features: a fixmatch pretrain run; else a fixed "
+                                   "random projection of the pixels), cluster them with k-means into budget + "
+                                   "labeled clusters, and propose the most typical image of each of the largest "
+                                   "clusters without a labeled image (TypiClust). Writes OUT/to_label.csv and "
+                                   "OUT/index.html, a page that saves the labels.csv train --labels-csv reads.")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="data set name, or folder:PATH for your images")
+    p.add_argument("--budget", required=True, type=_int_flag("--budget"), metavar="N",
+                   help="how many images to propose")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for to_label.csv and index.html (new, "
+                                                                "empty, or an earlier advice's)")
+    p.add_argument("--features", default=None, metavar="RUN_DIR",
+                   help="a fixmatch pretrain run whose network embeds the images (default: a fixed random "
+                        "projection of the pixels, much weaker)")
+    p.add_argument("--labels-csv", default=None, metavar="FILE",
+                   help="labels given so far (index,label or path,label rows): those images are not proposed again "
+                        "and their clusters come last")
+    p.add_argument("--seed", type=_int_flag("--seed"), default=0, metavar="N",
+                   help="seeds k-means (default: 0)")
+    p.add_argument("--data-dir", default="data", metavar="DIR", help="where the data set lives (default: data)")
+    p.add_argument("--device", default="auto", metavar=_DEVICES, help="where to embed the images (default: auto)")
+    p.add_argument("--classes", default=None, metavar="A,B,C",
+                   help="folder data sets: the class names the labeling page offers (default: the labeled/ "
+                        "folders' names, or the labels in labels.csv)")
+    p.set_defaults(func=_cmd_advise)
 
     p = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint on the test set",
                        description="Top-1, top-5, macro-F1 and per-class accuracy of a trained model on a test set, "
@@ -442,10 +510,24 @@ def _discard_stdout() -> None:
         pass
 
 
+def _nul_argument(args: argparse.Namespace) -> str | None:
+    """The first option whose text holds a NUL character, if any."""
+    for name, value in vars(args).items():
+        texts = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            return name
+    return None
+
+
 def _main(argv: Sequence[str] | None) -> int:
     from fixmatch.training.loop import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
+    nul = _nul_argument(args)
+    if nul is not None:  # the OS refuses such a name (ValueError deep inside); say so before anything runs
+        print(f"fixmatch: error: --{nul.replace('_', '-')} contains a NUL character, which no file name or value "
+              f"can hold; remove it", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except TrainingInterrupted as e:

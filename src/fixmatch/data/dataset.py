@@ -30,6 +30,8 @@ class Dataset:
     # Large pools (STL-10's unlabeled split, SVHN's extra) are read-only memory maps (data/array_cache.py).
     unlabeled_labels: torch.Tensor | None = None  # int64 (M,) where the true labels are known (monitoring only)
     folds: list[list[int]] = field(default_factory=list)  # predefined labeled subsets (STL-10's official folds)
+    # Train indices that --labels-csv labels (labels_file.py): the split labels exactly these; None = drawn.
+    labeled_indices: list[int] | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):

@@ -24,6 +24,7 @@ import torch
 from .dataset import Dataset
 from .download import DatasetError, download_file, file_md5
 from .folder import load_folder_dataset
+from .labels_file import apply_labels_csv
 
 __all__ = ["Dataset", "DatasetError", "load_dataset", "list_datasets", "default_data_dir"]
 
@@ -43,8 +44,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     """Load data set ``name`` from ``data_dir`` (see ``default_data_dir``), downloading if allowed.
 
     ``folder:PATH`` loads your own images (data/folder.py; its decoded cache goes under ``data_dir``);
-    ``image_size``, ``on_bad_image`` and ``labels_csv`` apply to folder data sets only. ``options`` are
-    specific to one data set: ``extra=True`` for svhn adds its extra images to the unlabeled pool.
+    ``image_size`` and ``on_bad_image`` apply to folder data sets only. ``labels_csv`` names the labeled
+    images: ``path,label`` rows for a folder, ``index,label`` rows for a built-in data set (labels_file.py); the
+    result's ``labeled_indices`` then lists them. ``options`` are specific to one data set: ``extra=True`` for
+    svhn adds its extra images to the unlabeled pool.
     """
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
     if name.startswith("folder:"):
@@ -56,7 +59,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     unknown = sorted(set(options) - _LOADER_OPTIONS.get(name.strip().lower(), set()))
     if unknown:
         raise DatasetError(f"option {unknown[0]!r} does not apply to the {name} data set")
-    return loader(root, download, **options)
+    data = loader(root, download, **options)
+    return apply_labels_csv(data, labels_csv) if labels_csv else data
 
 
 _Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels)

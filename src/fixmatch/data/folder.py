@@ -24,7 +24,6 @@ written to a temporary file and renamed into place, so a failed load leaves no p
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -44,6 +43,7 @@ from fixmatch.core.atomic import atomic_path
 
 from .dataset import Dataset
 from .download import DatasetError
+from .labels_file import read_rows
 
 __all__ = ["load_folder_dataset", "to_8bit", "IMAGE_EXTENSIONS", "SIZE_CAP", "MAX_PIXELS", "ON_BAD_IMAGE"]
 
@@ -101,6 +101,7 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
 
     ignored: list[Path] = []
     classes, labeled = _labeled_entries(root, labels_csv, ignored)
+    csv_labels = not (root / "labeled").is_dir() or bool(labels_csv)  # else labeled/<class>/ folders
     test_dir = root / "test"
     if test_dir.is_dir():
         test = _test_entries(test_dir, classes, ignored)
@@ -112,6 +113,9 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
     unlabeled_dir = root / "unlabeled"
     unlabeled = [_Entry(p, "unlabeled", -1) for p in _image_files(unlabeled_dir, ignored)] \
         if unlabeled_dir.is_dir() else []
+    # Images picked from unlabeled/ and labeled in a CSV (the labeling page's way) are in the pool as labeled ones.
+    named = {key for e in labeled + test if (key := _file_key(e.path)) is not None} if csv_labels else set()
+    unlabeled = [e for e in unlabeled if _file_key(e.path) not in named]
     entries = labeled + test + unlabeled
     _check_each_file_once(entries)
 
@@ -130,7 +134,10 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
         print(f"fixmatch: {note}", file=sys.stderr)
 
     _check_classes(entries, classes, root)
-    return _make_dataset(root, images, entries, classes)
+    data = _make_dataset(root, images, entries, classes)
+    if labels_csv:  # the user named the labeled images: training labels all of them (labels_file.py)
+        data.labeled_indices = list(range(data.train_labels.numel()))
+    return data
 
 
 # ----------------------------------------------------------------------------- listing
@@ -164,16 +171,24 @@ def _image_files(folder: Path, ignored: list[Path]) -> list[Path]:
     return sorted(found)
 
 
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """Device and inode: the same for every link, symbolic or hard, to one file; None if unreadable (reported, or
+    skipped, where the images are read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _check_each_file_once(entries: list[_Entry]) -> None:
     """One file reached by two paths (a link, or labels.csv naming a file that is also under test/) would count
     twice: in two classes, or in both the training and the test set."""
     first: dict[tuple[int, int], Path] = {}
     for e in entries:
-        try:
-            st = os.stat(e.path)  # device and inode: the same for every link, symbolic or hard, to one file
-        except OSError:
-            continue  # unreadable: reported (or skipped) where the images are read
-        key = (st.st_dev, st.st_ino)
+        key = _file_key(e.path)
+        if key is None:
+            continue
         if key in first:
             raise DatasetError(f"{first[key]} and {e.path} are the same file, so it would count twice (in two "
                                "classes, or in training and test); remove the link or the duplicate entry")
@@ -192,12 +207,12 @@ def _labeled_entries(root: Path, labels_csv: str | Path | None, ignored: list[Pa
     csv_path = Path(labels_csv).expanduser() if labels_csv else root / "labels.csv"
     folder = root / "labeled"
     if labels_csv:
-        return _csv_entries(csv_path)
+        return _csv_entries(csv_path, root)
     if csv_path.is_file():
         if folder.is_dir():  # two sources of labels that may disagree: make the user pick one
             raise DatasetError(f"{root} has both labeled/ and labels.csv; remove one, or pass --labels-csv "
                                f"{csv_path} to use the CSV")
-        return _csv_entries(csv_path)
+        return _csv_entries(csv_path, root)
     if not folder.is_dir():
         raise DatasetError(f"{root} has neither labeled/<class>/ folders nor labels.csv; put each class's images "
                            f"in {folder}/<class name>/ or list them as path,label rows in {root / 'labels.csv'}")
@@ -215,33 +230,23 @@ def _labeled_entries(root: Path, labels_csv: str | Path | None, ignored: list[Pa
     return classes, entries
 
 
-def _csv_entries(csv_path: Path) -> tuple[list[str], list[_Entry]]:
-    """Rows ``path,label`` (an optional header row ``path,label``); paths relative to the CSV's folder."""
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DatasetError(f"labels file {csv_path} not found; check --labels-csv") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read labels file {csv_path} ({e}); it must be UTF-8 text") from None
+def _csv_entries(csv_path: Path, root: Path) -> tuple[list[str], list[_Entry]]:
+    """Rows ``path,label`` (an optional header row ``path,label``). A relative path is taken from the CSV's folder,
+    or else from the data set's folder ``root`` (a labels.csv saved by the labeling page lands in the browser's
+    download folder, its paths relative to ``root``)."""
     rows: list[tuple[Path, str]] = []
     missing: list[str] = []
-    for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if line_no == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise DatasetError(f"{csv_path} line {line_no}: expected 'path,label', got {','.join(row)!r}")
-        path = csv_path.parent / row[0].strip()
+    for line_no, name, label in read_rows(csv_path, "path", header_required=False):
+        path = csv_path.parent / name
+        if not path.is_file() and (root / name).is_file():
+            path = root / name
         if not path.is_file():
             missing.append(f"{path} (line {line_no})")
-        rows.append((path, row[1].strip()))
+        rows.append((path, label))
     if missing:
         more = f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
         raise DatasetError(f"{csv_path} lists {len(missing)} missing file(s): {', '.join(missing[:_SHOWN])}{more}; "
-                           "paths are relative to the CSV's folder: fix or remove those rows")
-    if not rows:
-        raise DatasetError(f"{csv_path} lists no images; add rows 'path,label'")
+                           f"paths are relative to the CSV's folder or to {root}: fix or remove those rows")
     seen: set[Path] = set()
     for path, _ in rows:
         if path in seen:

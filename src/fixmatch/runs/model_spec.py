@@ -210,9 +210,11 @@ def load_run_dataset(config: dict[str, Any], data_dir: str | Path | None = None,
     """The data set of a run's saved config (or data set ``name``), loaded with the run's folder options."""
     from fixmatch.data.datasets import load_dataset
 
-    return load_dataset(name or config["dataset"], data_dir or config.get("data_dir"), download,
-                        image_size=config.get("image_size"), on_bad_image=config.get("on_bad_image", "error"),
-                        labels_csv=config.get("labels_csv"))
+    name = name or config["dataset"]
+    # A built-in data set's --labels-csv changes training labels only, which evaluation never reads: not needed.
+    labels_csv = config.get("labels_csv") if str(name).startswith("folder:") else None
+    return load_dataset(name, data_dir or config.get("data_dir"), download, image_size=config.get("image_size"),
+                        on_bad_image=config.get("on_bad_image", "error"), labels_csv=labels_csv)
 
 
 def spec_from_checkpoint(state: dict[str, Any], source: str | Path, data_dir: str | Path | None = None

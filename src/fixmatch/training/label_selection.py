@@ -1,34 +1,37 @@
-"""Which training images get labels: ``--label-selection random|file|representative|unrepresentative``.
+"""Which training images get labels: ``--label-selection random|file|representative|unrepresentative|typiclust``.
 
 ``random`` is the paper's protocol (``split.make_split``: ``num_labels / C`` images per class, uniformly,
 with the run's seed). ``file`` reuses a saved split (``--split-file``).
 
-``representative`` and ``unrepresentative`` are a **study tool**: they read the true labels of the whole
-training set to pick, per class, the ``num_labels / C`` images nearest to (or farthest from) the class
-centroid in a feature space, to measure how much the choice of labeled images matters. A real
-semi-supervised user does not have those labels. The feature space is a trained model's pooled features
-(``forward_features`` of the EMA model in ``--selection-checkpoint``) or, without a checkpoint, a fixed
-random projection of the standardised pixels (seed ``PROJECTION_SEED``, ``PROJECTION_DIM`` dimensions;
-Johnson-Lindenstrauss: distances are preserved approximately). Both are deterministic, so every seed of a
-study gets the same labeled images and only the training randomness varies.
+``representative``, ``unrepresentative`` and ``typiclust`` are **study tools**: they choose images in a feature
+space and then read the true labels of the images chosen, so that a study measures how much the choice of
+labeled images matters without a person labeling them. ``representative`` and ``unrepresentative`` read the
+true labels of the whole training set to pick, per class, the ``num_labels / C`` images nearest to (or farthest
+from) the class centroid; a real semi-supervised user does not have those labels. ``typiclust`` is what
+``fixmatch advise`` proposes to a real user (core/typiclust.py: the most typical image of each of the
+``num_labels`` largest k-means clusters, k-means seeded with the run's seed), with the true labels standing in
+for the annotator; it needs no labels to choose, so its images need not cover every class (a class without a
+labeled image gets no supervised signal; training runs as usual, and a line names such classes).
+
+The feature space (runs/features.py) is a network's pooled features (``forward_features`` of the EMA model in
+``--selection-checkpoint``, or of a ``fixmatch pretrain`` run's network) or, without a checkpoint, a fixed
+random projection of the standardised pixels. ``representative`` and ``unrepresentative`` are deterministic, so
+every seed of a study gets the same labeled images and only the training randomness varies.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 import numpy as np
 import torch
 
 from fixmatch.config import ConfigError, check_label_selection
-from fixmatch.core.preprocess import channel_stats, predict_logits
+from fixmatch.core.typiclust import typiclust
 from fixmatch.data.split import Split, SplitError, load_split, make_split
-from fixmatch.runs.model_spec import load_model_checkpoint
+from fixmatch.runs.features import PROJECTION_DIM, PROJECTION_SEED, checkpoint_features, embed_images, pixel_features
 
-__all__ = ["select_labels", "centroid_selection", "pixel_features", "checkpoint_features"]
-
-PROJECTION_SEED = 0
-PROJECTION_DIM = 128
-_CHUNK = 2048  # images per block when computing features: bounds the float copy in memory
+__all__ = ["select_labels", "centroid_selection", "typiclust_selection", "pixel_features", "checkpoint_features",
+           "PROJECTION_DIM", "PROJECTION_SEED"]
 
 
 def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_classes: int, seed: int, *,
@@ -42,10 +45,13 @@ def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_clas
         return load_split(split_file, num_train=labels.numel(), digest=digest)
     if strategy == "random":
         return make_split(labels, num_labels, num_classes, seed)
-    if strategy not in ("representative", "unrepresentative"):
-        raise ConfigError(f"unknown label_selection {strategy!r}; use random, file, representative or unrepresentative")
+    if strategy not in ("representative", "unrepresentative", "typiclust"):
+        raise ConfigError(f"unknown label_selection {strategy!r}; use random, file, representative, unrepresentative "
+                          "or typiclust")
     if images is None:
-        raise ValueError("representative selection needs the training images")
+        raise ValueError(f"{strategy} selection needs the training images")
+    if strategy == "typiclust":
+        return typiclust_selection(labels, num_labels, num_classes, seed, images, checkpoint)
     make_split(labels, num_labels, num_classes, seed)  # the same checks (divisibility, enough per class)
     if checkpoint:
         features = checkpoint_features(checkpoint, images)
@@ -53,6 +59,27 @@ def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_clas
         features = pixel_features(images)
     labeled = centroid_selection(features, labels, num_labels // num_classes, nearest=strategy == "representative")
     return Split(labeled=labeled, unlabeled=list(range(labels.numel())), seed=seed, num_labels=num_labels)
+
+
+def typiclust_selection(labels: torch.Tensor, num_labels: int, num_classes: int, seed: int, images: torch.Tensor,
+                        checkpoint: str | None = None) -> Split:
+    """The ``num_labels`` images ``fixmatch advise`` would propose (k-means seeded with ``seed``), labeled with
+    their true labels; one line on stderr says which features were used and which classes got no image."""
+    n = labels.numel()
+    if not isinstance(num_labels, int) or not 1 <= num_labels <= n:
+        raise SplitError(f"label_selection typiclust needs 1 <= num_labels <= {n} (the training images), "
+                         f"got {num_labels!r}")
+    features, what = embed_images(images, checkpoint, flag="--selection-checkpoint")
+    labeled = sorted(p.index for p in typiclust(features.numpy(), num_labels, seed=seed))
+    counts = np.bincount(labels[labeled].numpy(), minlength=num_classes)
+    missing = np.flatnonzero(counts == 0)
+    note = (f"typiclust chose {num_labels} images in {what}, covering {num_classes - missing.size} of "
+            f"{num_classes} classes")
+    if missing.size:
+        shown = ", ".join(str(int(c)) for c in missing[:10]) + (" ..." if missing.size > 10 else "")
+        note += f" (none of class {shown}: no supervised signal for them)"
+    print(f"fixmatch: {note}", file=sys.stderr)
+    return Split(labeled=labeled, unlabeled=list(range(n)), seed=seed, num_labels=num_labels)
 
 
 def centroid_selection(features: torch.Tensor, labels: torch.Tensor, per_class: int, nearest: bool) -> list[int]:
@@ -71,43 +98,3 @@ def centroid_selection(features: torch.Tensor, labels: torch.Tensor, per_class: 
         order = torch.sort(dist if nearest else -dist, stable=True).indices
         chosen += members[order[:per_class]].tolist()
     return sorted(chosen)
-
-
-def pixel_features(images: torch.Tensor, dim: int = PROJECTION_DIM, seed: int = PROJECTION_SEED) -> torch.Tensor:
-    """A fixed Gaussian random projection of the per-pixel-standardised images: (N, dim) float64."""
-    n = images.shape[0]
-    d = int(np.prod(images.shape[1:]))
-    g = torch.Generator().manual_seed(seed)
-    proj = torch.randn(d, dim, generator=g, dtype=torch.float64) / dim**0.5
-    # Mean and std of every pixel over the set, so that no pixel dominates the distances by its scale.
-    total = torch.zeros(d, dtype=torch.float64)
-    total_sq = torch.zeros(d, dtype=torch.float64)
-    for start in range(0, n, _CHUNK):
-        x = images[start:start + _CHUNK].reshape(-1, d).double()
-        total += x.sum(0)
-        total_sq += x.pow(2).sum(0)
-    mean = total / n
-    std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
-    out = torch.empty(n, dim, dtype=torch.float64)
-    for start in range(0, n, _CHUNK):
-        x = images[start:start + _CHUNK].reshape(-1, d).double()
-        out[start:start + _CHUNK] = ((x - mean) / std) @ proj
-    return out
-
-
-def checkpoint_features(path: str | Path, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Pooled ``forward_features`` of the EMA model saved in a fixmatch checkpoint: (N, D) float64 on the CPU.
-
-    The checkpoint is loaded as ``fixmatch.load`` loads it (its model description checked first), and the
-    images are standardised with the statistics the network was trained with, which it records.
-    """
-    loaded = load_model_checkpoint(path, "ema")
-    spec, model = loaded.spec, loaded.backbone
-    if spec.in_channels != images.shape[1]:
-        raise SplitError(f"--selection-checkpoint {path} does not fit these images (its model takes "
-                         f"{spec.in_channels}-channel images, these have {images.shape[1]}); use a checkpoint "
-                         "trained on images with the same channels")
-    if not hasattr(model, "forward_features"):
-        raise SplitError(f"model {spec.name!r} has no forward_features; pick another checkpoint")
-    mean, std = channel_stats(spec.mean, spec.std)
-    return predict_logits(model, images, mean, std, batch_size, forward=model.forward_features).flatten(1).double()

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +39,6 @@ from fixmatch.data.datasets import Dataset, DatasetError, load_dataset
 from fixmatch.data.pool import pool_labels
 from fixmatch.data.split import Split, fold_split, load_split, save_split, train_digest, unlabeled_pool
 from fixmatch.models import create_model
-from fixmatch.models.pretrained import load_init_weights
 from fixmatch.runs.checkpoint import (
     load_checkpoint,
     resume_fix,
@@ -49,6 +49,7 @@ from fixmatch.runs.model_spec import checkpoint_fields
 from fixmatch.runs.rundir import RunDir
 from fixmatch.training import budget, distributed
 from fixmatch.training.batches import Batches, View
+from fixmatch.training.init_weights import init_from
 from fixmatch.training.label_selection import select_labels
 from fixmatch.training.speed import find_cpu_compiler
 from fixmatch.training.state import TrainState, new_train_state
@@ -80,6 +81,9 @@ def _split_for(config: Config, run: RunDir, resume: bool, data: Dataset) -> Spli
         if len(split.labeled) != config.num_labels:
             raise ConfigError(f"--fold {config.fold} labels the {len(split.labeled)} images of that fold; "
                               f"set --num-labels {len(split.labeled)}")
+    elif data.labeled_indices is not None:  # --labels-csv: exactly the images a person labeled
+        split = Split(labeled=sorted(data.labeled_indices), unlabeled=list(range(data.train_labels.numel())),
+                      seed=config.seed, num_labels=len(data.labeled_indices))
     else:
         split = select_labels(config.label_selection, data.train_labels, config.num_labels, data.num_classes,
                               config.seed, images=data.train_images, split_file=config.split_file,
@@ -91,7 +95,7 @@ def _split_for(config: Config, run: RunDir, resume: bool, data: Dataset) -> Spli
 
 
 @contextmanager
-def _stop_requests(env: distributed.DistEnv) -> Iterator[Callable[[], bool]]:
+def stop_requests(env: distributed.DistEnv) -> Iterator[Callable[[], bool]]:
     """SIGINT/SIGTERM set a flag that the loop checks between steps, so a step is never cut in half.
 
     Under torchrun, a launcher that has died is a stop request too (distributed.LauncherWatch): the rank
@@ -144,6 +148,12 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
                         on_bad_image=config.on_bad_image, labels_csv=config.labels_csv, **_dataset_options(config))
     resumed = resume and run.last_checkpoint.is_file()  # else: killed before any checkpoint, restarted
+    if data.labeled_indices is not None and not resumed and len(data.labeled_indices) != config.num_labels:
+        # --labels-csv: num_labels is the number of images the file labels (config.yaml records it).
+        if env.is_main:
+            print(f"fixmatch: {config.labels_csv} labels {len(data.labeled_indices)} images: num_labels is "
+                  f"{len(data.labeled_indices)}", file=sys.stderr)
+        config = dataclasses.replace(config, num_labels=len(data.labeled_indices))
     split = _split_for(config, run, resumed, data)
     weak, strong = build_views(config)
     batches, pl_note = _batches_for(config, data, split, weak, env, device)
@@ -155,8 +165,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     # (CIFAR/ImageNet) or the ViT's patch grid.
     model_kwargs: dict[str, Any] = {"image_size": list(data.image_size)}
     model = create_model(config.model, data.num_classes, data.in_channels, **model_kwargs).to(device)
-    # A pretrained backbone for fresh runs (a resumed run restores its own weights below); before the EMA copy.
-    init_report = load_init_weights(model, config.init_weights) if config.init_weights and not resumed else None
+    # A pretrained backbone for fresh runs (a resumed run restores its own weights below); before the EMA copy, so
+    # that the EMA starts from it too. A pretrain or train run must have built this same network.
+    init_report = (init_from(model, config.init_weights, checkpoint_fields(config.model, model_kwargs, data))
+                   if config.init_weights and not resumed else None)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     mean, std = channel_stats(data.mean, data.std, device)
@@ -199,7 +211,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     state.started = time.perf_counter()
     model.train()
     try:
-        with _stop_requests(env) as stop_requested:
+        with stop_requests(env) as stop_requested:
             while state.step < config.steps:
                 lr = state.set_lr()
                 batch = batches.get(state.step, state.strong)

@@ -281,7 +281,6 @@ def test_each_algorithm_accepts_its_own_keys():
 
 
 # ------------------------------------------------------------------ runs
-_metrics = metrics_rows
 
 
 @pytest.mark.slow
@@ -296,8 +295,8 @@ def test_a_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, monkeyp
     saved = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["pseudo_label"]["policy"]
     assert saved["algorithm"] == algorithm
     fixmatch.train(None, out=tmp_path / "killed", resume=True)
-    rows = _metrics(tmp_path / "killed")
-    assert rows == _metrics(tmp_path / "straight")
+    rows = metrics_rows(tmp_path / "killed")
+    assert rows == metrics_rows(tmp_path / "straight")
     assert all(k in rows[-1] for k in ("threshold_mean", "threshold_min", "weight_mean"))
     assert rows[-1]["threshold_min"] <= rows[-1]["threshold_mean"] <= 1 and 0 < rows[-1]["weight_mean"] <= 1
     per_class = rows[-1]["thresholds"]  # the report's threshold curves: one per class (SoftMatch: its mu_t)
@@ -316,8 +315,8 @@ def test_fixmatch_checkpoints_keep_the_keys_from_before_the_policies_and_resume(
     undo()
     assert "pseudo_label" not in load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
     fixmatch.train(None, out=tmp_path / "killed", resume=True)
-    rows = _metrics(tmp_path / "killed")
-    assert rows == _metrics(tmp_path / "straight")
+    rows = metrics_rows(tmp_path / "killed")
+    assert rows == metrics_rows(tmp_path / "straight")
     assert "threshold_mean" not in rows[-1]  # FixMatch's rows are as before
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_helpers import metrics_rows
 
 import fixmatch
 from fixmatch.augment import STRONG_AUGMENTS, RandAugment, make_strong_augment, visualize, weak_augment
@@ -192,11 +192,6 @@ def test_grid_schedule() -> None:
     assert grids.images.shape[0] == 5  # fewer images than GRID_IMAGES: all of them
 
 
-def _metrics(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("wall_s")
-    return rows
 
 
 def _image_steps(run) -> list[int]:
@@ -220,4 +215,4 @@ def test_training_logs_grids_without_changing_the_run(tmp_path, monkeypatch, str
     monkeypatch.setattr(visualize, "GRID_EVERY", 0)  # grids off
     fixmatch.train(config, out=tmp_path / "without")
     assert _image_steps(tmp_path / "without") == []
-    assert _metrics(tmp_path / "with") == _metrics(tmp_path / "without")
+    assert metrics_rows(tmp_path / "with") == metrics_rows(tmp_path / "without")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from run_helpers import Killed, kill_after_checkpoint
+from run_helpers import Killed, kill_after_checkpoint, metrics_rows
 
 import fixmatch
 from fixmatch.cli import build_parser, main
@@ -49,11 +49,6 @@ def _flags(**config):
 BUDGET_ARGS = ["train", *_flags(**QUICK), "--time-budget", "1m"]
 
 
-def _metrics(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:
-        r.pop("wall_s")
-    return rows
 
 
 def _one_line_error(capsys):
@@ -151,8 +146,8 @@ def test_a_budget_run_is_the_run_of_its_step_count(tmp_path, monkeypatch, one_th
     monkeypatch.setattr(budget, "clock", FakeClock(1.0))
     fixmatch.train(Config(**QUICK, time_budget="1m"), out=tmp_path / "budget")
     fixmatch.train(Config(**{**QUICK, "eval_every": CHOSEN_EVAL_EVERY}, steps=CHOSEN_STEPS), out=tmp_path / "steps")
-    assert _metrics(tmp_path / "budget") == _metrics(tmp_path / "steps")
-    assert [r["step"] for r in _metrics(tmp_path / "budget")][-1] == CHOSEN_STEPS
+    assert metrics_rows(tmp_path / "budget") == metrics_rows(tmp_path / "steps")
+    assert [r["step"] for r in metrics_rows(tmp_path / "budget")][-1] == CHOSEN_STEPS
     a = load_checkpoint(tmp_path / "budget" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "steps" / "checkpoints" / "last.pt")
     for key in ("model", "ema"):
@@ -183,7 +178,7 @@ def test_a_budget_run_resumes_with_its_steps_without_calibrating_again(tmp_path,
     # The command line the run was started with, plus --resume: the budget resolves to the recorded steps.
     assert main([*BUDGET_ARGS, "--out", str(run), "--resume"]) == 0
     assert f"{CHOSEN_STEPS} steps on cpu" in capsys.readouterr().out
-    assert _metrics(run) == _metrics(straight)
+    assert metrics_rows(run) == metrics_rows(straight)
     # Another budget, or other steps, on resume: refused in one line that says how to resume.
     for flags, key in ((["--time-budget", "2m"], "time_budget"), (["--steps", "100"], "steps")):
         assert main([*BUDGET_ARGS, *flags, "--out", str(run), "--resume"]) == 2

@@ -55,3 +55,5 @@ def test_ablation_studies_vary_what_they_are_about():
         assert values(f"{d}-algorithms", "algorithm") == {"fixmatch", "flexmatch", "freematch", "softmatch"}
     assert values("fashion-mnist-algorithms", "dist_align") == {True, False}
     assert values("fashion-mnist-algorithms", "num_labels") == {10, 40}
+    assert values("fashion-mnist-advised-labels", "label_selection") == {"random", "typiclust"}
+    assert values("fashion-mnist-advised-labels", "selection_checkpoint") == {"runs/fashion-mnist-pretrain"}

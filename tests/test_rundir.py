@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from fixmatch.config import Config, ConfigError
+from fixmatch.config import Config, ConfigError, PretrainConfig
 from fixmatch.runs.rundir import RunDir, RunDirError, RunState
 
 TINY = dict(dataset="synthetic", model="cnn_small", num_labels=20, batch_size=8, mu=2, steps=8, eval_every=4,
@@ -77,6 +77,37 @@ def test_find_lists_the_runs_below_a_folder_that_logged_metrics(tmp_path):
             run.metrics_file.write_text("")
     (tmp_path / "not-a-run").mkdir()
     assert RunDir.find(tmp_path) == [RunDir(tmp_path / n) for n in ("a", "b", "nested/c")]
+
+
+def _write_pretrain_config(run: RunDir, config: PretrainConfig) -> None:
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config_file.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def test_find_leaves_out_pretrain_runs_which_report_no_accuracy(tmp_path):
+    train, pre = RunDir(tmp_path / "train"), RunDir(tmp_path / "pre")
+    _write_config(train, Config(**TINY))
+    _write_pretrain_config(pre, PretrainConfig(dataset="synthetic"))
+    for run in (train, pre):
+        run.metrics_file.write_text("")
+    assert (train.kind, pre.kind) == ("train", "pretrain")
+    assert RunDir.find(tmp_path) == [train]
+
+
+def test_each_kind_of_run_resumes_only_as_itself(tmp_path):
+    train, pre = RunDir(tmp_path / "train"), RunDir(tmp_path / "pre")
+    _write_config(train, Config(**TINY))
+    _write_pretrain_config(pre, PretrainConfig(dataset="synthetic", steps=7))
+    with pytest.raises(ConfigError, match=r"pre is a fixmatch pretrain run, not a train run; resume it with "
+                                          r"fixmatch pretrain --out .*pre --resume"):
+        pre.saved_config()
+    with pytest.raises(ConfigError, match="is a fixmatch train run, not a pretrain run"):
+        train.resume_config(None, PretrainConfig)
+    assert pre.resume_config(None, PretrainConfig) == PretrainConfig(dataset="synthetic", steps=7)
+    moved = PretrainConfig(dataset="synthetic", steps=7, device="cpu", progress=False)  # where and how: allowed
+    assert pre.resume_config(moved, PretrainConfig) is moved
+    with pytest.raises(ConfigError, match=r"cannot change 'temperature' when resuming \(0.5 -> 0.2\)"):
+        pre.resume_config(PretrainConfig(dataset="synthetic", steps=7, temperature=0.2), PretrainConfig)
 
 
 def test_default_is_named_after_the_data_set_method_labels_seed_and_time():

@@ -178,12 +178,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from fixmatch.training.pretrain import pretrain, resume_config
+    from fixmatch.training.pretrain import pretrain
 
     overrides = validate_overrides({f.name: getattr(args, f.name) for f in fields(PretrainConfig)
                                     if getattr(args, f.name) is not None}, "the command line", PretrainConfig)
     if args.resume:  # the saved configuration, with the flags given (only where and how it runs may change)
-        config = PretrainConfig(**{**resume_config(RunDir(args.out), None).to_dict(), **overrides})
+        config = PretrainConfig(**{**RunDir(args.out).saved_config(PretrainConfig).to_dict(), **overrides})
     else:
         config = PretrainConfig(**overrides)
     pretrain(config, args.out, resume=args.resume)

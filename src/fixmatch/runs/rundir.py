@@ -46,7 +46,17 @@ from typing import Any
 
 import torch
 
-from fixmatch.config import RESUME_MUTABLE_KEYS, Config, ConfigError, load_config, short_repr
+from fixmatch.config import (
+    PRETRAIN_RESUME_MUTABLE_KEYS,
+    RESUME_MUTABLE_KEYS,
+    Config,
+    ConfigError,
+    PretrainConfig,
+    parse_yaml,
+    read_yaml,
+    short_repr,
+    validate_overrides,
+)
 from fixmatch.core.files import (
     FileError,
     check_regular_file,
@@ -173,15 +183,27 @@ class RunDir:
 
     @classmethod
     def find(cls, folder: str | Path) -> list[RunDir]:
-        """The run directories anywhere below ``folder`` that have logged metrics, in path order."""
+        """The training run directories anywhere below ``folder`` that have logged metrics, in path order
+        (``fixmatch pretrain`` runs, which have no accuracy to report, are left out)."""
         found = (cls(c.parent) for c in Path(folder).rglob(CONFIG_NAME))
-        return sorted((run for run in found if run.metrics_file.is_file()), key=lambda run: run.path)
+        return sorted((run for run in found if run.metrics_file.is_file() and run.kind == "train"),
+                      key=lambda run: run.path)
 
     # --- what it holds
     @property
     def is_run(self) -> bool:
         """A run started here: its config.yaml, written once the run's settings and data were accepted."""
         return self.config_file.is_file()
+
+    @property
+    def kind(self) -> str:
+        """"train" or "pretrain", from the keys of config.yaml ("train" where it is missing or unreadable: what
+        reads it then reports the problem)."""
+        try:
+            data = parse_yaml(read_run_file(self.config_file) or "", str(self.config_file))
+        except (ConfigError, FileError, OSError, UnicodeDecodeError):
+            return "train"
+        return _kind_of(data) if isinstance(data, dict) else "train"
 
     @property
     def state(self) -> RunState:
@@ -209,13 +231,24 @@ class RunDir:
                               f"or choose another --out")
 
     # --- may this configuration resume the run?
-    def saved_config(self) -> Config:
-        """The configuration the run was started with (config.yaml); one-line ConfigError if there is none."""
+    def saved_config(self, schema: type[Any] = Config) -> Any:
+        """The configuration the run was started with (config.yaml), a ``schema`` (Config, or PretrainConfig for a
+        pretrain run); one-line ConfigError if there is none, or if the run is of the other kind."""
         path = self.config_file
         check_regular_file(path)  # read before the lock is taken: never through a link or from a FIFO
         if not path.is_file():
             raise ConfigError(f"cannot resume: {path} not found; is {self.path} a fixmatch run directory?")
-        return Config(**load_config(path))  # one-line errors for a damaged or hand-edited file
+        data = read_yaml(path, "config file", "--config")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of config keys, not {type(data).__name__}")
+        wanted, found = _KINDS[schema][0], _kind_of(data)
+        if found != wanted:
+            raise ConfigError(f"{self.path} is a fixmatch {found} run, not a {wanted} run; resume it with "
+                              f"fixmatch {found} --out {self.path} --resume")
+        # One-line errors for a damaged or hand-edited file.
+        return schema(**validate_overrides(data, f"config file {path}", schema))
 
     def resume_changes(self, config: Config) -> list[tuple[str, Any, Any]]:
         """(key, saved value, value in ``config``) of each key ``config`` changes that a resume must keep: all
@@ -223,29 +256,31 @@ class RunDir:
         ``config`` may resume the run."""
         return _changes(self.saved_config(), config)
 
-    def resume_config(self, config: Config | None) -> Config:
+    def resume_config(self, config: Any, schema: type[Any] = Config) -> Any:
         """The configuration that resumes the run: the saved one (``config`` None) or ``config`` if it changes
         nothing a resume must keep; ConfigError in one line otherwise, or if config.yaml was edited since the
-        last checkpoint."""
-        saved = self.saved_config()
-        self._check_config_file_unchanged(saved)
+        last checkpoint. ``schema``: Config, or PretrainConfig for a pretrain run."""
+        saved = self.saved_config(schema)
+        mutable = _KINDS[schema][1]
+        self._check_config_file_unchanged(saved, mutable)
         if config is None:
             return saved
-        changes = _changes(saved, config)
+        changes = _changes(saved, config, mutable)
         if changes:
             key, old, new = changes[0]
             raise ConfigError(f"cannot change '{key}' when resuming ({short_repr(old)} -> {short_repr(new)}); "
                               f"start a new run with another --out instead")
         return config
 
-    def _check_config_file_unchanged(self, saved: Config) -> None:
+    def _check_config_file_unchanged(self, saved: Any, mutable: frozenset[str]) -> None:
         """config.yaml must still hold what the last checkpoint was trained with: a hand edit (lr, steps)
         would otherwise change the resumed run silently, where the same change as a flag is refused."""
         trained = _checkpoint_config(self.last_checkpoint)
         if trained is None:  # killed before its first checkpoint: it restarts from step 0 with the file as it is
             return
-        trained = {**Config().to_dict(), **trained}  # a checkpoint older than a key was trained with its default
-        edited = _changed_keys(trained, saved.to_dict())
+        # A checkpoint older than a key was trained with its default.
+        trained = {**type(saved)().to_dict(), **trained}
+        edited = _changed_keys(trained, saved.to_dict(), mutable)
         if edited:
             shown = "; ".join(f"{k}: {short_repr(trained[k])} in the checkpoint, "
                               f"{short_repr(getattr(saved, k))} in the file" for k in edited[:4])
@@ -255,13 +290,25 @@ class RunDir:
                               f"with another --out")
 
 
-def _changes(saved: Config, config: Config) -> list[tuple[str, Any, Any]]:
-    return [(k, getattr(saved, k), getattr(config, k)) for k in _changed_keys(saved.to_dict(), config.to_dict())]
+# What config.yaml holds for each kind of run, and the keys a resume of it may change.
+_KINDS: dict[type[Any], tuple[str, frozenset[str]]] = {Config: ("train", RESUME_MUTABLE_KEYS),
+                                                        PretrainConfig: ("pretrain", PRETRAIN_RESUME_MUTABLE_KEYS)}
 
 
-def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def _kind_of(data: Mapping[str, Any]) -> str:
+    """A pretrain run's config.yaml has a projection head and no labels (config.PretrainConfig)."""
+    return "pretrain" if "proj_dim" in data and "num_labels" not in data else "train"
+
+
+def _changes(saved: Any, config: Any, mutable: frozenset[str] = RESUME_MUTABLE_KEYS) -> list[tuple[str, Any, Any]]:
+    return [(k, getattr(saved, k), getattr(config, k))
+            for k in _changed_keys(saved.to_dict(), config.to_dict(), mutable)]
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any],
+                  mutable: frozenset[str] = RESUME_MUTABLE_KEYS) -> list[str]:
     """The keys of ``new`` whose value differs from ``old``'s, leaving out those a resume may change."""
-    return [k for k, v in new.items() if k not in RESUME_MUTABLE_KEYS and old[k] != v]
+    return [k for k, v in new.items() if k not in mutable and old[k] != v]
 
 
 def _checkpoint_config(path: Path) -> dict[str, Any] | None:

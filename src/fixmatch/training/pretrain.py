@@ -34,15 +34,13 @@ from torch import Tensor, nn
 from fixmatch.augment.contrastive import SimCLRView
 from fixmatch.augment.views import NO_FLIP_DATASETS
 from fixmatch.config import (
-    PRETRAIN_RESUME_MUTABLE_KEYS,
     ConfigError,
     PretrainConfig,
-    read_yaml,
     short_repr,
     validate_overrides,
 )
 from fixmatch.core.contrastive import knn_accuracy, nt_xent
-from fixmatch.core.files import append_line, check_regular_file, write_text_atomic
+from fixmatch.core.files import append_line, write_text_atomic
 from fixmatch.core.optim import make_optimizer, set_lr
 from fixmatch.core.preprocess import channel_stats, normalize, predict_logits, resolve_device
 from fixmatch.data.batches import IndexStream
@@ -161,46 +159,14 @@ def pretrain(config: PretrainConfig | None, out: str | Path, resume: bool = Fals
     run = RunDir(out)
     with run.lock():  # one writer per run directory; the OS releases it even if the process is killed
         if resume:
-            config = resume_config(run, config)
+            # The saved configuration; a change, a hand-edited config.yaml or a train run is one line.
+            config = run.resume_config(config, PretrainConfig)
         else:
             run.check_unused()
         if not isinstance(config, PretrainConfig):
             raise ConfigError(f"pretrain() expects a fixmatch.config.PretrainConfig, got {type(config).__name__}")
         validate_overrides(config.to_dict(), "the config", PretrainConfig)
         return _pretrain(config, run, resume)
-
-
-def saved_config(run: RunDir) -> PretrainConfig:
-    """The configuration a pretrain run was started with (its config.yaml), in one-line errors if there is none."""
-    check_regular_file(run.config_file)
-    if not run.config_file.is_file():
-        raise ConfigError(f"cannot resume: {run.config_file} not found; is {run.path} a fixmatch pretrain run "
-                          f"directory?")
-    data = load_config_as_pretrain(run.config_file)
-    return PretrainConfig(**data)
-
-
-def load_config_as_pretrain(path: Path) -> dict[str, Any]:
-    """A pretrain config.yaml's keys, validated; a train run's file is refused in one line naming it."""
-    data = read_yaml(path, "config file", "--out")
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of config keys")
-    if "num_labels" in data:
-        raise ConfigError(f"{path.parent} is a fixmatch train run, not a pretrain run; resume it with fixmatch train")
-    return validate_overrides(data, f"config file {path}", PretrainConfig)
-
-
-def resume_config(run: RunDir, config: PretrainConfig | None) -> PretrainConfig:
-    """The saved configuration, or ``config`` where it changes only keys a resume may change (one line if not)."""
-    saved = saved_config(run)
-    if config is None:
-        return saved
-    for key, old in saved.to_dict().items():
-        new = getattr(config, key)
-        if key not in PRETRAIN_RESUME_MUTABLE_KEYS and new != old:
-            raise ConfigError(f"cannot change '{key}' when resuming ({short_repr(old)} -> {short_repr(new)}); "
-                              f"start a new run with another --out instead")
-    return config
 
 
 def _pretrain(config: PretrainConfig, run: RunDir, resume: bool) -> dict[str, Any]:
@@ -237,9 +203,8 @@ def _pretrain(config: PretrainConfig, run: RunDir, resume: bool) -> dict[str, An
                           finite=torch.ones((), dtype=torch.bool, device=device))
     if resumed:
         fix = resume_fix(run.path)
-        saved = load_checkpoint(run.last_checkpoint, map_location=device, fix=fix)
-        _check_config_file_unchanged(run, saved.get("config"))
-        state.load_state_dict(saved, run.last_checkpoint, fix)
+        state.load_state_dict(load_checkpoint(run.last_checkpoint, map_location=device, fix=fix), run.last_checkpoint,
+                              fix)
         truncate_metrics(run.metrics_file, state.step)
     else:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -280,20 +245,6 @@ def _pretrain(config: PretrainConfig, run: RunDir, resume: bool) -> dict[str, An
     finally:
         logger.close()
     return _finish(state, run)
-
-
-def _check_config_file_unchanged(run: RunDir, trained: Any) -> None:
-    """config.yaml must still hold what the last checkpoint was trained with: a hand edit (lr, steps) would
-    otherwise change the resumed run silently, where the same change as a flag is refused."""
-    in_file = saved_config(run).to_dict()
-    if not isinstance(trained, dict):
-        trained = {}
-    edited = [k for k, v in in_file.items() if k not in PRETRAIN_RESUME_MUTABLE_KEYS and trained.get(k) != v]
-    if edited:
-        key = edited[0]
-        raise ConfigError(f"cannot resume: {run.config_file} no longer matches the run's last checkpoint ({key}: "
-                          f"{short_repr(trained.get(key))} in the checkpoint, {short_repr(in_file[key])} in the "
-                          f"file); put the checkpoint's values back in the file, or start a new run with another --out")
 
 
 def pretrain_step(state: PretrainState, x: Tensor, view: SimCLRView, generator: torch.Generator, mean: Tensor,

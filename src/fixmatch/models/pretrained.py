@@ -92,7 +92,11 @@ def _is_state_dict(obj: dict) -> bool:
 
 def load_init_weights(model: nn.Module, path: str | Path) -> LoadReport:
     """Load the file's tensors into ``model`` in place, except its classifier head; return what happened."""
-    state = read_state_dict(path)
+    return copy_init_weights(model, read_state_dict(path), path)
+
+
+def copy_init_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> LoadReport:
+    """Copy ``state`` (read from ``path``, named in messages) into ``model`` in place, except its classifier head."""
     adapt = getattr(model, "adapt_state_dict", None)
     if adapt is not None:
         state = adapt(state)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from fixmatch.core.safe_load import load_weights_only
-from fixmatch.models.pretrained import InitWeightsError, LoadReport, load_init_weights
+from fixmatch.models.pretrained import InitWeightsError, LoadReport, copy_init_weights, load_init_weights
 from fixmatch.runs.checkpoint import find_checkpoint
 from fixmatch.runs.model_spec import ModelSpec, load_model_checkpoint
 from fixmatch.runs.rundir import RunDir
@@ -37,7 +37,7 @@ def init_from(model: nn.Module, path: str | Path, model_fields: dict[str, Any]) 
         return load_init_weights(model, path)  # a plain state dict (or a missing file, reported there)
     source = load_model_checkpoint(path)  # checksum, description and weights checked before they are used
     _check_same_network(source.spec, ModelSpec.from_dict(model_fields, "this run"), path)
-    return load_init_weights(model, path)
+    return copy_init_weights(model, source.backbone.state_dict(), path)  # the copy that was checked
 
 
 def _is_fixmatch_checkpoint(path: Path) -> bool:

@@ -83,7 +83,8 @@ class SimCLRView:
         jittered = torch.rand(n, device=dev, generator=generator) < self.jitter_prob
         s = 0.8 * self.jitter
         for op in (ops.brightness, ops.contrast, ops.color):
-            factor = torch.empty(n, device=dev).uniform_(1 - s, 1 + s, generator=generator)
+            # Clamped at 0 as torchvision's ColorJitter does: for s > 1.25 a negative factor would invert images.
+            factor = torch.empty(n, device=dev).uniform_(max(0.0, 1 - s), 1 + s, generator=generator)
             x = op(x, torch.where(jittered, factor, torch.ones_like(factor)))
         grey = torch.rand(n, device=dev, generator=generator) < self.grey_prob
         return ops.color(x, torch.where(grey, 0.0, 1.0).to(x))

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# kNN monitor defaults, as Wu et al. 2018 and the MoCo/SimCLR CIFAR monitors use them: the 200 nearest neighbours
-# vote with weight exp(cosine / 0.1).
+# kNN monitor defaults: Wu et al. 2018's 200 nearest neighbours; their votes weigh exp(cosine / 0.1), the
+# temperature of the common CIFAR monitors of MoCo-style code (Wu et al. used 0.07).
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
 

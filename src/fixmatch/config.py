@@ -171,9 +171,27 @@ def _spell_out_types(schema: type) -> type:
     return schema
 
 
+class _Keys:
+    """What every configuration class shares: unknown keys name the nearest known one, and a plain dict of values."""
+    _HELP_HINT: str | None = None  # where the keys are listed, for the unknown-key message (None: suggest's own)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # The generated __init__ would only say "unexpected keyword argument": name the nearest key as well.
+        known = [f.name for f in fields(cls)]
+        for name in kwargs:
+            if name not in known:
+                hint = (cls._HELP_HINT,) if cls._HELP_HINT else ()
+                raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {short_repr(name)}; "
+                                f"{suggest(name, known, *hint)}")
+        return super().__new__(cls)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @_spell_out_types
 @dataclass
-class Config:
+class Config(_Keys):
     _section("data")
     dataset: str = _key("data set name (cifar10, cifar100, svhn, stl10, mnist, fashion-mnist, synthetic) or "
                         "folder:PATH for your own images", metavar="NAME", default="cifar10")
@@ -322,17 +340,6 @@ class Config:
                                 "or skip the step and count it in nonfinite_steps (nonfinite.py)", ("stop", "skip"),
                                 default="stop")
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Config:
-        # The generated __init__ would only say "unexpected keyword argument": name the nearest key as well.
-        known = [f.name for f in fields(cls)]
-        for name in kwargs:
-            if name not in known:
-                raise TypeError(f"Config() got an unexpected keyword argument {short_repr(name)}; "
-                                f"{suggest(name, known)}")
-        return super().__new__(cls)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # Keys that may differ when a run is resumed: they change where and how it runs, not what it computes.
@@ -341,9 +348,10 @@ RESUME_MUTABLE_KEYS = frozenset({"data_dir", "device", "progress", "on_nonfinite
 
 @_spell_out_types
 @dataclass
-class PretrainConfig:
+class PretrainConfig(_Keys):
     """``fixmatch pretrain``: SimCLR contrastive pretraining of a registry backbone (training/pretrain.py). Keys that
     Config also has mean the same there; the defaults are SimCLR's CIFAR recipe scaled down for a CPU."""
+    _HELP_HINT = "see fixmatch pretrain --help for the known keys"  # no annotation: a class attribute, not a key
     _section("data")
     dataset: str = _key("data set name (as for train) or folder:PATH; its labels are never used for training",
                         metavar="NAME", default="cifar10")
@@ -417,16 +425,6 @@ class PretrainConfig:
     seed: int = _key("seed of the initial weights, the data order, the views and the kNN bank",
                      lambda v: 0 <= v < 2**31, "an integer in [0, 2^31)", default=0)
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> PretrainConfig:
-        known = [f.name for f in fields(cls)]
-        for name in kwargs:
-            if name not in known:
-                raise TypeError(f"PretrainConfig() got an unexpected keyword argument {short_repr(name)}; "
-                                f"{suggest(name, known, 'see fixmatch pretrain --help for the known keys')}")
-        return super().__new__(cls)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # What a resumed pretraining may change: where and how it runs, not what it computes.

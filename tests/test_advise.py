@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from folder_images import noise
+from folder_images import make_folder, noise
 from run_helpers import one_line_cli
 
 import fixmatch
@@ -110,6 +110,13 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
+def _page_data(out):
+    """The data the labeling page in OUT embeds (its ids, classes and the labels given earlier)."""
+    page = (out / "index.html").read_text()
+    start = page.index('<script type="application/json" id="data">') + len('<script type="application/json" id="data">')
+    return json.loads(page[start:page.index("</script>", start)])
+
+
 def test_advise_end_to_end_on_the_synthetic_set(tmp_path, capsys):
     out = tmp_path / "advice"
     assert main(["advise", "--dataset", "synthetic", "--budget", "8", "--out", str(out), "--device", "cpu"]) == 0
@@ -133,6 +140,11 @@ def test_advise_end_to_end_on_the_synthetic_set(tmp_path, capsys):
     assert len(again) == 8 and not set(again) & set(given)
     assert again == [p.index for p in typiclust(pixel_features(data.train_images).numpy(), 8, given, seed=1)]
     assert "besides the 5 already labeled" in capsys.readouterr().out
+    # The page saves those 5 labels (class names, the file's order) before the new answers: its download is the
+    # whole labeled set that train --labels-csv needs, not only the 8 new images.
+    page = _page_data(out)
+    assert page["ids"] == [str(i) for i in again]
+    assert page["given"] == [[str(i), data.class_names[int(data.train_labels[i])]] for i in given]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -202,6 +214,74 @@ def test_advise_on_a_folder_of_unlabeled_images(tmp_path, capsys):
                  str(tmp_path / "cache"), "--labels-csv", str(tmp_path / "labels.csv"), "--device", "cpu"]) == 0
     again = {r["path"] for r in _csv_rows(out / "to_label.csv")}
     assert len(again) == 3 and not again & {r["path"] for r in rows}
+
+
+def test_to_label_csv_is_written_last(tmp_path, monkeypatch):
+    """Scripts wait for to_label.csv: it must not appear unless the page was written too."""
+    import fixmatch.inference.advise as advise_module
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(advise_module, "write_labeling_page", fail)
+    with pytest.raises(OSError, match="disk full"):
+        advise_module.advise("synthetic", 2, tmp_path / "advice", device="cpu")
+    assert not (tmp_path / "advice" / "to_label.csv").exists()
+
+
+def test_folder_labeled_set_is_what_train_uses(tmp_path, capsys):
+    """With --labels-csv the labeled images are its rows alone (train ignores labeled/ then); without it, the
+    labeled/<class>/ folders, or the folder's own labels.csv; both at once are refused, as train refuses them."""
+    root = make_folder(tmp_path / "pets", per_class=3, unlabeled=8, size=(12, 12))
+    in_folders = sorted(f"labeled/{c}/{i}.png" for c in ("cat", "dog") for i in range(3))
+    cache = ["--data-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    out = tmp_path / "advice"
+    assert main(["advise", "--dataset", f"folder:{root}", "--budget", "8", "--out", str(out), *cache]) == 0
+    assert "besides the 6 already labeled" in capsys.readouterr().out
+    proposed = [r["path"] for r in _csv_rows(out / "to_label.csv")]
+    assert len(proposed) == 8 and all(p.startswith("unlabeled/") for p in proposed)
+    assert sorted(i for i, _ in _page_data(out)["given"]) == in_folders
+
+    # Two unlabeled images labeled in a CSV (names not sorted, a class labeled/ lacks): labeled/ plays no part.
+    csv_file = tmp_path / "first.csv"
+    csv_file.write_text(f"path,label\n{proposed[0]},zebra\n{proposed[1]},cat\n")
+    assert main(["advise", "--dataset", f"folder:{root}", "--budget", "6", "--out", str(out),
+                 "--labels-csv", str(csv_file), *cache]) == 0
+    captured = capsys.readouterr()
+    assert "besides the 2 already labeled" in captured.out and "6 images under" in captured.err
+    again = [r["path"] for r in _csv_rows(out / "to_label.csv")]
+    assert sorted(again) == sorted(proposed[2:])  # neither the CSV's images nor labeled/'s are proposed
+    page = _page_data(out)
+    assert page["given"] == [[proposed[0], "zebra"], [proposed[1], "cat"]] and page["classes"] == ["cat", "zebra"]
+    code, err = one_line_cli(["advise", "--dataset", f"folder:{root}", "--budget", "2", "--out", str(out),
+                              "--labels-csv", str(csv_file), "--classes", "cat,dog", *cache], capsys)
+    assert code == 2 and f"{proposed[0]} in {csv_file} labels class 'zebra', which --classes (cat,dog) lacks" in err
+
+    (root / "labels.csv").write_text(f"path,label\n{proposed[0]},cat\n")
+    code, err = one_line_cli(["advise", "--dataset", f"folder:{root}", "--budget", "2", "--out", str(out), *cache],
+                             capsys)
+    assert code == 2 and "has both labeled/ and labels.csv; remove one" in err
+
+
+def test_advise_with_a_real_pretrain_run_agrees_with_train_typiclust(tmp_path, capsys):
+    """The advisor and the study tool pick the same images from the same pretrain run and seed."""
+    run = tmp_path / "pretrain"
+    assert main(["pretrain", "--dataset", "synthetic", "--model", "cnn_small", "--batch-size", "16", "--steps", "2",
+                 "--eval-every", "2", "--warmup", "1", "--knn-bank", "100", "--knn-k", "10", "--eval-batch-size",
+                 "500", "--device", "cpu", "--no-progress", "--out", str(run)]) == 0
+    out = tmp_path / "advice"
+    assert main(["advise", "--dataset", "synthetic", "--budget", "12", "--out", str(out), "--device", "cpu",
+                 "--features", str(run), "--seed", "4"]) == 0
+    advised = [int(r["index"]) for r in _csv_rows(out / "to_label.csv")]
+    data = load_dataset("synthetic")
+    pixels = [p.index for p in typiclust(pixel_features(data.train_images).numpy(), 12, seed=4)]
+    assert len(set(advised)) == 12 and sorted(advised) != sorted(pixels)  # the run's features, not the pixels
+    train_run = tmp_path / "train"
+    assert main(["train", "--dataset", "synthetic", "--model", "cnn_small", "--num-labels", "12", "--batch-size",
+                 "8", "--mu", "2", "--steps", "1", "--eval-every", "1", "--eval-batch-size", "500", "--device",
+                 "cpu", "--no-progress", "--label-selection", "typiclust", "--selection-checkpoint", str(run),
+                 "--seed", "4", "--out", str(train_run)]) == 0
+    assert json.loads((train_run / "split.json").read_text())["labeled"] == sorted(advised)
 
 
 def test_train_with_typiclust_labels_records_them_in_the_split(tmp_path, capsys):

@@ -51,6 +51,18 @@ def test_without_test_folder_a_fixed_tenth_is_held_out(tmp_path, capsys):
     assert not held & {tuple(x[:, 0, 0].tolist()) for x in a.train_images}
 
 
+def test_training_without_any_test_image_stops_in_one_line_before_writing(tmp_path, capsys):
+    from fixmatch.cli import main
+
+    root = make_folder(tmp_path / "imgs", per_class=5, test_per_class=0, unlabeled=30)  # < 10 a class: none held out
+    code = main(["train", "--dataset", f"folder:{root}", "--data-dir", str(tmp_path / "data"), "--model",
+                 "cnn_small", "--num-labels", "4", "--batch-size", "2", "--mu", "2", "--steps", "2", "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("fixmatch: error: ") and "no test images" in err[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_labels_csv_instead_of_class_folders(tmp_path):
     root = tmp_path / "imgs"
     solid(root / "pics" / "a.png", RED)

@@ -150,7 +150,8 @@ def test_names_from_users_files_are_text_and_csv_fields_are_quoted(browser, tmp_
     ids = ["pics/one,two.png", 'pics/"three".png', "pics/</script><script>alert(1)</script>.png"]
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 12, 1), dtype=np.uint8)  # grey, not square
     page = tmp_path / "index.html"
-    write_labeling_page(page, images, ids, classes, id_column="path", title="<i>pets</i>")
+    given = [("old/four,five.png", classes[1]), ('old/"six".png', classes[0])]  # labeled earlier: saved first
+    write_labeling_page(page, images, ids, classes, id_column="path", title="<i>pets</i>", given=given)
     driver.get(page.as_uri())
     assert driver.title == "<i>pets</i>" and driver.find_elements(By.CSS_SELECTOR, "b, i") == []
     buttons = driver.find_elements(By.CSS_SELECTOR, "button.label")
@@ -160,8 +161,49 @@ def test_names_from_users_files_are_text_and_csv_fields_are_quoted(browser, tmp_
         buttons[c].click()
     driver.find_element(By.ID, "save").click()
     rows = list(csv.reader(io.StringIO(_wait_for(downloads / "labels.csv"))))
-    assert rows == [["path", "label"], [ids[0], classes[1]], [ids[1], classes[0]], [ids[2], classes[2]]]
+    assert rows == [["path", "label"], *map(list, given), [ids[0], classes[1]], [ids[1], classes[0]],
+                    [ids[2], classes[2]]]
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@needs_chromium
+def test_the_page_advise_writes_saves_the_earlier_labels_too(browser, tmp_path, capsys, one_thread):
+    """"10 more after the first 10": advise --labels-csv, label on its page, and the download is all 14 labels, from
+    which training starts with exactly those images."""
+    from selenium.webdriver.common.by import By
+
+    driver, downloads = browser
+    (downloads / "labels.csv").unlink(missing_ok=True)
+    data = load_dataset("synthetic")
+    first = [int((data.train_labels == c).nonzero()[0, 0]) for c in range(10)]  # one image per class
+    first_csv = tmp_path / "first.csv"  # class numbers, as a script may write them
+    first_csv.write_text("index,label\n" + "".join(f"{i},{int(data.train_labels[i])}\n" for i in first))
+    out = tmp_path / "advice"
+    assert main(["advise", "--dataset", "synthetic", "--budget", "4", "--labels-csv", str(first_csv), "--out",
+                 str(out), "--device", "cpu"]) == 0
+    proposed = [int(r["index"]) for r in csv.DictReader(io.StringIO((out / "to_label.csv").read_text()))]
+    assert len(proposed) == 4 and not set(proposed) & set(first)
+
+    driver.get((out / "index.html").as_uri())
+    body = driver.find_element(By.TAG_NAME, "body")
+    assert _text(driver, "progress") == "0 labeled / 0 skipped / 4 total (+ 10 labeled earlier)"
+    assert _text(driver, "caption") == f"index {proposed[0]} (1 of 4)"
+    for i in proposed[:3]:  # the annotator answers with the true class's number key
+        body.send_keys("1234567890"[int(data.train_labels[i])])
+    body.send_keys("s")  # and is not sure of the last one
+    assert _text(driver, "progress") == "3 labeled / 1 skipped / 4 total (+ 10 labeled earlier)"
+    driver.find_element(By.ID, "save").click()
+    saved = _wait_for(downloads / "labels.csv")
+    assert _text(driver, "status") == "saved labels.csv: 13 labeled images (10 earlier, 3 new)"
+    names = data.class_names
+    assert list(csv.reader(io.StringIO(saved))) == [["index", "label"]] + [
+        [str(i), names[int(data.train_labels[i])]] for i in first + proposed[:3]]
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--labels-csv", str(downloads / "labels.csv"), "--model",
+                 "cnn_small", "--batch-size", "4", "--mu", "2", "--steps", "1", "--eval-every", "1",
+                 "--eval-batch-size", "500", "--device", "cpu", "--no-progress", "--out", str(run)]) == 0
+    assert json.loads((run / "split.json").read_text())["labeled"] == sorted(first + proposed[:3])
 
 
 def test_page_is_one_self_contained_file_written_atomically(tmp_path):
@@ -177,7 +219,9 @@ def test_page_is_one_self_contained_file_written_atomically(tmp_path):
     with pytest.raises(FileError, match="it is a symbolic link"):
         write_labeling_page(link, images, ["0", "1"], ["cat", "dog"], id_column="index")
     for bad, message in (({"images": images[..., :2]}, "C 1 or 3"), ({"ids": ["0", "0"]}, "each of the 2 images"),
-                         ({"classes": []}, "distinct names"), ({"id_column": "name"}, "index, path")):
+                         ({"classes": []}, "distinct names"), ({"id_column": "name"}, "index, path"),
+                         ({"given": [("1", "dog")]}, "none of the images to label"),
+                         ({"given": [("7", "dog"), ("7", "cat")]}, "each earlier labeled image once")):
         args = {"images": images, "ids": ["0", "1"], "classes": ["cat", "dog"], "id_column": "index", **bad}
         with pytest.raises(ValueError, match=message):
             write_labeling_page(page, args.pop("images"), args.pop("ids"), args.pop("classes"), **args)

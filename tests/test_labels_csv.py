@@ -13,6 +13,7 @@ from run_helpers import one_line_cli
 
 from fixmatch.cli import main
 from fixmatch.data.datasets import DatasetError, load_dataset
+from fixmatch.data.labels_file import read_path_labels, resolve_csv_path
 
 CLASSES = load_dataset("synthetic").class_names  # h-stripes, v-stripes, ... (10 classes)
 TRAIN = ["train", "--dataset", "synthetic", "--model", "cnn_small", "--batch-size", "4", "--mu", "2", "--steps", "2",
@@ -144,3 +145,55 @@ def test_folder_refusals(tmp_path, rows, message):
     labels = _write(tmp_path / "labels.csv", "\n".join(rows) + "\n")
     with pytest.raises(DatasetError, match=message):
         load_dataset(f"folder:{root}", tmp_path / "data", labels_csv=str(labels))
+
+
+def _unlabeled_only(tmp_path, n):
+    """A folder of ``n`` unlabeled images and no test/: the hold-out takes the test set from the file's images."""
+    root = tmp_path / "imgs"
+    for i in range(n):
+        noise(root / "unlabeled" / f"u{i:02d}.png", 200 + i)
+    return root
+
+
+def test_folder_without_test_holds_out_a_tenth_of_the_files_images_and_says_so(tmp_path, capsys, one_thread):
+    root = _unlabeled_only(tmp_path, 24)
+    rows = ["path,label"] + [f"unlabeled/u{i:02d}.png,{'cat' if i < 11 else 'dog'}" for i in range(22)]
+    labels = _write(tmp_path / "labels.csv", "\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main([*TRAIN[:2], f"folder:{root}", *TRAIN[3:], "--data-dir", str(tmp_path / "data"),
+                 "--labels-csv", str(labels), "--out", str(run)]) == 0
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if "held out" in line]
+    assert (f"no {root / 'test'}: 2 of the 22 labeled images of {labels} (10% of each class with at least 10, the "
+            f"same on every run) are held out as the test set to measure accuracy; training labels the other 20; "
+            f"add {root / 'test'}/<class>/ images to train on all 22") in note
+    assert len(json.loads((run / "split.json").read_text())["labeled"]) == 20
+    data = load_dataset(f"folder:{root}", tmp_path / "data", labels_csv=str(labels))
+    assert data.test_labels.tolist() == [0, 1] and data.num_unlabeled_extra == 24 - 22
+
+
+def test_folder_without_test_and_too_few_labels_to_hold_out_is_refused_in_one_line(tmp_path, capsys):
+    root = _unlabeled_only(tmp_path, 24)  # the README's 20 labels over 3 classes: no class reaches 10
+    rows = ["path,label"] + [f"unlabeled/u{i:02d}.png,{('cat', 'dog', 'bird')[i % 3]}" for i in range(20)]
+    labels = _write(tmp_path / "labels.csv", "\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    code, err = one_line_cli([*TRAIN[:2], f"folder:{root}", *TRAIN[3:], "--data-dir", str(tmp_path / "data"),
+                              "--labels-csv", str(labels), "--out", str(run)], capsys)
+    assert code == 2 and (f"no test set: {root / 'test'} is absent and no class of the 20 labeled images of {labels} "
+                          f"has the 10 images needed to hold 10% of them out to measure accuracy; add "
+                          f"{root / 'test'}/<class>/ images, or label at least 10 images of a class") in err
+    assert not run.exists()
+
+
+def test_a_relative_path_is_looked_up_next_to_the_csv_first_then_in_the_folder(tmp_path):
+    root = _unlabeled_only(tmp_path, 2)
+    downloads = tmp_path / "Downloads"
+    noise(downloads / "unlabeled" / "u00.png", 7)  # a file of the same name beside the CSV wins
+    csv_path = downloads / "labels.csv"
+    assert resolve_csv_path(csv_path, root, "unlabeled/u00.png") == downloads / "unlabeled" / "u00.png"
+    assert resolve_csv_path(csv_path, root, "unlabeled/u01.png") == root / "unlabeled" / "u01.png"
+    with pytest.raises(DatasetError, match=re.escape(f"{csv_path} line 3: no image unlabeled/u09.png (paths are "
+                                                     f"relative to the CSV's folder or to {root}); fix or remove")):
+        resolve_csv_path(csv_path, root, "unlabeled/u09.png", line=3)
+    _write(csv_path, "unlabeled/u00.png,cat\nunlabeled/u01.png,dog\n")
+    assert read_path_labels(csv_path, root) == [(downloads / "unlabeled" / "u00.png", "cat"),
+                                                (root / "unlabeled" / "u01.png", "dog")]

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from folder_images import make_folder
 from run_helpers import Killed, one_line_cli
 
 from fixmatch.augment.contrastive import SimCLRView, random_resized_crop
 from fixmatch.cli import main
 from fixmatch.config import PretrainConfig
 from fixmatch.core.contrastive import knn_accuracy, knn_predict, nt_xent
+from fixmatch.data.folder_pool import load_folder_pool
 from fixmatch.models import create_model
 from fixmatch.runs.model_spec import load_model_checkpoint
 
@@ -307,3 +309,51 @@ def test_init_weights_refuses_another_network_and_paths_that_are_no_run(tmp_path
     code, err = one_line_cli(["train", "--out", str(tmp_path / "plain"), "--resume", "--init-weights",
                               str(tmp_path / "pre")], capsys)
     assert code == 2 and "cannot change 'init_weights' when resuming" in err
+
+
+# ------------------------------------------------------------------------------------- a folder of your images
+def _folder_flags(root: Path, tmp_path: Path) -> list[str]:
+    return ["pretrain", "--dataset", f"folder:{root}", "--data-dir", str(tmp_path / "data"), "--model", "cnn_small",
+            "--batch-size", "8", "--steps", "2", "--eval-every", "2", "--warmup", "1", "--knn-k", "3", "--device",
+            "cpu", "--no-progress"]
+
+
+def test_pretrain_on_a_folder_of_unlabeled_images_alone_then_train_from_it(tmp_path, capsys) -> None:
+    # The workflow's first command: only unlabeled/ (test/ too, but no labeled/ to compare its images with).
+    root = make_folder(tmp_path / "imgs", per_class=0, unlabeled=12, test_per_class=1)
+    assert main([*_folder_flags(root, tmp_path), "--out", str(tmp_path / "pre")]) == 0
+    out = capsys.readouterr().out
+    assert f"no kNN monitor: it needs labeled/<class>/ images as reference and test/<class>/ images to query in " \
+           f"{root}; pretraining itself uses no labels" in out
+    assert "(12 images, labels unused)" in out
+    assert [r["knn_acc"] for r in _rows(tmp_path / "pre")] == [None]
+    assert json.loads((tmp_path / "pre" / "summary.json").read_text())["knn_acc_last"] is None
+    network = load_model_checkpoint(tmp_path / "pre")
+    assert network.spec.input_size == (20, 20) and network.spec.in_channels == 3
+    # advise embeds the same pool at the same size; train on the labels a person gave starts from the backbone.
+    assert load_folder_pool(root, tmp_path / "data", 20).images.shape == (12, 3, 20, 20)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\nunlabeled/batch0/deeper/u0.png,cat\nunlabeled/batch1/deeper/u1.png,dog\n")
+    assert main(["train", "--dataset", f"folder:{root}", "--data-dir", str(tmp_path / "data"), "--labels-csv",
+                 str(labels), "--model", "cnn_small", "--batch-size", "2", "--mu", "1", "--steps", "1",
+                 "--eval-every", "1", "--device", "cpu", "--no-progress", "--init-weights", str(tmp_path / "pre"),
+                 "--out", str(tmp_path / "train")]) == 0
+    assert "init weights from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("test_per_class", [2, 0])
+def test_pretrain_on_a_folder_with_labeled_images_logs_the_knn_accuracy_where_test_has_some(
+        tmp_path, capsys, test_per_class) -> None:
+    root = make_folder(tmp_path / "imgs", per_class=4, unlabeled=6, test_per_class=test_per_class)
+    assert main([*_folder_flags(root, tmp_path), "--out", str(tmp_path / "pre")]) == 0
+    captured = capsys.readouterr()
+    assert "(14 images, labels unused)" in captured.out  # labeled/ and unlabeled/; test/ is never trained on
+    assert "held out" not in captured.err  # pretraining holds no labeled image out: it uses no labels
+    (row,) = _rows(tmp_path / "pre")
+    if test_per_class:
+        assert "no kNN monitor" not in captured.out
+        assert row["knn_acc"] is not None and 0 <= row["knn_acc"] <= 100
+    else:
+        assert "no kNN monitor: it needs labeled/<class>/ images as reference and test/<class>/" in captured.out
+        assert row["knn_acc"] is None
+    assert load_model_checkpoint(tmp_path / "pre").spec.class_names == ("cat", "dog")

@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", metavar="DIR", help="where the data set lives (default: data)")
     p.add_argument("--device", default="auto", metavar=_DEVICES, help="where to embed the images (default: auto)")
     p.add_argument("--classes", default=None, metavar="A,B,C",
-                   help="folder data sets: the class names the labeling page offers (default: the labeled/ "
-                        "folders' names, or the labels in labels.csv)")
+                   help="folder data sets: the class names the labeling page offers (default: the labels in "
+                        "--labels-csv, or in the folder's labels.csv, where given; else the labeled/ folders' names)")
     p.set_defaults(func=_cmd_advise)
 
     p = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint on the test set",

@@ -8,7 +8,10 @@ Layout (folder names are the class names; files may sit at any depth below a cla
 
 The labeled images are also part of the unlabeled pool, as in FixMatch. Without PATH/test/, a fixed
 10% of each class's labeled images (chosen with seed 0, so the same for every run) is held out as the
-test set and used for nothing else; classes with fewer than 10 labeled images give none.
+test set, to measure accuracy, and used for nothing else; classes with fewer than 10 labeled images give
+none. This holds for a --labels-csv file too (training then labels the file's other images); stderr says
+how many are held out. Where no class has 10 labeled images the test set would be empty: labels from a CSV
+are then refused in one line naming the fix (labeled/<class>/ folders get the same words as a note).
 
 Images (JPEG, PNG, BMP, WebP, GIF's first frame) are turned upright with their EXIF orientation,
 converted to 8-bit RGB (or 8-bit grey when every image is grey: L, 1-bit, 16-bit), transparency
@@ -43,9 +46,10 @@ from fixmatch.core.atomic import atomic_path
 
 from .dataset import Dataset
 from .download import DatasetError
-from .labels_file import read_rows
+from .labels_file import read_path_labels
 
-__all__ = ["load_folder_dataset", "to_8bit", "IMAGE_EXTENSIONS", "SIZE_CAP", "MAX_PIXELS", "ON_BAD_IMAGE"]
+__all__ = ["load_folder_dataset", "to_8bit", "IMAGE_EXTENSIONS", "SIZE_CAP", "MAX_PIXELS", "ON_BAD_IMAGE",
+           "list_images", "class_images", "test_files", "decode_cached", "DecodedImages"]
 
 # Every format safe_image decodes (TIFF: microscopy and scanners; PGM/PPM: older data sets).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -100,18 +104,17 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
                            "labeled/<class>/ folders (or labels.csv) and optionally unlabeled/ and test/")
 
     ignored: list[Path] = []
-    classes, labeled = _labeled_entries(root, labels_csv, ignored)
+    classes, labeled, source = _labeled_entries(root, labels_csv, ignored)
     csv_labels = not (root / "labeled").is_dir() or bool(labels_csv)  # else labeled/<class>/ folders
     test_dir = root / "test"
     if test_dir.is_dir():
-        test = _test_entries(test_dir, classes, ignored)
+        test = [_Entry(p, "test", c) for p, c in test_files(test_dir, classes, ignored)]
         holdout_note = ""
     else:
         labeled, test = _hold_out(labeled)
-        holdout_note = (f"no {test_dir}: {len(test)} labeled images ({HOLDOUT_FRACTION:.0%} per class) "
-                        "held out as the test set")
+        holdout_note = _holdout_note(test_dir, source, len(labeled) + len(test), len(test), csv_labels)
     unlabeled_dir = root / "unlabeled"
-    unlabeled = [_Entry(p, "unlabeled", -1) for p in _image_files(unlabeled_dir, ignored)] \
+    unlabeled = [_Entry(p, "unlabeled", -1) for p in list_images(unlabeled_dir, ignored)] \
         if unlabeled_dir.is_dir() else []
     # Images picked from unlabeled/ and labeled in a CSV (the labeling page's way) are in the pool as labeled ones.
     named = {key for e in labeled + test if (key := _file_key(e.path)) is not None} if csv_labels else set()
@@ -119,17 +122,15 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
     entries = labeled + test + unlabeled
     _check_each_file_once(entries)
 
-    bad = _BadImages()
-    cache = _FolderCache(Path(data_dir).expanduser() / "folder-cache", root)
-    known = cache.known_images()
-    _hash_and_scan(entries, known, bad)
-    images, entries = cache.load_or_build(entries, image_size, known, bad, on_bad_image)
+    decoded = decode_cached([e.path for e in entries], Path(data_dir).expanduser() / "folder-cache", root,
+                            image_size, on_bad_image)
+    images, entries = decoded.images, [entries[i] for i in decoded.kept]
 
     notes = [holdout_note] if holdout_note else []
     if ignored:
         notes.append(f"ignored {len(ignored)} file(s) without an image extension ({ignored[0]}, ...)")
-    if bad.items:
-        notes.append(f"skipped {bad.message()}")
+    if decoded.skipped:
+        notes.append(f"skipped {decoded.skipped}")
     for note in notes:
         print(f"fixmatch: {note}", file=sys.stderr)
 
@@ -143,8 +144,9 @@ def load_folder_dataset(root: str | Path, data_dir: str | Path, image_size: int 
 # ----------------------------------------------------------------------------- listing
 
 
-def _image_files(folder: Path, ignored: list[Path]) -> list[Path]:
-    """Image files below ``folder`` at any depth, sorted; hidden files and folders are skipped.
+def list_images(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
+    """Image files below ``folder`` at any depth, sorted; hidden files and folders are skipped, and other files
+    are appended to ``ignored`` when given.
 
     Links to folders are followed (data often lives elsewhere), each real folder once: a link back to a folder
     above it would otherwise be walked round and round.
@@ -167,7 +169,10 @@ def _image_files(folder: Path, ignored: list[Path]) -> list[Path]:
             if name.startswith("."):
                 continue
             path = Path(dirpath) / name
-            (found if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(path)
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(path)
+            elif ignored is not None:
+                ignored.append(path)
     return sorted(found)
 
 
@@ -202,72 +207,60 @@ def _class_folders(folder: Path) -> list[Path]:
         raise DatasetError(f"cannot list folder {folder} ({e.strerror or e}); fix its permissions") from None
 
 
+def class_images(folder: Path, ignored: list[Path] | None = None) -> list[tuple[Path, list[Path]]]:
+    """Each class folder directly below ``folder`` (sorted by name; its name is the class name) with its image
+    files at any depth (``list_images``), which may be none: the caller decides whether that is an error."""
+    return [(d, list_images(d, ignored)) for d in _class_folders(folder)]
+
+
 def _labeled_entries(root: Path, labels_csv: str | Path | None, ignored: list[Path]
-                     ) -> tuple[list[str], list[_Entry]]:
+                     ) -> tuple[list[str], list[_Entry], str]:
+    """The class names, the labeled images and where they were named (the CSV, or the labeled/ folder)."""
     csv_path = Path(labels_csv).expanduser() if labels_csv else root / "labels.csv"
     folder = root / "labeled"
     if labels_csv:
-        return _csv_entries(csv_path, root)
+        return (*_csv_entries(csv_path, root), str(csv_path))
     if csv_path.is_file():
         if folder.is_dir():  # two sources of labels that may disagree: make the user pick one
             raise DatasetError(f"{root} has both labeled/ and labels.csv; remove one, or pass --labels-csv "
                                f"{csv_path} to use the CSV")
-        return _csv_entries(csv_path, root)
+        return (*_csv_entries(csv_path, root), str(csv_path))
     if not folder.is_dir():
         raise DatasetError(f"{root} has neither labeled/<class>/ folders nor labels.csv; put each class's images "
                            f"in {folder}/<class name>/ or list them as path,label rows in {root / 'labels.csv'}")
-    class_dirs = _class_folders(folder)
-    if not class_dirs:
+    found = class_images(folder, ignored)
+    if not found:
         raise DatasetError(f"{folder} has no class folders; put each class's images in {folder}/<class name>/")
     classes, entries = [], []
-    for label, d in enumerate(class_dirs):
-        files = _image_files(d, ignored)
+    for label, (d, files) in enumerate(found):
         if not files:
             raise DatasetError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                                "add images or remove the folder")
         classes.append(d.name)
         entries += [_Entry(p, "train", label) for p in files]
-    return classes, entries
+    return classes, entries, f"{folder}/"
 
 
 def _csv_entries(csv_path: Path, root: Path) -> tuple[list[str], list[_Entry]]:
-    """Rows ``path,label`` (an optional header row ``path,label``). A relative path is taken from the CSV's folder,
-    or else from the data set's folder ``root`` (a labels.csv saved by the labeling page lands in the browser's
-    download folder, its paths relative to ``root``)."""
-    rows: list[tuple[Path, str]] = []
-    missing: list[str] = []
-    for line_no, name, label in read_rows(csv_path, "path", header_required=False):
-        path = csv_path.parent / name
-        if not path.is_file() and (root / name).is_file():
-            path = root / name
-        if not path.is_file():
-            missing.append(f"{path} (line {line_no})")
-        rows.append((path, label))
-    if missing:
-        more = f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
-        raise DatasetError(f"{csv_path} lists {len(missing)} missing file(s): {', '.join(missing[:_SHOWN])}{more}; "
-                           f"paths are relative to the CSV's folder or to {root}: fix or remove those rows")
-    seen: set[Path] = set()
-    for path, _ in rows:
-        if path in seen:
-            raise DatasetError(f"{csv_path} lists {path} twice; keep one row per image")
-        seen.add(path)
+    """Rows ``path,label`` (labels_file.read_path_labels: paths next to the CSV, or else under ``root``)."""
+    rows = read_path_labels(csv_path, root)
     classes = sorted({label for _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
     return classes, [_Entry(path, "train", index[label]) for path, label in rows]
 
 
-def _test_entries(test_dir: Path, classes: list[str], ignored: list[Path]) -> list[_Entry]:
+def test_files(test_dir: Path, classes: list[str], ignored: list[Path] | None = None) -> list[tuple[Path, int]]:
+    """(image file, class number in ``classes``) of every image of ``test_dir``/<class>/; refused in one line: a
+    class that is not in ``classes``, an empty class folder, no images at all."""
     index = {c: i for i, c in enumerate(classes)}
     entries = []
-    for d in _class_folders(test_dir):
+    for d, files in class_images(test_dir, ignored):
         if d.name not in index:
             raise DatasetError(f"test class folder {d} has no labeled counterpart (labeled classes: "
                                f"{', '.join(classes)}); rename or remove it, or add labeled images of {d.name!r}")
-        files = _image_files(d, ignored)
         if not files:
             raise DatasetError(f"class folder {d} holds no images; add images or remove the folder")
-        entries += [_Entry(p, "test", index[d.name]) for p in files]
+        entries += [(p, index[d.name]) for p in files]
     if not entries:
         raise DatasetError(f"{test_dir} holds no class folders with images; add {test_dir}/<class>/ folders "
                            "or remove it to hold out part of the labeled images instead")
@@ -288,7 +281,47 @@ def _hold_out(labeled: list[_Entry]) -> tuple[list[_Entry], list[_Entry]]:
     return train, test
 
 
+def _holdout_note(test_dir: Path, source: str, total: int, held: int, from_csv: bool) -> str:
+    """What the hold-out did, for stderr. With nothing held out there is no test set, which training needs to
+    measure accuracy: labels from a CSV (a person's, the labeling page's) are refused in one line; labeled/<class>/
+    folders get the same words as a note, since their images are also loaded for other uses than training."""
+    per_class = int(round(1 / HOLDOUT_FRACTION))
+    if held == 0:
+        problem = (f"no test set: {test_dir} is absent and no class of the {total} labeled images of {source} has the "
+                   f"{per_class} images needed to hold {HOLDOUT_FRACTION:.0%} of them out to measure accuracy; add "
+                   f"{test_dir}/<class>/ images, or label at least {per_class} images of a class")
+        if from_csv:
+            raise DatasetError(problem)
+        return problem
+    return (f"no {test_dir}: {held} of the {total} labeled images of {source} ({HOLDOUT_FRACTION:.0%} of each class "
+            f"with at least {per_class}, the same on every run) are held out as the test set to measure accuracy; "
+            f"training labels the other {total - held}; add {test_dir}/<class>/ images to train on all {total}")
+
+
 # ------------------------------------------------------------------- hashing and decoding
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    images: torch.Tensor  # uint8 (K, C, S, S), memory-mapped from the cache
+    kept: list[int]  # for each row, its position in the paths given (unreadable files skipped leave gaps)
+    skipped: str  # "" or the unreadable files, as a message: "N unreadable image(s): path (why); ..."
+
+
+def decode_cached(paths: list[Path], cache_dir: Path, root: Path, image_size: int | None,
+                  on_bad_image: str = "error") -> DecodedImages:
+    """Decode ``paths`` (files of the folder ``root``) into one array cached under ``cache_dir`` as described in the
+    module docstring. ``image_size=None``: the median shorter side of these images, capped at ``SIZE_CAP``; grey
+    only if every image is. Unreadable files raise one DatasetError naming them all, or with ``on_bad_image="skip"``
+    are left out and reported in ``skipped``."""
+    entries = [_Entry(Path(p), "", -1) for p in paths]
+    bad = _BadImages()
+    cache = _FolderCache(cache_dir, root)
+    known = cache.known_images()
+    _hash_and_scan(entries, known, bad)
+    images, kept = cache.load_or_build(entries, image_size, known, bad, on_bad_image)
+    position = {id(e): i for i, e in enumerate(entries)}
+    return DecodedImages(images, [position[id(e)] for e in kept], bad.message() if bad.items else "")
 
 
 def _hash_and_scan(entries: list[_Entry], known: dict[str, list], bad: _BadImages) -> None:

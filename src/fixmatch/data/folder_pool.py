@@ -1,11 +1,13 @@
 """Every image of a folder data set that a person could label: what ``fixmatch advise --dataset folder:PATH`` chooses
-from. Unlike ``load_folder_dataset``, which needs labeled images to train, this takes a folder of unlabeled
-images alone.
+from and ``fixmatch pretrain --dataset folder:PATH`` learns from. Unlike ``load_folder_dataset``, which needs
+labeled images to train, this takes a folder of unlabeled images alone.
 
-The pool is ``PATH/unlabeled/`` (any nesting), ``PATH/labeled/<class>/`` (images already labeled, by their
-folder) and any further files the caller names (rows of a labels CSV); ``PATH/test/`` is left out. Images are
-listed, decoded and cached as folder.py does for training (its own cache folder, so that neither evicts the
-other's); unreadable ones are skipped with a note on stderr, since they cannot be proposed for labeling.
+The pool is ``PATH/labeled/<class>/`` (images already labeled, by their folder; their rows come first),
+``PATH/unlabeled/`` (any nesting) and any further files the caller names (rows of a labels CSV). ``PATH/test/`` is
+not in the pool; ``test=True`` (``fixmatch pretrain``'s kNN monitor) decodes its images too, in the same array,
+where labeled/ gives the classes to compare them with. Images are listed, decoded and cached as folder.py does
+for training (its own cache folder, so that neither evicts the other's); unreadable ones are skipped with a note
+on stderr, since they cannot be proposed for labeling (``on_bad_image="error"`` refuses them instead).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .download import DatasetError
-from .folder import _BadImages, _class_folders, _Entry, _FolderCache, _hash_and_scan, _image_files
+from .folder import class_images, decode_cached, list_images, test_files
 
 __all__ = ["FolderPool", "load_folder_pool"]
 
@@ -28,8 +30,11 @@ class FolderPool:
     root: Path
     paths: list[Path]  # the file of each image row
     images: torch.Tensor  # uint8 (N, C, S, S)
-    labeled: dict[int, str]  # row -> class name, for the images under labeled/<class>/
+    labeled: dict[int, str]  # row -> class name, for the images under labeled/<class>/ (rows 0 .. len - 1)
     classes: list[str]  # the class folders under labeled/ (none without it)
+    # With test=True and labeled/ classes: PATH/test/<class>/'s images and class numbers (in ``classes``).
+    test_images: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
 
     def ids(self) -> list[str]:
         """Each image's path relative to the folder (as a labels CSV names it), or absolute if outside it."""
@@ -43,35 +48,52 @@ class FolderPool:
 
 
 def load_folder_pool(root: str | Path, data_dir: str | Path, image_size: int | None = None,
-                     extra: Sequence[str | Path] = ()) -> FolderPool:
-    """The images of ``root``'s unlabeled/ and labeled/<class>/ folders, plus the files ``extra`` names."""
+                     extra: Sequence[str | Path] = (), *, test: bool = False,
+                     on_bad_image: str = "skip") -> FolderPool:
+    """The images of ``root``'s labeled/<class>/ and unlabeled/ folders, plus the files ``extra`` names; with
+    ``test`` also test/<class>/'s images where labeled/ names classes (the size is then chosen over them too, as
+    training's is)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"image folder {root} not found; pass --dataset folder:PATH with PATH holding "
                            "unlabeled/ (and optionally labeled/<class>/) image folders")
-    ignored: list[Path] = []
-    entries: list[_Entry] = []
+    paths: list[Path] = []
+    labels: list[int] = []  # class number, -1 for an unlabeled image
     classes: list[str] = []
     labeled_dir = root / "labeled"
     if labeled_dir.is_dir():
-        for c, d in enumerate(_class_folders(labeled_dir)):
+        for c, (d, files) in enumerate(class_images(labeled_dir)):
             classes.append(d.name)
-            entries += [_Entry(p, "train", c) for p in _image_files(d, ignored)]
+            paths += files
+            labels += [c] * len(files)
     if (root / "unlabeled").is_dir():
-        entries += [_Entry(p, "unlabeled", -1) for p in _image_files(root / "unlabeled", ignored)]
-    seen = {os.path.realpath(e.path) for e in entries}
+        files = list_images(root / "unlabeled")
+        paths += files
+        labels += [-1] * len(files)
+    seen = {os.path.realpath(p) for p in paths}
     for p in extra:
         if os.path.realpath(p) not in seen:
             seen.add(os.path.realpath(p))
-            entries.append(_Entry(Path(p), "unlabeled", -1))
-    if not entries:
+            paths.append(Path(p))
+            labels.append(-1)
+    if not paths:
         raise DatasetError(f"{root} holds no images to label; put them in {root / 'unlabeled'}/ (any nesting)")
-    bad = _BadImages()
-    cache = _FolderCache(Path(data_dir).expanduser() / "folder-cache" / "advise", root)
-    known = cache.known_images()
-    _hash_and_scan(entries, known, bad)
-    images, kept = cache.load_or_build(entries, image_size, known, bad, "skip")
-    if bad.items:
-        print(f"fixmatch: skipped {bad.message()}", file=sys.stderr)
-    labeled = {i: classes[e.label] for i, e in enumerate(kept) if e.label >= 0}
-    return FolderPool(root, [e.path for e in kept], images, labeled, classes)
+    pool_size = len(paths)
+    if test and classes and (root / "test").is_dir():
+        for p, c in test_files(root / "test", classes):
+            paths.append(p)
+            labels.append(c)
+    decoded = decode_cached(paths, Path(data_dir).expanduser() / "folder-cache" / "advise", root, image_size,
+                            on_bad_image)
+    if decoded.skipped:
+        print(f"fixmatch: skipped {decoded.skipped}", file=sys.stderr)
+    n = sum(1 for i in decoded.kept if i < pool_size)  # the test rows come last
+    if n == 0:
+        raise DatasetError(f"no readable images in {root}'s labeled/ and unlabeled/ folders; {decoded.skipped}")
+    kept = decoded.kept[:n]
+    labeled = {row: classes[labels[i]] for row, i in enumerate(kept) if labels[i] >= 0}
+    test_kw: dict[str, torch.Tensor] = {}
+    if n < len(decoded.kept):
+        test_kw = {"test_images": decoded.images[n:],
+                   "test_labels": torch.tensor([labels[i] for i in decoded.kept[n:]], dtype=torch.int64)}
+    return FolderPool(root, [paths[i] for i in kept], decoded.images[:n], labeled, classes, **test_kw)

@@ -4,6 +4,10 @@ Two formats, one reader: ``index,label`` rows for a built-in data set (index: th
 set; header required) and ``path,label`` rows for a folder data set (folder.py; header optional). A label is a class
 name, or for a built-in data set also a class number. Blank rows are skipped. Every refusal is one line naming the
 file, the line and the value, and the fix.
+
+A relative path in a ``path,label`` file is looked up next to the file first, then under the data set's folder: the
+labeling page's labels.csv lands in the browser's download folder with paths relative to the data set's folder
+(``resolve_csv_path``; every reader of such a file uses it).
 """
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ import torch
 from .dataset import Dataset
 from .download import DatasetError
 
-__all__ = ["read_rows", "read_index_labels", "apply_labels_csv"]
+__all__ = ["read_rows", "read_index_labels", "apply_labels_csv", "resolve_csv_path", "read_path_labels"]
 
+_SHOWN = 5  # missing files named in an error message before "and N more"
 _HEADERS = {"index": "built-in data sets (--dataset fashion-mnist, cifar10, ...)", "path": "folder data sets"}
 
 
@@ -56,6 +61,50 @@ def read_rows(csv_path: Path, id_column: str, header_required: bool) -> list[tup
         rows.append((reader.line_num, cells[0], cells[1]))
     if not rows:
         raise DatasetError(f"{csv_path} lists no images; add rows '{id_column},label' (one per labeled image)")
+    return rows
+
+
+def _find(csv_path: Path, root: Path, value: str) -> Path | None:
+    """The rule: next to the CSV first, then under the data set's folder ``root`` (absolute paths stay as given)."""
+    for path in (csv_path.parent / value, root / value):
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_csv_path(csv_path: str | Path, root: str | Path, value: str, line: int | None = None) -> Path:
+    """The image file that ``value`` (a path field of ``csv_path``, on line ``line`` if given) names: looked up next to
+    the CSV first, then under the folder data set ``root``; a one-line DatasetError if neither holds it."""
+    csv_path, root = Path(csv_path).expanduser(), Path(root).expanduser()
+    path = _find(csv_path, root, value)
+    if path is None:
+        where = f" line {line}" if line is not None else ""
+        raise DatasetError(f"{csv_path}{where}: no image {value} (paths are relative to the CSV's folder or to "
+                           f"{root}); fix or remove that row")
+    return path
+
+
+def read_path_labels(csv_path: str | Path, root: str | Path) -> list[tuple[Path, str]]:
+    """(image file, class name) of each ``path,label`` row (header optional), paths resolved as ``resolve_csv_path``
+    does. Refused in one line: missing files (all of them named, up to a few), a file listed twice."""
+    csv_path, root = Path(csv_path).expanduser(), Path(root).expanduser()
+    rows: list[tuple[Path, str]] = []
+    missing: list[str] = []
+    for line_no, name, label in read_rows(csv_path, "path", header_required=False):
+        path = _find(csv_path, root, name)
+        if path is None:
+            missing.append(f"{csv_path.parent / name} (line {line_no})")
+        else:
+            rows.append((path, label))
+    if missing:
+        more = f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
+        raise DatasetError(f"{csv_path} lists {len(missing)} missing file(s): {', '.join(missing[:_SHOWN])}{more}; "
+                           f"paths are relative to the CSV's folder or to {root}: fix or remove those rows")
+    seen: set[Path] = set()
+    for path, _ in rows:
+        if path in seen:
+            raise DatasetError(f"{csv_path} lists {path} twice; keep one row per image")
+        seen.add(path)
     return rows
 
 

@@ -1,16 +1,19 @@
 """``fixmatch advise``: which training images a person should label first, on a budget.
 
 Embed every training image (a ``fixmatch pretrain`` run's network with ``--features``, else a fixed random
-projection of the pixels, runs/features.py), take the images already labeled (``--labels-csv``; for a folder
-data set also its labeled/<class>/ folders), run TypiClust (core/typiclust.py) for ``budget`` more, and write
+projection of the pixels, runs/features.py), take the images already labeled as ``fixmatch train`` would (the
+rows of ``--labels-csv`` alone where it is given; else, for a folder data set, its labeled/<class>/ folders or its
+own labels.csv), run TypiClust (core/typiclust.py) for ``budget`` more, and write
 
     OUT/to_label.csv   index (built-in data sets: position in the training set) or path (folder data sets:
                        relative to the folder), cluster, cluster_size, typicality; one row per image, in the
                        order picked (largest cluster first)
     OUT/index.html     the labeling page (labeling_page.py), which saves the labels.csv that
-                       ``fixmatch train --labels-csv`` reads
+                       ``fixmatch train --labels-csv`` reads: the labels given so far, then the new answers,
+                       so that the file is the whole labeled set (train --labels-csv uses nothing else)
 
-Both files are written atomically; OUT may hold nothing else, so that a typo in --out never mixes with other files.
+Both files are written atomically, the page first; OUT may hold nothing else, so that a typo in --out never mixes
+with other files.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from fixmatch.core.preprocess import resolve_device
 from fixmatch.core.typiclust import Pick, typiclust
 from fixmatch.data.datasets import default_data_dir, load_dataset
 from fixmatch.data.folder_pool import load_folder_pool
-from fixmatch.data.labels_file import read_index_labels, read_rows
+from fixmatch.data.labels_file import read_index_labels, read_path_labels
 from fixmatch.inference.labeling_page import write_labeling_page
 from fixmatch.runs.features import PIXEL_FEATURES, network_features, pixel_features
 from fixmatch.runs.model_spec import load_model_checkpoint
@@ -59,6 +62,7 @@ class _Pool:
     id_column: str  # "index" or "path"
     labeled: list[int]  # rows already labeled
     classes: list[str]
+    given: list[tuple[str, str]]  # (id, class name) of each labeled row, for the page to save with the new labels
 
 
 def advise(dataset: str, budget: int, out: str | Path, *, features: str | Path | None = None,
@@ -97,10 +101,11 @@ def advise(dataset: str, budget: int, out: str | Path, *, features: str | Path |
 
     out.mkdir(parents=True, exist_ok=True)
     csv_path, page_path = out / TO_LABEL_NAME, out / PAGE_NAME
-    write_text_atomic(csv_path, _to_label_csv(pool.id_column, ids, picks))
     chosen = pool.images[[p.index for p in picks]].permute(0, 2, 3, 1).contiguous().numpy()
     write_labeling_page(page_path, np.asarray(chosen, dtype=np.uint8), ids, pool.classes, id_column=pool.id_column,
-                        title=f"fixmatch: {budget} images of {_short(dataset)} to label")
+                        title=f"fixmatch: {budget} images of {_short(dataset)} to label", given=pool.given)
+    # to_label.csv last: scripts read it, so once it is there (replaced) the whole advice, page included, is.
+    write_text_atomic(csv_path, _to_label_csv(pool.id_column, ids, picks))
     return Advice(picks, ids, csv_path, page_path, what, len(pool.labeled))
 
 
@@ -134,36 +139,61 @@ def _load_pool(dataset: str, data_dir: str | Path | None, labels_csv: str | Path
     if classes is not None:
         raise ConfigError(f"--classes names the classes of a folder data set; {dataset} has its own: drop --classes")
     data = load_dataset(dataset, data_dir)  # the training set only: labels.csv indices refer to it
-    labeled = sorted(read_index_labels(labels_csv, data.train_labels.numel(), data.class_names)) \
-        if labels_csv else []
-    return _Pool(data.train_images, [str(i) for i in range(data.train_labels.numel())], "index", labeled,
-                 list(data.class_names))
+    given = read_index_labels(labels_csv, data.train_labels.numel(), data.class_names) if labels_csv else {}
+    return _Pool(data.train_images, [str(i) for i in range(data.train_labels.numel())], "index", sorted(given),
+                 list(data.class_names), [(str(i), data.class_names[c]) for i, c in given.items()])
 
 
 def _folder_pool(root: Path, data_dir: str | Path | None, labels_csv: str | Path | None,
                  classes: list[str] | None, image_size: int | None) -> _Pool:
+    """The labeled set is what ``fixmatch train`` would use (folder.py): the rows of --labels-csv alone (labeled/
+    then plays no part, so its images are left out of the pool too); else labeled/<class>/ or the folder's own
+    labels.csv, refused when both exist."""
     csv_path = Path(labels_csv).expanduser() if labels_csv else root / "labels.csv"
-    rows: list[tuple[Path, str]] = []
-    if labels_csv or csv_path.is_file():  # the labels given so far; paths as folder.py reads them
-        for line, name, label in read_rows(csv_path, "path", header_required=False):
-            path = csv_path.parent / name
-            if not path.is_file() and (root / name).is_file():
-                path = root / name
-            if not path.is_file():
-                raise ConfigError(f"{csv_path} line {line}: no image {name} (paths are relative to the CSV's "
-                                  f"folder or to {root}); fix or remove that row")
-            rows.append((path, label))
+    if not labels_csv and csv_path.is_file() and (root / "labeled").is_dir():
+        raise ConfigError(f"{root} has both labeled/ and labels.csv; remove one, or pass --labels-csv {csv_path} "
+                          "to use the CSV")
+    # The labels given so far, read (paths resolved, refusals) exactly as train reads them.
+    rows = read_path_labels(csv_path, root) if labels_csv or csv_path.is_file() else []
     pool = load_folder_pool(root, default_data_dir() if data_dir is None else data_dir, image_size,
                             extra=[p for p, _ in rows])
-    row_of = {os.path.realpath(p): i for i, p in enumerate(pool.paths)}
-    labeled = set(pool.labeled) | {row_of[os.path.realpath(p)] for p, _ in rows if os.path.realpath(p) in row_of}
-    names = classes or pool.classes or sorted({label for _, label in rows})
+    paths = [os.path.realpath(p) for p in pool.paths]
+    keep = list(range(len(paths)))
+    if rows:  # labeled/ is not read by train with a CSV: neither its labels nor its images
+        named = {os.path.realpath(p) for p, _ in rows}
+        keep = [i for i in keep if i not in pool.labeled or paths[i] in named]
+    row_of = {paths[i]: k for k, i in enumerate(keep)}
+    all_ids = pool.ids()
+    ids = [all_ids[i] for i in keep]
+    if rows:
+        labeled: dict[int, tuple[str, str]] = {}  # row -> (class name, where it was labeled)
+        for p, label in rows:
+            k = row_of.get(os.path.realpath(p))
+            if k is None:  # unreadable: load_folder_pool named it on stderr
+                continue
+            if k in labeled:  # two paths to one file (a link)
+                raise ConfigError(f"{csv_path} names {p} twice (by another path too); keep one row per image")
+            labeled[k] = (label, f"the row of {p} in {csv_path}")
+        names = classes or sorted({label for label, _ in labeled.values()})
+    else:
+        labeled = {k: (pool.labeled[i], f"{root / 'labeled' / pool.labeled[i]}/") for k, i in enumerate(keep)
+                   if i in pool.labeled}
+        names = classes or pool.classes
     if not names:
         raise ConfigError(f"{root} has no class names yet (no labeled/<class>/ folders, no labels.csv): pass "
                           "--classes a,b,c with the names the labeling page should offer")
     if len(set(names)) != len(names):
         raise ConfigError(f"--classes lists a name twice ({','.join(names)}); give each class once")
-    return _Pool(pool.images, pool.ids(), "path", sorted(labeled), list(names))
+    for label, where in labeled.values():
+        if label not in names:  # a typo in --classes would otherwise split one class in two
+            raise ConfigError(f"{where} labels class {label!r}, which --classes ({','.join(names)}) lacks; "
+                              "add it to --classes")
+    if len(keep) < len(paths):  # after the refusals, so that one stays a single line
+        print(f"fixmatch: {len(paths) - len(keep)} images under {root / 'labeled'} left out: with {csv_path} the "
+              "labeled images are its rows alone, as for fixmatch train", file=sys.stderr)
+    images = pool.images if len(keep) == len(paths) else pool.images[keep]
+    return _Pool(images, ids, "path", sorted(labeled), list(names),
+                 [(ids[k], label) for k, (label, _) in labeled.items()])
 
 
 def _short(text: str, limit: int = 60) -> str:

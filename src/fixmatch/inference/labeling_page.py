@@ -5,8 +5,10 @@ drawn large with ``image-rendering: pixelated`` (small images stay crisp instead
 each image a class with a button or a number key (1..9, then 0 for the tenth class), skips it with "not sure",
 steps back with undo, and saves ``labels.csv``: a header ``<id_column>,label`` and one row per labeled image,
 label = class name, which ``fixmatch train --labels-csv`` reads (``index,label`` for a built-in data set,
-``path,label`` for a folder). Names come from users' files, so every one is HTML-escaped where it is written
-into the page and set as text (never as markup) by the script.
+``path,label`` for a folder). Labels given earlier (``given``: ``fixmatch advise --labels-csv``) are saved first, so
+the file is the complete labeled set, never only this round's answers (``train --labels-csv`` uses only the file).
+Names come from users' files, so every one is HTML-escaped where it is written into the page and set as text (never
+as markup) by the script.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import html
 import io
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +33,13 @@ _KEYS = "1234567890"  # number key of class i (the first ten classes)
 
 
 def write_labeling_page(path: Path, images: np.ndarray, ids: list[str], classes: list[str], *, id_column: str,
-                        title: str = "fixmatch: images to label") -> None:
+                        title: str = "fixmatch: images to label",
+                        given: Sequence[tuple[str, str]] = ()) -> None:
     """Write the labeling page for ``images`` (uint8, (N, H, W, C), C in {1, 3}) to ``path``, atomically.
 
     ``ids[i]`` is what labels.csv's first column holds for ``images[i]``; ``id_column`` ("index" or "path") is that
-    column's header; ``classes`` are the class names, in the order of their buttons and number keys.
+    column's header; ``classes`` are the class names, in the order of their buttons and number keys. ``given``:
+    (id, class name) of the images labeled earlier, which the saved labels.csv lists before the new answers.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -46,6 +51,11 @@ def write_labeling_page(path: Path, images: np.ndarray, ids: list[str], classes:
         raise ValueError(f"classes must be distinct names, at least one, not {classes!r}")
     if id_column not in ID_COLUMNS:
         raise ValueError(f"id_column must be one of {', '.join(ID_COLUMNS)}, not {id_column!r}")
+    given = [(str(i), str(name)) for i, name in given]
+    given_ids = {i for i, _ in given}
+    if len(given_ids) != len(given) or given_ids & {str(i) for i in ids} or not all(i and n for i, n in given):
+        raise ValueError("given must name each earlier labeled image once, with a class name, and none of the "
+                         "images to label")
     height, width = images.shape[1:3]
     scale = max(1, _SHOWN_SIDE // max(height, width))
     figures = "\n".join(
@@ -57,7 +67,8 @@ def write_labeling_page(path: Path, images: np.ndarray, ids: list[str], classes:
         + (f"<kbd>{_KEYS[c]}</kbd> " if c < len(_KEYS) else "") + f"{html.escape(name)}</button>"
         for c, name in enumerate(classes))
     # JSON inside <script>: "<" escaped so no name can close the element.
-    data = json.dumps({"ids": [str(i) for i in ids], "classes": list(classes), "idColumn": id_column})
+    data = json.dumps({"ids": [str(i) for i in ids], "classes": list(classes), "idColumn": id_column,
+                       "given": given})
     data = data.replace("<", "\\u003c")
     parts = {"TITLE": html.escape(title), "FIGURES": figures, "BUTTONS": buttons, "DATA": data, "SCRIPT": _SCRIPT}
     # One pass: a name that happens to read "$DATA" is never substituted again.
@@ -136,10 +147,11 @@ function show() {
   const labeled = answers.filter((a) => a !== null).length;
   const skipped = answers.length - labeled;
   document.getElementById("progress").textContent =
-    `${labeled} labeled / ${skipped} skipped / ${items.length} total`;
+    `${labeled} labeled / ${skipped} skipped / ${items.length} total` +
+    (data.given.length ? ` (+ ${data.given.length} labeled earlier)` : "");
   document.querySelectorAll("button.label, #not-sure").forEach((b) => { b.disabled = i >= items.length; });
   document.getElementById("undo").disabled = i === 0;
-  document.getElementById("save").disabled = labeled === 0;
+  document.getElementById("save").disabled = labeled + data.given.length === 0;
 }
 
 function answer(a) {
@@ -155,7 +167,9 @@ function csvField(s) {  // RFC 4180: quote a field holding a comma, a quote or a
 }
 
 function save() {
+  // The earlier labels first: the file is the whole labeled set, which train --labels-csv needs.
   const rows = [`${data.idColumn},label`];
+  data.given.forEach(([id, name]) => rows.push(`${csvField(id)},${csvField(name)}`));
   answers.forEach((a, i) => { if (a !== null) rows.push(`${csvField(data.ids[i])},${csvField(data.classes[a])}`); });
   const link = document.createElement("a");
   link.href = URL.createObjectURL(new Blob([rows.join("\\n") + "\\n"], { type: "text/csv" }));
@@ -164,7 +178,9 @@ function save() {
   link.click();
   link.remove();
   savedAnswers = answers.length;
-  document.getElementById("status").textContent = `saved labels.csv: ${rows.length - 1} labeled images`;
+  const earlier = data.given.length;
+  document.getElementById("status").textContent = `saved labels.csv: ${rows.length - 1} labeled images` +
+    (earlier ? ` (${earlier} earlier, ${rows.length - 1 - earlier} new)` : "");
 }
 
 document.querySelectorAll("button.label").forEach((b) => {

@@ -147,6 +147,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     # --- data, split, batches: everything that can fail on bad input happens before anything is written
     data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
                         on_bad_image=config.on_bad_image, labels_csv=config.labels_csv, **_dataset_options(config))
+    if data.test_labels.numel() == 0:  # every evaluation would fail after the run directory was written
+        raise DatasetError(f"{config.dataset} has no test images to measure accuracy on; add test/<class>/ images "
+                           f"to the folder, or label at least 10 images of a class (10% of each such class is held "
+                           f"out as the test set)")
     resumed = resume and run.last_checkpoint.is_file()  # else: killed before any checkpoint, restarted
     if data.labeled_indices is not None and not resumed and len(data.labeled_indices) != config.num_labels:
         # --labels-csv: num_labels is the number of images the file labels (config.yaml records it).

@@ -1,6 +1,8 @@
 """pretrain(config): SimCLR contrastive pretraining of a registry backbone, without labels.
 
-dataset (every training image, plus the data set's separate unlabeled images) -> an endless index stream ->
+dataset (every training image, plus the data set's separate unlabeled images; for folder:PATH the images of
+labeled/ and unlabeled/ as advise sees them, data/folder_pool.py, so a folder of unlabeled images alone is
+enough) -> an endless index stream ->
 two SimCLR views of each image on the device (augment/contrastive.py) -> the backbone's forward_features ->
 a projection head (Linear-BN-ReLU-Linear) -> NT-Xent (core/contrastive.py) -> SGD with momentum, weight decay
 on kernels only (core/optim.py), linear warm-up then cosine to 0 -> every eval_every steps a kNN accuracy of
@@ -44,7 +46,8 @@ from fixmatch.core.files import append_line, write_text_atomic
 from fixmatch.core.optim import make_optimizer, set_lr
 from fixmatch.core.preprocess import channel_stats, normalize, predict_logits, resolve_device
 from fixmatch.data.batches import IndexStream
-from fixmatch.data.datasets import Dataset, load_dataset
+from fixmatch.data.datasets import Dataset, default_data_dir, load_dataset
+from fixmatch.data.folder_pool import load_folder_pool
 from fixmatch.data.pool import gather_pool
 from fixmatch.models import create_model
 from fixmatch.runs.checkpoint import (
@@ -171,8 +174,7 @@ def pretrain(config: PretrainConfig | None, out: str | Path, resume: bool = Fals
 
 def _pretrain(config: PretrainConfig, run: RunDir, resume: bool) -> dict[str, Any]:
     device = resolve_device(config.device)
-    data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
-                        on_bad_image=config.on_bad_image)
+    data, no_knn = load_pretrain_data(config)
     resumed = resume and run.last_checkpoint.is_file()  # else: stopped before its first checkpoint, restarted
     flip = config.flip if config.flip is not None else config.dataset not in NO_FLIP_DATASETS
     randaugment_ops = config.randaugment_ops
@@ -212,11 +214,11 @@ def _pretrain(config: PretrainConfig, run: RunDir, resume: bool) -> dict[str, An
         run.metrics_file.unlink(missing_ok=True)
 
     mean, std = channel_stats(data.mean, data.std, device)
-    knn = KnnMonitor(data, config) if data.test_labels.numel() and data.train_labels.numel() else None
+    knn = KnnMonitor(data, config) if no_knn is None else None
     logger = RunLogger(run.path, config.steps, state.step, config.progress, tensorboard=True)
     logger.write(f"fixmatch pretrain: SimCLR on {config.dataset} ({pool_size:,} images, labels unused), "
                  f"{config.model}, {config.steps} steps of {config.batch_size} images x 2 views on {device}; "
-                 f"run directory {run.path}" + ("" if knn else "; no kNN monitor (the data set has no test labels)"))
+                 f"run directory {run.path}" + ("" if knn else f"; no kNN monitor: {no_knn}"))
     generator = torch.Generator(device=device)
     model.train()
     head.train()
@@ -245,6 +247,41 @@ def _pretrain(config: PretrainConfig, run: RunDir, resume: bool) -> dict[str, An
     finally:
         logger.close()
     return _finish(state, run)
+
+
+UNLABELED_CLASS = "unlabeled"  # a folder without labeled/ classes: the (untrained, unused) head's one output
+
+
+def load_pretrain_data(config: PretrainConfig) -> tuple[Dataset, str | None]:
+    """The images to pretrain on, and why there is no kNN monitor (None where there is one).
+
+    A folder is read as advise reads it (folder_pool.py): labeled/<class>/ and unlabeled/ (either may be missing),
+    so its cache, image size and rows are the ones advise embeds. They all become the Dataset's train images, with
+    label -1 for the unlabeled ones (labels serve the kNN monitor only); test/<class>/'s images, decoded at the
+    same size, are the kNN queries where labeled/ gives the reference labels. A built-in data set is loaded as
+    train loads it.
+    """
+    if not config.dataset.startswith("folder:"):
+        data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
+                            on_bad_image=config.on_bad_image)
+        has_labels = data.test_labels.numel() and data.train_labels.numel()
+        return data, None if has_labels else "the data set has no test labels"
+    root = Path(config.dataset[len("folder:"):]).expanduser()
+    data_dir = default_data_dir() if config.data_dir is None else config.data_dir
+    pool = load_folder_pool(root, data_dir, config.image_size, test=True, on_bad_image=config.on_bad_image)
+    labels = torch.full((pool.images.shape[0],), -1, dtype=torch.int64)
+    index = {c: i for i, c in enumerate(pool.classes)}
+    for row, name in pool.labeled.items():
+        labels[row] = index[name]
+    test_images = pool.test_images if pool.test_images is not None else pool.images[:0]
+    test_labels = pool.test_labels if pool.test_labels is not None else torch.zeros(0, dtype=torch.int64)
+    # The Dataset computes the channel statistics the network is standardised with over all of its train images.
+    data = Dataset(name=f"folder:{root}", train_images=pool.images, train_labels=labels, test_images=test_images,
+                   test_labels=test_labels, class_names=pool.classes or [UNLABELED_CLASS])
+    if not test_labels.numel() or not pool.labeled:
+        return data, (f"it needs labeled/<class>/ images as reference and test/<class>/ images to query in {root}; "
+                      "pretraining itself uses no labels")
+    return data, None
 
 
 def pretrain_step(state: PretrainState, x: Tensor, view: SimCLRView, generator: torch.Generator, mean: Tensor,
@@ -288,12 +325,13 @@ class KnnMonitor:
     queried (core/contrastive.knn_accuracy). The labels serve this monitor only."""
 
     def __init__(self, data: Dataset, config: PretrainConfig) -> None:
-        n = data.train_labels.numel()
+        labeled = torch.nonzero(data.train_labels >= 0).squeeze(1)  # a folder's unlabeled images are -1
+        n = labeled.numel()
         if config.knn_bank is not None and config.knn_bank < n:
             picked = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:config.knn_bank]
-            picked = picked.sort().values
+            picked = labeled[picked.sort().values]
         else:
-            picked = torch.arange(n)
+            picked = labeled
         self.bank_images, self.bank_labels = data.train_images[picked], data.train_labels[picked]
         self.test_images, self.test_labels = data.test_images, data.test_labels
         self.num_classes, self.k = data.num_classes, config.knn_k

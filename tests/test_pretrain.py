@@ -130,6 +130,15 @@ def test_colour_ops_touch_colour_images_only() -> None:
     assert not torch.equal(draws[2], draws[3])  # colour images: distorted
 
 
+def test_a_strong_jitter_never_inverts_an_image() -> None:
+    # Factors are clamped at 0 as torchvision's ColorJitter does: with s = 5 the range 1 -+ 4 would otherwise give
+    # about 3 images in 8 a negative contrast factor, which turns a left-to-right ramp into a right-to-left one.
+    ramp = torch.linspace(40, 215, 16).round().to(torch.uint8).expand(64, 3, 16, 16).contiguous()
+    view = SimCLRView(crop_scale=(1.0, 1.0), flip=False, jitter=5.0, jitter_prob=1.0, grey_prob=0.0)
+    profile = view(ramp, torch.Generator().manual_seed(0)).mean(dim=(1, 2))  # (64, 16): left to right
+    assert (profile.diff(dim=1) >= -1e-4).all()
+
+
 # ------------------------------------------------------------------------------------------------ kNN monitor
 def test_knn_accuracy_is_100_on_features_that_separate_the_classes() -> None:
     g = torch.Generator().manual_seed(0)

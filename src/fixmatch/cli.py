@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "empty, or an earlier advice's)")
     p.add_argument("--features", default=None, metavar="RUN_DIR",
                    help="a fixmatch pretrain run whose network embeds the images (default: a fixed random "
-                        "projection of the pixels, much weaker)")
+                        "projection of the pixels)")
     p.add_argument("--labels-csv", default=None, metavar="FILE",
                    help="labels given so far (index,label or path,label rows): those images are not proposed again "
                         "and their clusters come last")

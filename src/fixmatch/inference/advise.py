@@ -92,8 +92,8 @@ def advise(dataset: str, budget: int, out: str | Path, *, features: str | Path |
         feats = network_features(network, pool.images, device=dev, flag="--features")
         what = f"the features of the pretrained network in {features}"
     else:
-        print(f"fixmatch: no --features: embedding the images with {PIXEL_FEATURES}; a pretrain run "
-              "(fixmatch pretrain, then --features RUN_DIR) gives far better advice", file=sys.stderr)
+        print(f"fixmatch: no --features: embedding the images with {PIXEL_FEATURES}; for features learned "
+              "from these images, run fixmatch pretrain and pass --features RUN_DIR", file=sys.stderr)
         feats = pixel_features(pool.images)
         what = PIXEL_FEATURES
     picks = typiclust(feats.numpy(), budget, pool.labeled, seed=seed)

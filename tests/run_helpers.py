@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fixmatch.cli import main
 
@@ -47,3 +48,14 @@ def metrics_rows(run: Path) -> list[dict[str, Any]]:
     for r in rows:
         r.pop("wall_s")
     return rows
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Exactly equal, tensors included (same dtype and values), through nested dicts, lists and tuples."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import metrics_rows, same_state
 
 from fixmatch.cli import main
 from fixmatch.runs.checkpoint import TEST_PAUSE_ENV, load_checkpoint
@@ -51,19 +52,8 @@ class ForkServer:
         self.proc.wait(timeout=30)
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
-def _rows(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
 def _check_readable(run, split):
@@ -71,7 +61,7 @@ def _check_readable(run, split):
         state = load_checkpoint(path)  # never torn, never unreadable
         assert state["split"] == split and 0 < state["step"] <= STEPS
     if (run / "metrics.jsonl").exists():
-        _rows(run)
+        metrics_rows(run)
 
 
 @pytest.mark.slow
@@ -129,14 +119,14 @@ def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp
         server.close()
 
     # Same evaluations, hence the same split, data order, augmentation draws and CTAugment policies.
-    assert _rows(run) == _rows(straight)
+    assert metrics_rows(run) == metrics_rows(straight)
     a, b = load_checkpoint(run / "checkpoints" / "last.pt"), load_checkpoint(straight / "checkpoints" / "last.pt")
     for key in ("step", "model", "ema", "optimizer", "ctaugment", "rng", "sums", "split", "best_acc",
                 "nonfinite_steps"):
-        assert _same(a[key], b[key]), key
+        assert same_state(a[key], b[key]), key
     assert not torch.all(a["ctaugment"]["rates"] == 1)  # CTAugment did learn, and identically
     best_a, best_b = (load_checkpoint(r / "checkpoints" / "best.pt") for r in (run, straight))
-    assert best_a["step"] == best_b["step"] and _same(best_a["ema"], best_b["ema"])
+    assert best_a["step"] == best_b["step"] and same_state(best_a["ema"], best_b["ema"])
     summary = json.loads((run / "summary.json").read_text())
     straight_summary = json.loads((straight / "summary.json").read_text())
     for key in ("steps", "test_acc_last", "test_acc_best", "test_acc_median_last20", "nonfinite_steps"):

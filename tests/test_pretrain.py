@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from folder_images import make_folder
-from run_helpers import Killed, one_line_cli
+from run_helpers import Killed, metrics_rows, one_line_cli, same_state
 
 from fixmatch.augment.contrastive import SimCLRView, random_resized_crop
 from fixmatch.cli import main
@@ -34,19 +34,8 @@ def _pretrain(out: Path, *extra: str) -> int:
     return main(["pretrain", *PRETRAIN_FLAGS, "--out", str(out), *extra])
 
 
-def _rows(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _checkpoint(run: Path) -> dict:
@@ -175,7 +164,7 @@ def test_a_pretrain_run_writes_its_files_and_loads_as_a_model(tmp_path, capsys) 
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     assert not (run / ".lock").exists()  # released
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(0 <= r["knn_acc"] <= 100 and math.isfinite(r["loss"]) for r in rows)
     summary = json.loads((run / "summary.json").read_text())
@@ -188,7 +177,7 @@ def test_a_pretrain_run_writes_its_files_and_loads_as_a_model(tmp_path, capsys) 
     assert loaded.step == 6 and loaded.spec.name == "cnn_small" and loaded.spec.input_size == (16, 16)
     assert ckpt["ema"] is None and ckpt["pretrain"] == "simclr"
     assert set(ckpt["projection_head"]) and not any(k.startswith("projection") for k in ckpt["model"])
-    assert _same(loaded.backbone.state_dict(), ckpt["model"])
+    assert same_state(loaded.backbone.state_dict(), ckpt["model"])
     # The weights moved from their initialisation (seed 0), and forward_features is the embedding.
     torch.manual_seed(0)
     fresh = create_model("cnn_small", 10, 3, image_size=[16, 16]).state_dict()
@@ -234,9 +223,9 @@ def test_killed_and_stopped_then_resumed_runs_equal_the_uninterrupted_run(tmp_pa
 
     for name in ("killed", "stopped"):
         resumed = _checkpoint(tmp_path / name)
-        assert _rows(tmp_path / name) == _rows(tmp_path / "whole"), name
+        assert metrics_rows(tmp_path / name) == metrics_rows(tmp_path / "whole"), name
         for key in ("model", "projection_head", "optimizer", "loss_sums", "step"):
-            assert _same(resumed[key], whole[key]), (name, key)
+            assert same_state(resumed[key], whole[key]), (name, key)
 
 
 def test_pretrain_command_errors_are_one_line(tmp_path, capsys) -> None:
@@ -335,7 +324,7 @@ def test_pretrain_on_a_folder_of_unlabeled_images_alone_then_train_from_it(tmp_p
     assert f"no kNN monitor: it needs labeled/<class>/ images as reference and test/<class>/ images to query in " \
            f"{root}; pretraining itself uses no labels" in out
     assert "(12 images, labels unused)" in out
-    assert [r["knn_acc"] for r in _rows(tmp_path / "pre")] == [None]
+    assert [r["knn_acc"] for r in metrics_rows(tmp_path / "pre")] == [None]
     assert json.loads((tmp_path / "pre" / "summary.json").read_text())["knn_acc_last"] is None
     network = load_model_checkpoint(tmp_path / "pre")
     assert network.spec.input_size == (20, 20) and network.spec.in_channels == 3
@@ -358,7 +347,7 @@ def test_pretrain_on_a_folder_with_labeled_images_logs_the_knn_accuracy_where_te
     captured = capsys.readouterr()
     assert "(14 images, labels unused)" in captured.out  # labeled/ and unlabeled/; test/ is never trained on
     assert "held out" not in captured.err  # pretraining holds no labeled image out: it uses no labels
-    (row,) = _rows(tmp_path / "pre")
+    (row,) = metrics_rows(tmp_path / "pre")
     if test_per_class:
         assert "no kNN monitor" not in captured.out
         assert row["knn_acc"] is not None and 0 <= row["knn_acc"] <= 100

@@ -159,7 +159,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
                   f"{len(data.labeled_indices)}", file=sys.stderr)
         config = dataclasses.replace(config, num_labels=len(data.labeled_indices))
     split = _split_for(config, run, resumed, data)
-    if config.label_selection in ("representative", "unrepresentative", "typiclust") and not resumed:
+    if config.label_selection not in ("random", "file") and not resumed:
         # Chosen from float features (k-means for typiclust): every rank trains on rank 0's choice, even where
         # another host's arithmetic would round a distance otherwise.
         split = distributed.broadcast_object(split, env)

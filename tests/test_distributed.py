@@ -1,6 +1,7 @@
 """Several processes (gloo on the CPU): one step on 2 ranks equals one step on 1 process with the same global
 batch; a 2-process run writes one set of outputs, stops on a signal and resumes with 2 or with 1 process.
 Speed options that cannot run here are refused in one line before anything is written."""
+import dataclasses
 import functools
 import gc
 import json
@@ -344,3 +345,40 @@ def test_two_process_run_with_ctaugment_and_masked_lu(tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 10
     rates = load_checkpoint(run / "checkpoints" / "last.pt")["ctaugment"]["rates"]
     assert not torch.equal(rates, CTAugment().rates)
+
+
+def _label_choice_rank_main(rank, world_size, port, out_dir):
+    """One rank of a 2-process run whose labels come from float features: rank 1's own choice is made to differ
+    (as another host's arithmetic could), and each rank records the split it trains on."""
+    from fixmatch.training import loop
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    choose, batches_for = loop._split_for, loop._batches_for
+
+    def own_choice(config, run, resume, data):
+        split = choose(dataclasses.replace(config, label_selection="random"), run, resume, data)
+        if rank == 1:  # another labeled set of the same size
+            other = sorted(set(range(data.train_labels.numel())) - set(split.labeled))[:len(split.labeled)]
+            split = dataclasses.replace(split, labeled=other)
+        return split
+
+    def recording(config, data, split, *args, **kwargs):
+        Path(out_dir, f"labeled{rank}.json").write_text(json.dumps(list(split.labeled)))
+        return batches_for(config, data, split, *args, **kwargs)
+
+    loop._split_for, loop._batches_for = own_choice, recording
+    # representative would read a selection checkpoint; the patched choice stands in for it.
+    config = Config(**{**QUICK, "eval_every": 2}, steps=2, label_selection="representative",
+                    selection_checkpoint="features")
+    fixmatch.train(config, out=Path(out_dir, "run"))
+
+
+@pytest.mark.slow
+def test_labels_chosen_from_features_are_rank_zeros_on_every_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(_label_choice_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    chosen = [json.loads((tmp_path / f"labeled{rank}.json").read_text()) for rank in range(2)]
+    saved = json.loads((tmp_path / "run" / "split.json").read_text())["labeled"]
+    assert chosen[0] == chosen[1] == saved and len(saved) == QUICK["num_labels"]

@@ -357,8 +357,8 @@ def _label_choice_rank_main(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
     choose, batches_for = loop._split_for, loop._batches_for
 
-    def own_choice(config, run, resume, data):
-        split = choose(dataclasses.replace(config, label_selection="random"), run, resume, data)
+    def own_choice(config, run, resume, data, device):
+        split = choose(dataclasses.replace(config, label_selection="random"), run, resume, data, device)
         if rank == 1:  # another labeled set of the same size
             other = sorted(set(range(data.train_labels.numel())) - set(split.labeled))[:len(split.labeled)]
             split = dataclasses.replace(split, labeled=other)

@@ -141,3 +141,19 @@ def test_training_with_representative_labels(tmp_path):
     assert labeled != make_split(data.train_labels, 20, 10, 0).labeled
     with pytest.raises(ConfigError, match="label_selection"):
         resolve_config(overrides={"label_selection": "best"})
+
+
+@pytest.mark.parametrize("strategy", ["representative", "typiclust"])
+def test_a_checkpoints_network_embeds_on_the_runs_device(monkeypatch, strategy):
+    """train passes its device: a GPU run does not embed 50,000 images with a WRN on the CPU."""
+    images, labels = _clusters()
+    seen = []
+
+    def features(checkpoint, imgs, batch_size=256, device="cpu", flag=""):
+        seen.append(str(device))
+        return imgs.flatten(1).double()
+
+    monkeypatch.setattr("fixmatch.runs.features.checkpoint_features", features)
+    monkeypatch.setattr(ls, "checkpoint_features", features)
+    split = ls.select_labels(strategy, labels, 3, 3, seed=0, images=images, checkpoint="run", device="meta")
+    assert seen == ["meta"] and len(split.labeled) == 3

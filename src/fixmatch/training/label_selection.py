@@ -36,10 +36,12 @@ __all__ = ["select_labels", "centroid_selection", "typiclust_selection", "pixel_
 
 def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_classes: int, seed: int, *,
                   images: torch.Tensor | None = None, split_file: str | None = None,
-                  checkpoint: str | None = None, digest: str | None = None) -> Split:
+                  checkpoint: str | None = None, digest: str | None = None,
+                  device: torch.device | str = "cpu") -> Split:
     """The labeled/unlabeled split for ``strategy`` (``images``: uint8 (N, C, H, W) train images; ``digest``: their
     ``train_digest``, which a split file must match where it records one). A ``checkpoint`` records the
-    statistics its network was trained with (``checkpoint_features``)."""
+    statistics its network was trained with (``checkpoint_features``); its network embeds the images on
+    ``device`` (the run's: a WRN over 50,000 images is minutes on a CPU, seconds on a GPU)."""
     check_label_selection(strategy, split_file)
     if split_file:  # label_selection file, or random replaced by the file
         return load_split(split_file, num_train=labels.numel(), digest=digest)
@@ -51,10 +53,10 @@ def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_clas
     if images is None:
         raise ValueError(f"{strategy} selection needs the training images")
     if strategy == "typiclust":
-        return typiclust_selection(labels, num_labels, num_classes, seed, images, checkpoint)
+        return typiclust_selection(labels, num_labels, num_classes, seed, images, checkpoint, device)
     make_split(labels, num_labels, num_classes, seed)  # the same checks (divisibility, enough per class)
     if checkpoint:
-        features = checkpoint_features(checkpoint, images)
+        features = checkpoint_features(checkpoint, images, device=device)
     else:
         features = pixel_features(images)
     labeled = centroid_selection(features, labels, num_labels // num_classes, nearest=strategy == "representative")
@@ -62,14 +64,14 @@ def select_labels(strategy: str, labels: torch.Tensor, num_labels: int, num_clas
 
 
 def typiclust_selection(labels: torch.Tensor, num_labels: int, num_classes: int, seed: int, images: torch.Tensor,
-                        checkpoint: str | None = None) -> Split:
+                        checkpoint: str | None = None, device: torch.device | str = "cpu") -> Split:
     """The ``num_labels`` images ``fixmatch advise`` would propose (k-means seeded with ``seed``), labeled with
     their true labels; one line on stderr says which features were used and which classes got no image."""
     n = labels.numel()
     if not isinstance(num_labels, int) or not 1 <= num_labels <= n:
         raise SplitError(f"label_selection typiclust needs 1 <= num_labels <= {n} (the training images), "
                          f"got {num_labels!r}")
-    features, what = embed_images(images, checkpoint, flag="--selection-checkpoint")
+    features, what = embed_images(images, checkpoint, device, flag="--selection-checkpoint")
     labeled = sorted(p.index for p in typiclust(features.numpy(), num_labels, seed=seed))
     counts = np.bincount(labels[labeled].numpy(), minlength=num_classes)
     missing = np.flatnonzero(counts == 0)

@@ -72,7 +72,7 @@ class TrainingInterrupted(Exception):
         self.run_dir, self.step = run_dir, step
 
 
-def _split_for(config: Config, run: RunDir, resume: bool, data: Dataset) -> Split:
+def _split_for(config: Config, run: RunDir, resume: bool, data: Dataset, device: torch.device) -> Split:
     digest = train_digest(data.train_images, data.train_labels)
     if resume:
         split = load_split(run.split_file, num_train=data.train_labels.numel(), digest=digest)
@@ -87,7 +87,7 @@ def _split_for(config: Config, run: RunDir, resume: bool, data: Dataset) -> Spli
     else:
         split = select_labels(config.label_selection, data.train_labels, config.num_labels, data.num_classes,
                               config.seed, images=data.train_images, split_file=config.split_file,
-                              checkpoint=config.selection_checkpoint, digest=digest)
+                              checkpoint=config.selection_checkpoint, digest=digest, device=device)
     if len(split.labeled) != config.num_labels:
         raise ConfigError(f"the split has {len(split.labeled)} labeled images but num_labels is "
                           f"{config.num_labels}; make them agree")
@@ -158,7 +158,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
             print(f"fixmatch: {config.labels_csv} labels {len(data.labeled_indices)} images: num_labels is "
                   f"{len(data.labeled_indices)}", file=sys.stderr)
         config = dataclasses.replace(config, num_labels=len(data.labeled_indices))
-    split = _split_for(config, run, resumed, data)
+    split = _split_for(config, run, resumed, data, device)
     if config.label_selection not in ("random", "file") and not resumed:
         # Chosen from float features (k-means for typiclust): every rank trains on rank 0's choice, even where
         # another host's arithmetic would round a distance otherwise.

@@ -292,7 +292,9 @@ def test_init_weights_refuses_another_network_and_paths_that_are_no_run(tmp_path
     capsys.readouterr()
     code, err = one_line_cli([*TRAIN_FLAGS, "--model", "resnet18", "--init-weights", str(tmp_path / "pre"),
                               "--out", str(tmp_path / "r18")], capsys)
-    assert code == 2 and "holds cnn_small for 3x16x16 images but this run builds resnet18 for 3x16x16" in err
+    assert code == 2 and err.strip().endswith("holds cnn_small for 3x16x16 images but this run builds resnet18 for 3x16x16 "
+                                      "images; train with --model cnn_small (the checkpoint's), or pretrain again "
+                                      "with --model resnet18")
     assert not (tmp_path / "r18").exists()
     (tmp_path / "empty").mkdir()
     code, err = one_line_cli([*TRAIN_FLAGS, "--init-weights", str(tmp_path / "empty"), "--out", str(tmp_path / "e")],
@@ -337,6 +339,15 @@ def test_pretrain_on_a_folder_of_unlabeled_images_alone_then_train_from_it(tmp_p
                  "--eval-every", "1", "--device", "cpu", "--no-progress", "--init-weights", str(tmp_path / "pre"),
                  "--out", str(tmp_path / "train")]) == 0
     assert "init weights from" in capsys.readouterr().out
+    # The cpu-small preset decodes the folder at 32x32: the line names the size to train (or pretrain) at.
+    code, err = one_line_cli(["train", "--preset", "cpu-small", "--dataset", f"folder:{root}", "--data-dir",
+                              str(tmp_path / "data"), "--labels-csv", str(labels), "--init-weights",
+                              str(tmp_path / "pre"), "--num-labels", "2", "--batch-size", "2", "--mu", "1", "--out", str(tmp_path / "small")],
+                             capsys)
+    assert code == 2 and err.strip().endswith("holds cnn_small for 3x20x20 images but this run builds cnn_small for 3x32x32 "
+                                      "images; train with --image-size 20 (the checkpoint's), or pretrain again "
+                                      "with --image-size 32")
+    assert not (tmp_path / "small").exists()
 
 
 @pytest.mark.parametrize("test_per_class", [2, 0])

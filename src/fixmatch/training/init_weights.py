@@ -48,17 +48,29 @@ def _is_fixmatch_checkpoint(path: Path) -> bool:
     return isinstance(state, dict) and state.get("format") == "fixmatch-checkpoint"
 
 
+def _sized_apart(spec: ModelSpec) -> dict:
+    """The constructor arguments other than the image size."""
+    return {k: v for k, v in spec.kwargs.items() if k != "image_size"}
+
+
 def _describe(spec: ModelSpec) -> str:
-    extra = {k: v for k, v in spec.kwargs.items() if k != "image_size"}
+    extra = _sized_apart(spec)
     args = f" {extra}" if extra else ""
     return f"{spec.name}{args} for {spec.in_channels}x{spec.input_size[0]}x{spec.input_size[1]} images"
 
 
 def _check_same_network(source: ModelSpec, target: ModelSpec, path: Path) -> None:
     """The classifier head aside, the file's network must be the one this run builds."""
-    same = (source.name == target.name and source.kwargs == target.kwargs
-            and source.in_channels == target.in_channels and tuple(source.input_size) == tuple(target.input_size))
-    if not same:
-        raise InitWeightsError(f"--init-weights: {path} holds {_describe(source)} but this run builds "
-                               f"{_describe(target)}; train with the same --model (and image size) as the "
-                               f"checkpoint, or pretrain again with --model {target.name} on this data set")
+    def network(spec: ModelSpec) -> tuple:  # everything but the image size
+        return spec.name, _sized_apart(spec), spec.in_channels
+
+    if network(source) == network(target):
+        if tuple(source.input_size) == tuple(target.input_size):
+            return
+        # Only the image size differs: a folder decoded at another --image-size (a preset's 32, or the median).
+        fix = (f"train with --image-size {source.input_size[0]} (the checkpoint's), or pretrain again with "
+               f"--image-size {target.input_size[0]}")
+    else:
+        fix = f"train with --model {source.name} (the checkpoint's), or pretrain again with --model {target.name}"
+    raise InitWeightsError(f"--init-weights: {path} holds {_describe(source)} but this run builds "
+                           f"{_describe(target)}; {fix}")

@@ -11,7 +11,8 @@ FreeMatch's fairness loss, SoftMatch's alignment); loading and augmenting the ba
 so this ratio is the upper bound of the overhead on a whole step.
 
     python benchmarks/bench_algorithm_overhead.py --out overhead-runs
-    python benchmarks/bench_algorithm_overhead.py --out overhead-runs --preset cifar10 --steps 60 --device cuda
+    python benchmarks/bench_algorithm_overhead.py --out overhead-runs --preset cifar10 --steps 60 --device cuda \
+        --set data_dir=data amp=bf16
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import fixmatch
 import fixmatch.training.loop as loop
@@ -64,7 +66,15 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=20, help="first steps of each run left out (warm-up)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every run (YAML values), e.g. data_dir=data amp=bf16")
     args = p.parse_args()
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set expects KEY=VALUE, got {item!r}")
+        extra[key] = yaml.safe_load(value)
     device = torch.device(args.device)
     times: dict[str, list[float]] = {a: [] for a in ALGORITHMS}
     for r in range(args.rounds):
@@ -74,7 +84,7 @@ def main() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             config = resolve_config(args.preset, overrides={
                 "algorithm": algorithm, "steps": args.steps, "eval_every": args.steps, "progress": False,
-                "device": args.device})
+                "device": args.device, **extra})
             step_times: list[float] = []
             inner, loop.train_step = timed_train_step(step_times, device)
             try:
@@ -87,7 +97,8 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     base = statistics.median(times["fixmatch"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"\n{args.preset}, {args.rounds} rounds x {args.steps - args.skip} timed steps per algorithm, "
+    settings = "".join(f", {k}={v}" for k, v in extra.items())
+    print(f"\n{args.preset}{settings}, {args.rounds} rounds x {args.steps - args.skip} timed steps per algorithm, "
           f"{device} ({name}), {torch.get_num_threads()} torch threads\n")
     print("| algorithm | median step (ms) | ratio to FixMatch |")
     print("|---|---|---|")

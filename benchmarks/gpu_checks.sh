@@ -8,9 +8,11 @@
 #   4. DistributedDataParallel over NCCL with one process per GPU (needs two GPUs or more; skipped on one);
 #   5. the cifar10 preset end to end on CIFAR-10-shaped random data (official file format, 50,000 + 10,000
 #      images) for 1000 steps in bf16, with the GPU's utilisation sampled every 100 ms by nvidia-smi: steps/s
-#      of the real loop, augmentation and data feeding included, and how busy the GPU was.
+#      of the real loop, augmentation and data feeding included, and how busy the GPU was;
+#   6. the step time of FlexMatch, FreeMatch and SoftMatch against FixMatch's on the cifar10 preset in bf16
+#      (bench_algorithm_overhead.py: 2 rounds of 60 steps per algorithm, the first 20 of each left out).
 #
-# Usage: bash benchmarks/gpu_checks.sh [LOG_DIR]      (default gpu-checks/: five section logs and gpu_utilisation.csv)
+# Usage: bash benchmarks/gpu_checks.sh [LOG_DIR]      (default gpu-checks/: six section logs and gpu_utilisation.csv)
 #        PYTHON=python3 picks the interpreter (default: .venv/bin/python if present, else python3); the package
 #        is imported from src/, so nothing needs installing beyond its dependencies.
 #        DEVICE=cpu QUICK=1 rehearses the whole script on a machine without a GPU, with tiny sizes.
@@ -33,10 +35,12 @@ if [[ -n "${QUICK:-}" ]]; then  # plumbing only: small model, few steps
     BENCH=(--model cnn_small --shape 3,32,32 --batch-size 8 --mu 2 --iters 2 --warmup 1)
     TRAIN=(--model cnn_small --batch-size 8 --mu 2 --steps 20 --eval-every 20)
     IMAGES_PER_BATCH=200
+    ALGORITHMS=(--steps 6 --skip 2 --rounds 1 --set model=cnn_small batch_size=8 mu=2)
 else
     BENCH=(--model wrn28_2 --shape 3,32,32 --batch-size 64 --mu 7 --iters 50 --warmup 20)
     TRAIN=(--steps 1000 --eval-every 1000)
     IMAGES_PER_BATCH=10000  # the official files' size: 5 x 10,000 training images, 10,000 test images
+    ALGORITHMS=(--steps 60 --skip 20 --rounds 2 --set amp=bf16)
 fi
 
 failed=0
@@ -123,10 +127,17 @@ EOF
     fi
 }
 
+algorithm_overhead() {
+    [[ -f $WORK/data/cifar-10-batches-py/test_batch ]] || write_cifar_shaped_data || return 1
+    "$PYTHON" benchmarks/bench_algorithm_overhead.py --out "$WORK/overhead" --preset cifar10 --device "$DEVICE" \
+        "${ALGORITHMS[@]}" "data_dir=$WORK/data"
+}
+
 run_section versions versions
 run_section tests "$PYTHON" -m pytest -q -p no:warnings tests -k cuda -rs
 run_section bench bench
 run_section ddp ddp
 run_section train train_end_to_end
+run_section algorithms algorithm_overhead
 echo "== done: $failed section(s) failed; logs in $LOG"
 exit "$failed"

@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=20, help="first steps of each run left out (warm-up)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="more config overrides for every run (YAML values), e.g. data_dir=data amp=bf16")
     args = p.parse_args()
     extra = {}
@@ -97,7 +97,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     base = statistics.median(times["fixmatch"])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    settings = "".join(f", {k}={v}" for k, v in extra.items())
+    settings = "".join(f", {k}={v}" for k, v in extra.items() if k != "data_dir")  # where, not what
     print(f"\n{args.preset}{settings}, {args.rounds} rounds x {args.steps - args.skip} timed steps per algorithm, "
           f"{device} ({name}), {torch.get_num_threads()} torch threads\n")
     print("| algorithm | median step (ms) | ratio to FixMatch |")

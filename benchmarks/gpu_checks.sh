@@ -128,9 +128,11 @@ EOF
 }
 
 algorithm_overhead() {
-    [[ -f $WORK/data/cifar-10-batches-py/test_batch ]] || write_cifar_shaped_data || return 1
+    # The train section's data, unless it failed before its last file (the meta file, written last).
+    [[ -f $WORK/data/cifar-10-batches-py/batches.meta ]] || { rm -rf "$WORK/data" && write_cifar_shaped_data; } \
+        || return 1
     "$PYTHON" benchmarks/bench_algorithm_overhead.py --out "$WORK/overhead" --preset cifar10 --device "$DEVICE" \
-        "${ALGORITHMS[@]}" "data_dir=$WORK/data"
+        "${ALGORITHMS[@]}" --set "data_dir=$WORK/data"
 }
 
 run_section versions versions

@@ -13,6 +13,7 @@ from fixmatch.models import create_model
 from fixmatch.runs.checkpoint import load_checkpoint, save_checkpoint
 from fixmatch.runs.model_spec import ModelSpec
 from fixmatch.training import label_selection as ls
+from fixmatch.training import loop
 
 
 def _clusters():
@@ -130,11 +131,19 @@ def test_selection_checkpoint_is_checked_as_fixmatch_load_checks_it(tmp_path, ca
     assert not (run / "checkpoints").exists()
 
 
-def test_training_with_representative_labels(tmp_path):
+def test_training_with_representative_labels(tmp_path, monkeypatch):
     quick = dict(dataset="synthetic", model="cnn_small", num_labels=20, batch_size=8, mu=2, eval_every=2,
                  eval_batch_size=512, progress=False, device="cpu", steps=2)
     run = tmp_path / "rep"
+    devices = []
+
+    def spy(*args, **kwargs):
+        devices.append(kwargs.get("device"))
+        return ls.select_labels(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "select_labels", spy)
     fixmatch.train(Config(**quick, label_selection="representative"), out=run)
+    assert devices == [torch.device("cpu")]  # the run's device: features are computed where the run trains
     labeled = json.loads((run / "split.json").read_text())["labeled"]
     data = load_dataset("synthetic")
     assert labeled == ls.centroid_selection(ls.pixel_features(data.train_images), data.train_labels, 2, nearest=True)

@@ -20,7 +20,9 @@ from fixmatch.config import PretrainConfig
 from fixmatch.core.contrastive import knn_accuracy, knn_predict, nt_xent
 from fixmatch.data.folder_pool import load_folder_pool
 from fixmatch.models import create_model
-from fixmatch.runs.model_spec import load_model_checkpoint
+from fixmatch.models.pretrained import InitWeightsError
+from fixmatch.runs.model_spec import ModelSpec, load_model_checkpoint
+from fixmatch.training import init_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -366,3 +368,24 @@ def test_pretrain_on_a_folder_with_labeled_images_logs_the_knn_accuracy_where_te
         assert "no kNN monitor: it needs labeled/<class>/ images as reference and test/<class>/" in captured.out
         assert row["knn_acc"] is None
     assert load_model_checkpoint(tmp_path / "pre").spec.class_names == ("cat", "dog")
+
+
+def _spec(channels: int = 3, size: int = 32, name: str = "cnn_small") -> ModelSpec:
+    return ModelSpec(name=name, class_names=("a", "b"), in_channels=channels, input_size=(size, size),
+                     mean=(0.5,) * channels, std=(0.25,) * channels, kwargs={"image_size": [size, size]})
+
+
+@pytest.mark.parametrize("source, dataset, fix", [
+    (_spec(size=20), "folder:imgs", "train with --image-size 20 (the checkpoint's), or pretrain again with "
+                                    "--image-size 32"),
+    (_spec(size=96), "cifar10", "pretrain again on this data set"),  # a built-in data set has one size
+    (_spec(channels=1), "cifar10", "its network takes 1-channel images and these have 3: pretrain again on this "
+                                   "data set"),
+    (_spec(name="resnet18"), "folder:imgs", "train with --model resnet18 (the checkpoint's), or pretrain again "
+                                            "with --model cnn_small"),
+])
+def test_another_network_names_the_fix_that_can_make_them_agree(source, dataset, fix) -> None:
+    with pytest.raises(InitWeightsError) as e:
+        init_weights._check_same_network(source, _spec(), Path("pre"), dataset)
+    assert str(e.value).endswith(f"; {fix}") and "\n" not in str(e.value)
+    init_weights._check_same_network(_spec(), _spec(), Path("pre"), dataset)  # the same network passes

@@ -20,9 +20,10 @@ from fixmatch.runs.model_spec import ModelSpec, load_model_checkpoint
 from fixmatch.runs.rundir import RunDir
 
 
-def init_from(model: nn.Module, path: str | Path, model_fields: dict[str, Any]) -> LoadReport:
-    """Load ``path``'s weights into ``model`` (built from ``model_fields``, model_spec.checkpoint_fields) in
-    place, all but the classifier head; one-line InitWeightsError or CheckpointError where they do not fit."""
+def init_from(model: nn.Module, path: str | Path, model_fields: dict[str, Any], dataset: str) -> LoadReport:
+    """Load ``path``'s weights into ``model`` (built from ``model_fields``, model_spec.checkpoint_fields, for the
+    data set ``dataset``) in place, all but the classifier head; one-line InitWeightsError or CheckpointError
+    where they do not fit."""
     path = Path(path)
     if path.is_dir():
         run = RunDir(path)
@@ -36,7 +37,7 @@ def init_from(model: nn.Module, path: str | Path, model_fields: dict[str, Any]) 
     else:
         return load_init_weights(model, path)  # a plain state dict (or a missing file, reported there)
     source = load_model_checkpoint(path)  # checksum, description and weights checked before they are used
-    _check_same_network(source.spec, ModelSpec.from_dict(model_fields, "this run"), path)
+    _check_same_network(source.spec, ModelSpec.from_dict(model_fields, "this run"), path, dataset)
     return copy_init_weights(model, source.backbone.state_dict(), path)  # the copy that was checked
 
 
@@ -59,18 +60,20 @@ def _describe(spec: ModelSpec) -> str:
     return f"{spec.name}{args} for {spec.in_channels}x{spec.input_size[0]}x{spec.input_size[1]} images"
 
 
-def _check_same_network(source: ModelSpec, target: ModelSpec, path: Path) -> None:
-    """The classifier head aside, the file's network must be the one this run builds."""
-    def network(spec: ModelSpec) -> tuple:  # everything but the image size
-        return spec.name, _sized_apart(spec), spec.in_channels
-
-    if network(source) == network(target):
-        if tuple(source.input_size) == tuple(target.input_size):
-            return
-        # Only the image size differs: a folder decoded at another --image-size (a preset's 32, or the median).
+def _check_same_network(source: ModelSpec, target: ModelSpec, path: Path, dataset: str) -> None:
+    """The classifier head aside, the file's network must be the one this run builds; the fix named is the one
+    that can make them agree."""
+    if (source.name, _sized_apart(source)) != (target.name, _sized_apart(target)):
+        fix = f"train with --model {source.name} (the checkpoint's), or pretrain again with --model {target.name}"
+    elif source.in_channels != target.in_channels:
+        fix = (f"its network takes {source.in_channels}-channel images and these have {target.in_channels}: "
+               f"pretrain again on this data set")
+    elif tuple(source.input_size) == tuple(target.input_size):
+        return
+    elif dataset.startswith("folder:"):  # decoded at another --image-size (a preset's 32, or the median)
         fix = (f"train with --image-size {source.input_size[0]} (the checkpoint's), or pretrain again with "
                f"--image-size {target.input_size[0]}")
-    else:
-        fix = f"train with --model {source.name} (the checkpoint's), or pretrain again with --model {target.name}"
+    else:  # a built-in data set has one image size
+        fix = "pretrain again on this data set"
     raise InitWeightsError(f"--init-weights: {path} holds {_describe(source)} but this run builds "
                            f"{_describe(target)}; {fix}")

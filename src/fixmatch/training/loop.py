@@ -175,7 +175,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, env: distributed.
     model = create_model(config.model, data.num_classes, data.in_channels, **model_kwargs).to(device)
     # A pretrained backbone for fresh runs (a resumed run restores its own weights below); before the EMA copy, so
     # that the EMA starts from it too. A pretrain or train run must have built this same network.
-    init_report = (init_from(model, config.init_weights, checkpoint_fields(config.model, model_kwargs, data))
+    init_report = (init_from(model, config.init_weights, checkpoint_fields(config.model, model_kwargs, data),
+                             config.dataset)
                    if config.init_weights and not resumed else None)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)

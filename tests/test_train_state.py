@@ -68,20 +68,27 @@ def _steps(state: TrainState, batches: Batches, n: int) -> None:
         train_step(state, batches.get(state.step, state.strong))
 
 
-def _assert_same(a, b, where="checkpoint"):
-    """Every tensor equal in dtype, shape and value; every other value equal; the same keys at every level."""
+def _assert_same(a, b, where="checkpoint", rtol=0.0):
+    """Every tensor equal in dtype, shape and value; every other value equal; the same keys at every level.
+    ``rtol`` > 0 lets floating-point values differ by that relative amount (and 1e-6 absolute)."""
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        if rtol and a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6, msg=where)
+        else:
+            assert torch.equal(a, b), where
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
         for k in a:
-            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+            _assert_same(a[k], b[k], f"{where}[{k!r}]", rtol)
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
+            _assert_same(x, y, f"{where}[{i}]", rtol)
     elif isinstance(a, float) and math.isnan(a):
         assert isinstance(b, float) and math.isnan(b), where
+    elif rtol and isinstance(a, float):
+        assert isinstance(b, float) and b == pytest.approx(a, rel=rtol, abs=1e-6), (where, a, b)
     else:
         assert a == b and type(a) is type(b), (where, a, b)
 
@@ -431,8 +438,10 @@ def test_a_run_written_by_release_0_1_resumes_like_an_uninterrupted_run(tmp_path
     assert summary["steps"] == 4
     rows = _metrics(run)
     assert rows[0] == old_rows[0]  # release 0.1's own row is kept
-    assert rows == _metrics(tmp_path / "straight")
+    # The committed steps were computed on another CPU, whose kernels may round the last float32 bit otherwise
+    # than this one's: the resumed run equals the uninterrupted one to float32 rounding, not bit for bit.
+    _assert_same(rows, _metrics(tmp_path / "straight"), "metrics", rtol=1e-5)
     a = load_checkpoint(run / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key in ("model", "ema", "ctaugment", "dist_align", "sums"):
-        _assert_same(a[key], b[key], key)
+        _assert_same(a[key], b[key], key, rtol=1e-5)

@@ -20,17 +20,18 @@ import argparse
 import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 import fixmatch
 import fixmatch.training.loop as loop
-from fixmatch.config import resolve_config
+from fixmatch.config import ALGORITHMS, resolve_config
 
-ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_options import add_set_option, set_overrides  # noqa: E402
 
 
 def timed_train_step(times: list[float], device: torch.device):
@@ -66,15 +67,9 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=20, help="first steps of each run left out (warm-up)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="more config overrides for every run (YAML values), e.g. data_dir=data amp=bf16")
+    add_set_option(p, "data_dir=data amp=bf16")
     args = p.parse_args()
-    extra = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set expects KEY=VALUE, got {item!r}")
-        extra[key] = yaml.safe_load(value)
+    extra = set_overrides(p, args.set)
     device = torch.device(args.device)
     times: dict[str, list[float]] = {a: [] for a in ALGORITHMS}
     for r in range(args.rounds):

@@ -28,12 +28,14 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
-import yaml
-
 import fixmatch
-from fixmatch.config import resolve_config
+from fixmatch.config import ALGORITHMS, resolve_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_options import add_set_option, set_overrides  # noqa: E402
 
 
 def supervised_steps_for(budget_s: float, out: Path, num_labels: int, calibration_steps: int = 1000) -> int:
@@ -50,9 +52,6 @@ def supervised_steps_for(budget_s: float, out: Path, num_labels: int, calibratio
         summary = fixmatch.train(config, out=run_dir)
     # The calibration's wall time includes one evaluation; the real run evaluates every eval_every steps too.
     return max(1, int(budget_s * summary["steps"] / summary["wall_s"]))
-
-
-ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
 
 
 def method_overrides(method: str) -> dict:
@@ -83,8 +82,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["fixmatch", "supervised"],
                    help="supervised and/or the algorithms fixmatch, flexmatch, freematch, softmatch")
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps for FixMatch")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="more config overrides for every run (YAML values), e.g. eval_every=250 weak_no_grad=true")
+    add_set_option(p, "eval_every=250 weak_no_grad=true")
     p.add_argument("--tag", default="", help="suffix of the run directories' names (for runs with --set)")
     p.add_argument("--budget-s", type=float, default=600.0,
                    help="wall-clock budget that sets the supervised baseline's steps (0: same steps as FixMatch)")
@@ -92,11 +90,7 @@ def main() -> None:
                    help="the supervised baseline's steps, instead of calibrating them to --budget-s here")
     args = p.parse_args()
     extra = {"steps": args.steps} if args.steps else {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set expects KEY=VALUE, got {item!r}")
-        extra[key] = yaml.safe_load(value)
+    extra.update(set_overrides(p, args.set))
 
     rows = []
     for method in args.methods:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -50,12 +51,27 @@ def metrics_rows(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def same_state(a: Any, b: Any) -> bool:
-    """Exactly equal, tensors included (same dtype and values), through nested dicts, lists and tuples."""
+def assert_same_state(a: Any, b: Any, where: str = "state", rtol: float = 0.0) -> None:
+    """Every tensor equal in dtype, shape and value; every other value equal and of the same type; the same keys
+    at every level of nested dicts, lists and tuples. ``rtol`` > 0 lets floating-point values differ by that
+    relative amount (and 1e-6 absolute), for runs computed on another CPU model. ``where`` names the failing path."""
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    return a == b
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        if rtol and a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6, msg=where)
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}[{k!r}]", rtol)
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]", rtol)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    elif rtol and isinstance(a, float):
+        assert isinstance(b, float) and b == pytest.approx(a, rel=rtol, abs=1e-6), (where, a, b)
+    else:
+        assert a == b and type(a) is type(b), (where, a, b)

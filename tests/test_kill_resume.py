@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import metrics_rows, same_state
+from run_helpers import assert_same_state, metrics_rows
 
 from fixmatch.cli import main
 from fixmatch.runs.checkpoint import TEST_PAUSE_ENV, load_checkpoint
@@ -50,10 +50,6 @@ class ForkServer:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
-
-
-
-
 
 
 def _check_readable(run, split):
@@ -123,10 +119,11 @@ def test_sigkill_at_ten_random_moments_then_resume_matches_uninterrupted_run(tmp
     a, b = load_checkpoint(run / "checkpoints" / "last.pt"), load_checkpoint(straight / "checkpoints" / "last.pt")
     for key in ("step", "model", "ema", "optimizer", "ctaugment", "rng", "sums", "split", "best_acc",
                 "nonfinite_steps"):
-        assert same_state(a[key], b[key]), key
+        assert_same_state(a[key], b[key], key)
     assert not torch.all(a["ctaugment"]["rates"] == 1)  # CTAugment did learn, and identically
     best_a, best_b = (load_checkpoint(r / "checkpoints" / "best.pt") for r in (run, straight))
-    assert best_a["step"] == best_b["step"] and same_state(best_a["ema"], best_b["ema"])
+    assert best_a["step"] == best_b["step"]
+    assert_same_state(best_a["ema"], best_b["ema"], "best ema")
     summary = json.loads((run / "summary.json").read_text())
     straight_summary = json.loads((straight / "summary.json").read_text())
     for key in ("steps", "test_acc_last", "test_acc_best", "test_acc_median_last20", "nonfinite_steps"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from folder_images import make_folder
-from run_helpers import Killed, metrics_rows, one_line_cli, same_state
+from run_helpers import Killed, assert_same_state, metrics_rows, one_line_cli
 
 from fixmatch.augment.contrastive import SimCLRView, random_resized_crop
 from fixmatch.cli import main
@@ -179,7 +179,7 @@ def test_a_pretrain_run_writes_its_files_and_loads_as_a_model(tmp_path, capsys) 
     assert loaded.step == 6 and loaded.spec.name == "cnn_small" and loaded.spec.input_size == (16, 16)
     assert ckpt["ema"] is None and ckpt["pretrain"] == "simclr"
     assert set(ckpt["projection_head"]) and not any(k.startswith("projection") for k in ckpt["model"])
-    assert same_state(loaded.backbone.state_dict(), ckpt["model"])
+    assert_same_state(loaded.backbone.state_dict(), ckpt["model"], "backbone")
     # The weights moved from their initialisation (seed 0), and forward_features is the embedding.
     torch.manual_seed(0)
     fresh = create_model("cnn_small", 10, 3, image_size=[16, 16]).state_dict()
@@ -227,7 +227,7 @@ def test_killed_and_stopped_then_resumed_runs_equal_the_uninterrupted_run(tmp_pa
         resumed = _checkpoint(tmp_path / name)
         assert metrics_rows(tmp_path / name) == metrics_rows(tmp_path / "whole"), name
         for key in ("model", "projection_head", "optimizer", "loss_sums", "step"):
-            assert same_state(resumed[key], whole[key]), (name, key)
+            assert_same_state(resumed[key], whole[key], f"{name}[{key!r}]")
 
 
 def test_pretrain_command_errors_are_one_line(tmp_path, capsys) -> None:

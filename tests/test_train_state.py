@@ -3,13 +3,12 @@ release 0.1, so that every checkpoint written since still resumes and loads."""
 import dataclasses
 import json
 import lzma
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import Killed, kill_after_checkpoint, metrics_rows
+from run_helpers import Killed, assert_same_state, kill_after_checkpoint, metrics_rows
 
 import fixmatch
 from fixmatch.augment.views import build_views
@@ -68,31 +67,6 @@ def _steps(state: TrainState, batches: Batches, n: int) -> None:
         train_step(state, batches.get(state.step, state.strong))
 
 
-def _assert_same(a, b, where="checkpoint", rtol=0.0):
-    """Every tensor equal in dtype, shape and value; every other value equal; the same keys at every level.
-    ``rtol`` > 0 lets floating-point values differ by that relative amount (and 1e-6 absolute)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        if rtol and a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6, msg=where)
-        else:
-            assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), (where, set(a) ^ set(b))
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}[{k!r}]", rtol)
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]", rtol)
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), where
-    elif rtol and isinstance(a, float):
-        assert isinstance(b, float) and b == pytest.approx(a, rel=rtol, abs=1e-6), (where, a, b)
-    else:
-        assert a == b and type(a) is type(b), (where, a, b)
-
-
 _metrics = metrics_rows
 
 
@@ -130,11 +104,11 @@ def test_state_dict_round_trip_restores_every_tensor_and_rng_state_and_the_next_
     restored = b.state_dict()
     for d in (restored, sd):
         d.pop("wall_s")  # the clock runs on
-    _assert_same(sd, restored)
+    assert_same_state(sd, restored)
     # The live objects, not only what state_dict() reads back from them.
     assert (b.step, b.best_acc, b.guard.skipped, b.schedule.scale) == (5, 37.5, 2, 0.5)
-    _assert_same(dataclasses.asdict(a.stats), dataclasses.asdict(b.stats), "stats")
-    _assert_same(a.cta.state_dict(), b.cta.state_dict(), "ctaugment")
+    assert_same_state(dataclasses.asdict(a.stats), dataclasses.asdict(b.stats), "stats")
+    assert_same_state(a.cta.state_dict(), b.cta.state_dict(), "ctaugment")
     for p_a, p_b in zip(a.optimizer.param_groups[0]["params"], b.optimizer.param_groups[0]["params"]):
         assert torch.equal(a.optimizer.state[p_a]["momentum_buffer"], b.optimizer.state[p_b]["momentum_buffer"])
 
@@ -156,7 +130,7 @@ def test_state_dict_round_trip_restores_every_tensor_and_rng_state_and_the_next_
     after_a, after_b = a.state_dict(), b.state_dict()
     for d in (after_a, after_b):
         d.pop("wall_s")
-    _assert_same(after_a, after_b)
+    assert_same_state(after_a, after_b)
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +368,7 @@ def test_checkpoint_written_by_the_release_0_1_writer_resumes_and_loads(data, tm
     assert _metrics(run) == _metrics(tmp_path / "straight")
     a, b = load_checkpoint(last), load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key in ("model", "ema", "ctaugment", "dist_align"):
-        _assert_same(a[key], b[key], key)
+        assert_same_state(a[key], b[key], key)
 
     _save_as_release_0_1(old, tmp_path / "old.pt")
     _check_load_predicts(tmp_path / "old.pt", data)
@@ -440,8 +414,8 @@ def test_a_run_written_by_release_0_1_resumes_like_an_uninterrupted_run(tmp_path
     assert rows[0] == old_rows[0]  # release 0.1's own row is kept
     # The committed steps were computed on another CPU, whose kernels may round the last float32 bit otherwise
     # than this one's: the resumed run equals the uninterrupted one to float32 rounding, not bit for bit.
-    _assert_same(rows, _metrics(tmp_path / "straight"), "metrics", rtol=1e-5)
+    assert_same_state(rows, _metrics(tmp_path / "straight"), "metrics", rtol=1e-5)
     a = load_checkpoint(run / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key in ("model", "ema", "ctaugment", "dist_align", "sums"):
-        _assert_same(a[key], b[key], key, rtol=1e-5)
+        assert_same_state(a[key], b[key], key, rtol=1e-5)

@@ -67,9 +67,6 @@ def _steps(state: TrainState, batches: Batches, n: int) -> None:
         train_step(state, batches.get(state.step, state.strong))
 
 
-_metrics = metrics_rows
-
-
 # ------------------------------------------------------------------ 1. the round trip
 
 @pytest.mark.slow
@@ -365,7 +362,7 @@ def test_checkpoint_written_by_the_release_0_1_writer_resumes_and_loads(data, tm
     (run / "checkpoints" / "best.pt").unlink(missing_ok=True)
 
     fixmatch.train(out=run, resume=True)
-    assert _metrics(run) == _metrics(tmp_path / "straight")
+    assert metrics_rows(run) == metrics_rows(tmp_path / "straight")
     a, b = load_checkpoint(last), load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key in ("model", "ema", "ctaugment", "dist_align"):
         assert_same_state(a[key], b[key], key)
@@ -375,7 +372,7 @@ def test_checkpoint_written_by_the_release_0_1_writer_resumes_and_loads(data, tm
     # The EMA model of the step-4 checkpoint scores what the run logged at step 4.
     predicted = fixmatch.load(tmp_path / "old.pt").predict(data.test_images).indices
     accuracy = 100.0 * (torch.tensor(predicted) == data.test_labels).double().mean().item()
-    assert accuracy == pytest.approx(_metrics(run)[0]["test_acc"], abs=1e-4)
+    assert accuracy == pytest.approx(metrics_rows(run)[0]["test_acc"], abs=1e-4)
 
 
 # A run written by the code of release 0.1 (tests/data/README.md says how), killed right after its step-2
@@ -403,18 +400,18 @@ def test_the_committed_release_0_1_checkpoint_has_the_frozen_format(data, tmp_pa
 @pytest.mark.slow
 def test_a_run_written_by_release_0_1_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
     run = _unpack_release_0_1_run(tmp_path)
-    old_rows = _metrics(run)
+    old_rows = metrics_rows(run)
     assert [r["step"] for r in old_rows] == [2]
     monkeypatch.chdir(tmp_path)  # the run's config names its --init-weights file relative to the folder
     config = Config(**json.loads(json.dumps(load_checkpoint(run / "checkpoints" / "last.pt")["config"])))
     fixmatch.train(config, out=tmp_path / "straight")
     summary = fixmatch.train(out=run, resume=True)
     assert summary["steps"] == 4
-    rows = _metrics(run)
+    rows = metrics_rows(run)
     assert rows[0] == old_rows[0]  # release 0.1's own row is kept
     # The committed steps were computed on another CPU, whose kernels may round the last float32 bit otherwise
     # than this one's: the resumed run equals the uninterrupted one to float32 rounding, not bit for bit.
-    assert_same_state(rows, _metrics(tmp_path / "straight"), "metrics", rtol=1e-5)
+    assert_same_state(rows, metrics_rows(tmp_path / "straight"), "metrics", rtol=1e-5)
     a = load_checkpoint(run / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key in ("model", "ema", "ctaugment", "dist_align", "sums"):
